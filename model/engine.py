@@ -1,0 +1,291 @@
+"""The batched synthesis engine: many requests through one forward batch of Higgs Audio v2.
+
+transformers' own `generate` cannot serve a mixed batch (a row without reference audio breaks the
+processor's torch.cat), shares one RNG across rows and one set of sampling parameters for all. The engine
+therefore prepares each row itself (chat template, reference codes with the delay pattern), runs the model's
+forward in a left-padded batch and selects every row's next frame with its own parameters and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from model.checkpoint import CheckpointSpec, LoadedCheckpoint, load_checkpoint
+from model.lru import LRUCache
+from model.prompts import build_conversation, render
+from model.reference_audio import content_hash, decode_reference
+from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
+from model.sampling import RowParams, select_next_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOptions:
+    max_batch_size: int = 16
+    reference_cache_size: int = 256
+    max_reference_seconds: float = 60.0
+    ras_enabled: bool = True
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: SynthesisRequest
+    input_ids: list[int]
+    audio_codes: torch.Tensor | None  # (frames, codebooks), delay pattern applied, stream bos/eos added
+    encode_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SynthesisEngine:
+    """Turns SynthesisRequests into SynthesisResults; one per actor, model and audio tokenizer loaded once."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, options: EngineOptions | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.processor = checkpoint.processor
+        self.options = options or EngineOptions()
+        config = self.model.config
+        self.num_codebooks = config.num_codebooks
+        self.stream_bos = config.audio_stream_bos_id
+        self.stream_eos = config.audio_stream_eos_id
+        self.eos_text_id = config.eos_token_id
+        self.pad_id = config.pad_token_id
+        self.max_context = config.max_position_embeddings
+        self.sample_rate = int(self.processor.audio_tokenizer.config.sample_rate)
+        self.reference_cache = LRUCache(self.options.reference_cache_size)
+
+    @classmethod
+    def from_spec(cls, spec: CheckpointSpec, options: EngineOptions | None = None) -> SynthesisEngine:
+        return cls(load_checkpoint(spec), options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.checkpoint.device
+
+    # ---------------------------------------------------------------- preparation
+
+    def encode_reference(self, ref: Reference) -> torch.Tensor:
+        """(codebooks, frames) codes of a reference clip, encoded once per distinct content."""
+        key = content_hash(ref.audio, ref.sample_rate)
+        cached = self.reference_cache.get(key)
+        if cached is not None:
+            return cached
+        waveform = decode_reference(
+            ref.audio,
+            self.sample_rate,
+            sample_rate=ref.sample_rate,
+            max_seconds=self.options.max_reference_seconds,
+        )
+        tokenizer = self.processor.audio_tokenizer
+        with torch.inference_mode():
+            values = torch.from_numpy(waveform).to(self.device, tokenizer.dtype)[None, None, :]
+            codes = tokenizer.encode(values).audio_codes[0].to("cpu")
+        self.reference_cache.put(key, codes)
+        return codes
+
+    def _prepare(self, index: int, request: SynthesisRequest) -> _Prepared:
+        conversation = build_conversation(request)
+        text = render(conversation, self.processor)
+        started = time.perf_counter()
+        delayed = []
+        for ref_index in conversation.audio_order:
+            try:
+                codes = self.encode_reference(request.references[ref_index])
+            except RequestError as err:
+                raise RequestError(f"references[{ref_index}].audio", err.reason) from err
+            framed = torch.cat(
+                [
+                    torch.full((codes.shape[0], 1), self.stream_bos, dtype=codes.dtype),
+                    codes,
+                    torch.full((codes.shape[0], 1), self.stream_eos, dtype=codes.dtype),
+                ],
+                dim=1,
+            )
+            delayed.append(self.processor.build_delay_pattern(framed[None])[0].transpose(0, 1))
+        encode_s = time.perf_counter() - started
+        placeholders = iter(len(d) for d in delayed)
+        text = text.replace(self.processor.audio_token, "\0")  # expand one placeholder at a time, in order
+        pieces = text.split("\0")
+        text = pieces[0] + "".join(
+            self.processor.get_audio_tokens(next(placeholders)) + piece for piece in pieces[1:]
+        )
+        input_ids = self.processor.tokenizer(text, add_special_tokens=False).input_ids
+        budget = len(input_ids) + request.max_new_tokens
+        if budget > self.max_context:
+            raise RequestError(
+                "max_new_tokens",
+                f"prompt of {len(input_ids)} tokens + max_new_tokens {request.max_new_tokens} exceeds the "
+                f"model's context of {self.max_context} tokens; shorten the text or references",
+                request.max_new_tokens,
+            )
+        audio = torch.cat(delayed, dim=0) if delayed else None
+        return _Prepared(
+            index=index, request=request, input_ids=input_ids, audio_codes=audio, encode_s=encode_s
+        )
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
+        """One result per request, in order. A bad request yields an error result; the others go on."""
+        results: list[SynthesisResult | None] = [None] * len(requests)
+        prepared: list[_Prepared] = []
+        for i, request in enumerate(requests):
+            try:
+                prepared.append(self._prepare(i, request))
+            except RequestError as err:
+                results[i] = SynthesisResult(id=request.id, error=err.message, error_field=err.field)
+        # Similar prompt lengths share a batch, which keeps left padding small.
+        prepared.sort(key=lambda p: len(p.input_ids))
+        size = max(1, self.options.max_batch_size)
+        for start in range(0, len(prepared), size):
+            batch = prepared[start : start + size]
+            for item, result in zip(batch, self._run_batch(batch), strict=True):
+                results[item.index] = result
+        return [r for r in results if r is not None]
+
+    def _row_params(self, batch: list[_Prepared]) -> RowParams:
+        rows = []
+        for item in batch:
+            r = item.request
+            ras = r.ras_win_len if (self.options.ras_enabled and r.ras_win_len) else 0
+            rows.append(
+                {
+                    "temperature": r.temperature,
+                    "top_k": r.top_k or 0,
+                    "top_p": r.top_p if r.top_p is not None else 1.0,
+                    "ras_win_len": ras,
+                    "ras_max_repeat": r.ras_win_max_num_repeat,
+                    "seed": r.seed,
+                }
+            )
+        return RowParams.stack(rows, self.device)
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[_Prepared]) -> list[SynthesisResult]:
+        device = self.device
+        rows = len(batch)
+        prompt_len = max(len(p.input_ids) for p in batch)
+        input_ids = torch.full((rows, prompt_len), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((rows, prompt_len), dtype=torch.long)
+        for r, item in enumerate(batch):
+            n = len(item.input_ids)
+            input_ids[r, prompt_len - n :] = torch.tensor(item.input_ids)
+            attention[r, prompt_len - n :] = 1
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention.to(device),
+            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0).to(device),
+        }
+        audio_lengths = [0 if p.audio_codes is None else len(p.audio_codes) for p in batch]
+        if any(audio_lengths):
+            audio = torch.full(
+                (rows, max(audio_lengths), self.num_codebooks), self.stream_eos, dtype=torch.long
+            )
+            for r, item in enumerate(batch):
+                if item.audio_codes is not None:
+                    audio[r, : audio_lengths[r]] = item.audio_codes
+            mask = torch.arange(audio.shape[1])[None, :] < torch.tensor(audio_lengths)[:, None]
+            inputs["audio_input_ids"] = audio.to(device)
+            inputs["audio_input_ids_mask"] = mask.to(device)
+
+        params = self._row_params(batch)
+        max_steps = torch.tensor([p.request.max_new_tokens for p in batch], device=device)
+        window = int(params.ras_win_len.max().item()) if rows else 0
+        cache = DynamicCache(config=self.model.config)
+
+        started = time.perf_counter()
+        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
+        self._sync()
+        prefill_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        steps = torch.zeros(rows, dtype=torch.long, device=device)
+        eos_steps = torch.full((rows,), -1, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        frames: list[torch.Tensor] = []
+        history = torch.full(
+            (rows, window, self.num_codebooks), self.stream_bos, dtype=torch.long, device=device
+        )
+        attention_mask = inputs["attention_mask"]
+        positions = inputs["position_ids"][:, -1]
+        for step in range(int(max_steps.max().item())):
+            frame = select_next_frame(
+                logits, params, steps, eos_steps, history, steps, self.stream_bos, self.stream_eos
+            )
+            frame = torch.where(done[:, None], torch.full_like(frame, self.stream_eos), frame)
+            frames.append(frame)
+            is_eos = frame == self.stream_eos
+            eos_steps = torch.where((eos_steps < 0) & is_eos.any(-1) & ~done, steps, eos_steps)
+            finished = ~done & (is_eos.all(-1) | (steps + 1 >= max_steps))
+            lengths = torch.where(finished, steps + 1, lengths)
+            done = done | finished
+            steps = steps + (~done).long()
+            if window:
+                history = torch.cat([history[:, 1:], frame[:, None, :]], dim=1)
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            positions = positions + 1
+            out = self.model(
+                audio_input_ids=frame[:, None, :],
+                attention_mask=attention_mask,
+                position_ids=positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
+        self._sync()
+        decode_s = time.perf_counter() - started
+        generated = torch.stack(frames, dim=1).cpu() if frames else None
+
+        results = []
+        for r, item in enumerate(batch):
+            n = int(lengths[r].item())
+            timings = {"reference_encode_s": item.encode_s, "prefill_s": prefill_s, "decode_s": decode_s}
+            result = SynthesisResult(id=item.request.id, sample_rate=self.sample_rate, timings=timings)
+            result.prompt_tokens = len(item.input_ids)
+            codes = self._strip(generated[r, :n]) if generated is not None else None
+            if codes is None or codes.shape[1] == 0:
+                result.error = (
+                    f"generated no audio frames within max_new_tokens={item.request.max_new_tokens}"
+                )
+                result.error_field = "max_new_tokens"
+                results.append(result)
+                continue
+            started = time.perf_counter()
+            result.waveform = self.vocode(codes)
+            timings["vocode_s"] = time.perf_counter() - started
+            result.audio_codes = codes.numpy()
+            result.generated_frames = int(codes.shape[1])
+            results.append(result)
+        return results
+
+    def _strip(self, frames: torch.Tensor) -> torch.Tensor:
+        """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos."""
+        if len(frames) < self.num_codebooks:
+            return torch.zeros((self.num_codebooks, 0), dtype=torch.long)
+        codes = self.processor.revert_delay_pattern(frames)  # (steps - C + 1, C)
+        codes = codes[1:]  # the opening all-bos frame
+        if len(codes) and bool((codes[-1] == self.stream_eos).all()):
+            codes = codes[:-1]
+        return codes.clamp(0, self.stream_bos - 1).transpose(0, 1).contiguous()
+
+    def vocode(self, codes: torch.Tensor) -> np.ndarray:
+        tokenizer = self.processor.audio_tokenizer
+        with torch.inference_mode():
+            audio = tokenizer.decode(codes[None].to(self.device)).audio_values
+        return audio[0, 0].float().cpu().numpy().astype(np.float32)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,114 @@
+"""Request -> conversation in upstream Higgs Audio v2's prompt layout (examples/generation.py).
+
+The conversation uses transformers' message format (system, scene, user, assistant with audio items) and is
+rendered by the checkpoint's chat template. Audio items carry an index into the request's references, in the
+order their placeholders appear in the rendered text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from model.normalize import normalize_transcript, speaker_tags
+from model.requests import Reference, RequestError, SynthesisRequest
+
+DEFAULT_SYSTEM_MESSAGE = "Generate audio following instruction."
+MULTISPEAKER_SYSTEM_MESSAGE = (
+    "You are an AI assistant designed to convert text into speech.\n"
+    "If the user's message includes a [SPEAKER*] tag, do not read out the tag and generate speech for the "
+    "following text, using the specified voice.\n"
+    "If no speaker tag is present, select a suitable voice on your own."
+)
+# Upstream alternates these when a dialogue has no voices.
+SMART_VOICE_DESCRIPTIONS = ("feminine", "masculine")
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    # Indices into request.references, in placeholder order.
+    audio_order: list[int]
+
+
+def load_profiles(path: str | Path) -> dict[str, str]:
+    """Voice profiles from an upstream-style profile.yaml ({profiles: {name: description}})."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    profiles = data.get("profiles", data)
+    if not isinstance(profiles, dict):
+        raise ValueError(f"{path}: expected a mapping of profile names to descriptions")
+    return {str(k): str(v).strip() for k, v in profiles.items()}
+
+
+def _speaker_label(ref: Reference, index: int) -> str:
+    return ref.speaker_tag or f"SPEAKER{index}"
+
+
+def _audio(index: int) -> dict:
+    return {"type": "audio", "reference": index}
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def build_conversation(request: SynthesisRequest) -> Conversation:
+    text = normalize_transcript(request.text)
+    if not text:
+        raise RequestError("text", "is empty after normalisation", request.text)
+    refs = request.references
+    in_scene = request.references_in_scene or any(r.profile is not None for r in refs)
+    messages: list[dict] = []
+    audio_order: list[int] = []
+
+    if refs and in_scene:
+        system = request.system_prompt or DEFAULT_SYSTEM_MESSAGE
+        items = [_text(request.scene_prompt)] if request.scene_prompt else []
+        for i, ref in enumerate(refs):
+            label = _speaker_label(ref, i)
+            if ref.profile is not None:
+                items.append(_text(f"{label}: {ref.profile}"))
+            else:
+                items += [_text(f"{label}:"), _audio(i)]
+                audio_order.append(i)
+        messages.append({"role": "system", "content": system})
+        if all(item["type"] == "text" for item in items):
+            # A plain string renders exactly as upstream's joined scene text.
+            scene = items[0]["text"] + "\n\n" if request.scene_prompt else ""
+            scene += "\n".join(item["text"] for item in items[1 if request.scene_prompt else 0 :])
+            messages.append({"role": "scene", "content": scene})
+        else:
+            messages.append({"role": "scene", "content": items})
+    elif refs:
+        messages.append({"role": "system", "content": request.system_prompt or DEFAULT_SYSTEM_MESSAGE})
+        if request.scene_prompt:
+            messages.append({"role": "scene", "content": request.scene_prompt})
+        for i, ref in enumerate(refs):
+            transcript = normalize_transcript(ref.transcript) if ref.transcript else ""
+            prefix = f"[{_speaker_label(ref, i)}] " if len(refs) > 1 else ""
+            messages.append({"role": "user", "content": prefix + transcript})
+            messages.append({"role": "assistant", "content": [_audio(i)]})
+            audio_order.append(i)
+    else:
+        tags = speaker_tags(request.text)
+        if len(tags) > 1:
+            voices = "\n".join(f"{tag}: {SMART_VOICE_DESCRIPTIONS[i % 2]}" for i, tag in enumerate(tags))
+            scene = f"{request.scene_prompt}\n\n{voices}" if request.scene_prompt else voices
+            messages.append(
+                {"role": "system", "content": request.system_prompt or MULTISPEAKER_SYSTEM_MESSAGE}
+            )
+            messages.append({"role": "scene", "content": scene})
+        else:
+            messages.append({"role": "system", "content": request.system_prompt or DEFAULT_SYSTEM_MESSAGE})
+            if request.scene_prompt:
+                messages.append({"role": "scene", "content": request.scene_prompt})
+
+    messages.append({"role": "user", "content": text})
+    return Conversation(messages=messages, audio_order=audio_order)
+
+
+def render(conversation: Conversation, processor) -> str:
+    """The prompt text, with one <|AUDIO_OUT|> placeholder per reference clip, ending in <|audio_out_bos|>."""
+    return processor.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)

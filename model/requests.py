@@ -1,0 +1,95 @@
+"""The request and result types every job shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Upstream Higgs Audio v2 sampling defaults (examples/generation.py); RAS window as in the released
+# generation config.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 50
+DEFAULT_MAX_NEW_TOKENS = 2048
+DEFAULT_RAS_WIN_LEN = 7
+DEFAULT_RAS_WIN_MAX_NUM_REPEAT = 2
+
+
+class RequestError(ValueError):
+    """A problem with one request: which field, which value, and why."""
+
+    def __init__(self, field: str, reason: str, value: object = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.value = value
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        shown = "" if self.value is None else f" (value {_preview(self.value)})"
+        return f"{self.field}{shown}: {self.reason}"
+
+
+def _preview(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Reference:
+    """One voice: a reference clip with its transcript, or a text voice profile.
+
+    `audio` is either encoded bytes (wav, flac, mp3, ogg) or a mono float32 waveform at `sample_rate`.
+    """
+
+    audio: bytes | np.ndarray | None = None
+    transcript: str = ""
+    speaker_tag: str | None = None
+    sample_rate: int | None = None
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.audio is None) == (self.profile is None):
+            raise RequestError("references", "a reference needs exactly one of audio or profile")
+
+
+@dataclass
+class SynthesisRequest:
+    text: str
+    id: str = ""
+    system_prompt: str | None = None
+    scene_prompt: str | None = None
+    references: list[Reference] = field(default_factory=list)
+    # Upstream's --ref_audio_in_system_message: speakers described inside the scene block rather than as
+    # user/assistant turns. Forced on when any reference is a profile, as upstream does.
+    references_in_scene: bool = False
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ras_win_len: int | None = DEFAULT_RAS_WIN_LEN
+    ras_win_max_num_repeat: int = DEFAULT_RAS_WIN_MAX_NUM_REPEAT
+    seed: int = 0
+
+
+@dataclass
+class SynthesisResult:
+    id: str
+    waveform: np.ndarray | None = None
+    sample_rate: int = 24000
+    # (num_codebooks, frames), delay pattern already reverted, stream bos/eos stripped.
+    audio_codes: np.ndarray | None = None
+    prompt_tokens: int = 0
+    generated_frames: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    error_field: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def duration_s(self) -> float:
+        return 0.0 if self.waveform is None else len(self.waveform) / self.sample_rate

@@ -1,0 +1,141 @@
+"""Per-row next-frame selection for batched audio generation.
+
+Every row carries its own temperature, top-k, top-p, RAS window and seed. Random numbers come from a
+counter-based generator keyed by (seed, step, codebook), so a row draws the same numbers whatever batch it
+sits in: a request's codes depend only on the request, its seed and the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch shifts int64 arithmetically; mask to get the logical shift splitmix64 needs.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """Uniform floats in [0, 1) of shape (B, n), a pure function of (seed, step, stream, column): splitmix64."""
+    cols = torch.arange(n, device=seeds.device, dtype=torch.int64) + stream * 1024
+    x = seeds[:, None] * _signed(_MIX1) + steps[:, None] * _signed(_GOLDEN) + cols[None, :] * _signed(_MIX2)
+    x = x + _signed(_GOLDEN)
+    x = (x ^ _shr(x, 30)) * _signed(_MIX1)
+    x = (x ^ _shr(x, 27)) * _signed(_MIX2)
+    x = x ^ _shr(x, 31)
+    return _shr(x, 40).to(torch.float32) / float(1 << 24)
+
+
+@dataclass
+class RowParams:
+    """Sampling parameters of the rows of one batch, as (B,) tensors on the model's device."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    ras_win_len: torch.Tensor  # 0 turns RAS off for the row
+    ras_max_repeat: torch.Tensor
+    seeds: torch.Tensor
+
+    @classmethod
+    def stack(cls, rows: list[dict], device: torch.device) -> RowParams:
+        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([r[name] for r in rows], dtype=dtype, device=device)
+
+        return cls(
+            temperature=col("temperature", torch.float32),
+            top_k=col("top_k", torch.int64),
+            top_p=col("top_p", torch.float32),
+            ras_win_len=col("ras_win_len", torch.int64),
+            ras_max_repeat=col("ras_max_repeat", torch.int64),
+            seeds=col("seed", torch.int64),
+        )
+
+
+def _sample_sorted(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from (B, C, V) probabilities with (B, C) uniforms; sorted so ties resolve stably."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    cdf = sorted_probs.cumsum(dim=-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()
+    pos = torch.searchsorted(cdf.contiguous(), target).clamp(max=probs.shape[-1] - 1)
+    return order.gather(-1, pos).squeeze(-1)
+
+
+def _filter(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as transformers' warpers apply them, but per row."""
+    temperature = params.temperature.clamp(min=1e-5)[:, None, None]
+    scores = logits / temperature
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    vocab = scores.shape[-1]
+    ranks = torch.arange(vocab, device=scores.device)[None, None, :]
+    top_k = torch.where(params.top_k > 0, params.top_k, vocab)[:, None, None]
+    drop = ranks >= top_k
+    probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    drop = drop | ((before >= params.top_p[:, None, None]) & (ranks > 0))
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+
+
+def select_next_frame(
+    logits: torch.Tensor,
+    params: RowParams,
+    steps: torch.Tensor,
+    eos_steps: torch.Tensor,
+    history: torch.Tensor,
+    history_len: torch.Tensor,
+    stream_bos: int,
+    stream_eos: int,
+) -> torch.Tensor:
+    """Choose the next (B, C) audio frame.
+
+    logits: (B, C, V) for the C codebooks. steps: frames generated so far per row. eos_steps: the step at
+    which the row first emitted a stream eos, -1 before. history: (B, W, C) last generated frames,
+    right-aligned, with history_len valid frames per row.
+    The delay pattern forces codebook k to stream-bos for the first k+1 steps and to stream-eos from k+1
+    steps after the first eos, so codebooks end in the same staircase they started in.
+    """
+    batch, codebooks, _ = logits.shape
+    logits = logits.float()
+    cb = torch.arange(codebooks, device=logits.device)[None, :]
+    force_bos = steps[:, None] <= cb
+    force_eos = (eos_steps[:, None] >= 0) & (steps[:, None] >= eos_steps[:, None] + 1 + cb)
+    # After its opening staircase a codebook never needs stream-bos again.
+    logits = logits.clone()
+    logits[..., stream_bos] = float("-inf")
+
+    greedy = params.temperature <= 0
+    sampled = _sample_sorted(
+        _filter(logits, params).softmax(dim=-1), counter_uniform(params.seeds, steps, 0, codebooks)
+    )
+    chosen = torch.where(greedy[:, None], logits.argmax(dim=-1), sampled)
+
+    # RAS (repetition-aware sampling): a code already repeated ras_max_repeat times within the last
+    # ras_win_len frames is redrawn from the untempered distribution.
+    window = history.shape[1]
+    if window and bool((params.ras_win_len > 0).any()):
+        positions = torch.arange(window, device=logits.device)[None, :]
+        in_window = (positions >= window - torch.minimum(history_len, params.ras_win_len)[:, None])[..., None]
+        real = (history != stream_bos) & (history != stream_eos)
+        repeats = ((history == chosen[:, None, :]) & real & in_window).sum(dim=1)
+        redraw = (repeats >= params.ras_max_repeat[:, None]) & (params.ras_win_len > 0)[:, None]
+        if bool(redraw.any()):
+            redrawn = _sample_sorted(
+                logits.softmax(dim=-1), counter_uniform(params.seeds, steps, 1, codebooks)
+            )
+            chosen = torch.where(redraw, redrawn, chosen)
+
+    chosen = torch.where(force_bos, torch.full_like(chosen, stream_bos), chosen)
+    return torch.where(force_eos, torch.full_like(chosen, stream_eos), chosen)
