@@ -32,6 +32,8 @@ class EngineOptions:
     reference_cache_size: int = 256
     max_reference_seconds: float = 60.0
     ras_enabled: bool = True
+    # Benchmarks generate a fixed number of frames: stream-eos is never chosen, rows run to max_new_tokens.
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -218,7 +220,9 @@ class SynthesisEngine:
         )
         attention_mask = inputs["attention_mask"]
         positions = inputs["position_ids"][:, -1]
-        for step in range(int(max_steps.max().item())):
+        for _ in range(int(max_steps.max().item())):
+            if self.options.ignore_eos:
+                logits[..., self.stream_eos] = float("-inf")
             frame = select_next_frame(
                 logits, params, steps, eos_steps, history, steps, self.stream_bos, self.stream_eos
             )
@@ -250,25 +254,39 @@ class SynthesisEngine:
 
         results = []
         for r, item in enumerate(batch):
-            n = int(lengths[r].item())
             timings = {"reference_encode_s": item.encode_s, "prefill_s": prefill_s, "decode_s": decode_s}
             result = SynthesisResult(id=item.request.id, sample_rate=self.sample_rate, timings=timings)
             result.prompt_tokens = len(item.input_ids)
-            codes = self._strip(generated[r, :n]) if generated is not None else None
+            codes = self._strip(generated[r, : int(lengths[r].item())]) if generated is not None else None
             if codes is None or codes.shape[1] == 0:
                 result.error = (
                     f"generated no audio frames within max_new_tokens={item.request.max_new_tokens}"
                 )
                 result.error_field = "max_new_tokens"
-                results.append(result)
-                continue
-            started = time.perf_counter()
-            result.waveform = self.vocode(codes)
-            timings["vocode_s"] = time.perf_counter() - started
-            result.audio_codes = codes.numpy()
-            result.generated_frames = int(codes.shape[1])
+            else:
+                result.audio_codes = codes.numpy()
+                result.generated_frames = int(codes.shape[1])
             results.append(result)
+        self._vocode_results([r for r in results if r.ok])
         return results
+
+    def _vocode_results(self, results: list[SynthesisResult]) -> None:
+        """Decode codes to waveforms, one codec call per group of equal length.
+
+        Equal lengths need no padding, so a row's waveform never depends on its batch mates (the codec's
+        convolutions would otherwise see a padded neighbour's frames at the end of a shorter row).
+        """
+        groups: dict[int, list[SynthesisResult]] = {}
+        for result in results:
+            groups.setdefault(result.generated_frames, []).append(result)
+        for group in groups.values():
+            started = time.perf_counter()
+            codes = torch.from_numpy(np.stack([r.audio_codes for r in group]))
+            waveforms = self.vocode(codes)
+            elapsed = (time.perf_counter() - started) / len(group)
+            for result, waveform in zip(group, waveforms, strict=True):
+                result.waveform = waveform
+                result.timings["vocode_s"] = elapsed
 
     def _strip(self, frames: torch.Tensor) -> torch.Tensor:
         """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos."""
@@ -281,10 +299,13 @@ class SynthesisEngine:
         return codes.clamp(0, self.stream_bos - 1).transpose(0, 1).contiguous()
 
     def vocode(self, codes: torch.Tensor) -> np.ndarray:
+        """(C, frames) or (B, C, frames) codes -> (samples,) or (B, samples) float32 at 24 kHz."""
+        single = codes.dim() == 2
         tokenizer = self.processor.audio_tokenizer
         with torch.inference_mode():
-            audio = tokenizer.decode(codes[None].to(self.device)).audio_values
-        return audio[0, 0].float().cpu().numpy().astype(np.float32)
+            audio = tokenizer.decode((codes[None] if single else codes).to(self.device)).audio_values
+        audio = audio[:, 0].float().cpu().numpy().astype(np.float32)
+        return audio[0] if single else audio
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

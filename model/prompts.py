@@ -3,6 +3,12 @@
 The conversation uses transformers' message format (system, scene, user, assistant with audio items) and is
 rendered by the checkpoint's chat template. Audio items carry an index into the request's references, in the
 order their placeholders appear in the rendered text.
+
+One difference from upstream comes from the released chat template itself: it always puts a blank line after
+the first text item of a scene, so speakers described with audio in the scene and no scene prompt render as
+"SPEAKER0:\n\n <audio>" where upstream wrote "SPEAKER0: <audio>". With a scene prompt, or with profiles only,
+the layout is upstream's exactly. Upstream also omits the system turn for a clone without a scene prompt; the
+template requires one, so the default system message is used.
 """
 
 from __future__ import annotations

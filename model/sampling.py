@@ -64,29 +64,22 @@ class RowParams:
         )
 
 
-def _sample_sorted(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from (B, C, V) probabilities with (B, C) uniforms; sorted so ties resolve stably."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    cdf = sorted_probs.cumsum(dim=-1)
-    target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()
-    pos = torch.searchsorted(cdf.contiguous(), target).clamp(max=probs.shape[-1] - 1)
-    return order.gather(-1, pos).squeeze(-1)
-
-
-def _filter(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as transformers' warpers apply them, but per row."""
-    temperature = params.temperature.clamp(min=1e-5)[:, None, None]
-    scores = logits / temperature
+def _sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """Draw from (B, C, V) logits with per-row temperature, then top-k, then top-p (transformers' warper
+    order), by inverse CDF with (B, C) uniforms. One stable sort serves the filters and the draw."""
+    scores = logits / temperature.clamp(min=1e-5)[:, None, None]
     sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
     vocab = scores.shape[-1]
     ranks = torch.arange(vocab, device=scores.device)[None, None, :]
-    top_k = torch.where(params.top_k > 0, params.top_k, vocab)[:, None, None]
-    drop = ranks >= top_k
+    drop = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None, None]
     probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    drop = drop | ((before >= params.top_p[:, None, None]) & (ranks > 0))
-    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-    return torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    drop = drop | ((probs.cumsum(dim=-1) - probs >= top_p[:, None, None]) & (ranks > 0))
+    cdf = probs.masked_fill(drop, 0.0).cumsum(dim=-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()
+    pos = torch.searchsorted(cdf.contiguous(), target).clamp(max=vocab - 1)
+    return order.gather(-1, pos).squeeze(-1)
 
 
 def select_next_frame(
@@ -117,9 +110,8 @@ def select_next_frame(
     logits[..., stream_bos] = float("-inf")
 
     greedy = params.temperature <= 0
-    sampled = _sample_sorted(
-        _filter(logits, params).softmax(dim=-1), counter_uniform(params.seeds, steps, 0, codebooks)
-    )
+    u = counter_uniform(params.seeds, steps, 0, codebooks)
+    sampled = _sample(logits, params.temperature, params.top_k, params.top_p, u)
     chosen = torch.where(greedy[:, None], logits.argmax(dim=-1), sampled)
 
     # RAS (repetition-aware sampling): a code already repeated ras_max_repeat times within the last
@@ -132,9 +124,9 @@ def select_next_frame(
         repeats = ((history == chosen[:, None, :]) & real & in_window).sum(dim=1)
         redraw = (repeats >= params.ras_max_repeat[:, None]) & (params.ras_win_len > 0)[:, None]
         if bool(redraw.any()):
-            redrawn = _sample_sorted(
-                logits.softmax(dim=-1), counter_uniform(params.seeds, steps, 1, codebooks)
-            )
+            ones = torch.ones_like(params.temperature)
+            u = counter_uniform(params.seeds, steps, 1, codebooks)
+            redrawn = _sample(logits, ones, torch.zeros_like(params.top_k), ones, u)
             chosen = torch.where(redraw, redrawn, chosen)
 
     chosen = torch.where(force_bos, torch.full_like(chosen, stream_bos), chosen)

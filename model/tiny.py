@@ -127,14 +127,32 @@ def tiny_model_config(tokenizer: PreTrainedTokenizerFast) -> HiggsAudioV2Config:
     )
 
 
-def build_tiny_checkpoint(out_dir: str | Path) -> Path:
-    """Write a self-contained tiny checkpoint folder and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
+def real_audio_tokenizer_config() -> HiggsAudioV2TokenizerConfig:
+    # The release's sizes: default DAC and HuBERT-base branches, hop 960 (25 frames/s), 8 codebooks.
+    return HiggsAudioV2TokenizerConfig(
+        target_bandwidths=[0.5, 1, 1.5, 2],
+        acoustic_model_config={"downsampling_ratios": [8, 5, 4, 2, 3], "upsampling_ratios": [8, 5, 4, 2, 3]},
+    )
 
+
+def real_model_config(tokenizer: PreTrainedTokenizerFast) -> HiggsAudioV2Config:
+    """HiggsAudioV2Config defaults (the 5.77 B release) with this tokenizer's special-token ids."""
+    tiny = tiny_model_config(tokenizer)
+    ids = {k: getattr(tiny, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id", "audio_token_id")}
+    ids |= {k: getattr(tiny, k) for k in ("audio_bos_token_id", "audio_delay_token_id")}
+    return HiggsAudioV2Config(codebook_size=1026, **ids)
+
+
+def build_components(
+    size: str = "tiny",
+) -> tuple[HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor]:
+    """Model and processor with random weights: "tiny" for tests, "real" for the release's sizes."""
+    if size not in ("tiny", "real"):
+        raise ValueError(f"size must be 'tiny' or 'real', not {size!r}")
+    torch.manual_seed(SEED)
     tokenizer = build_text_tokenizer()
-    audio_tokenizer = HiggsAudioV2TokenizerModel(tiny_audio_tokenizer_config()).eval()
+    tokenizer_config = tiny_audio_tokenizer_config() if size == "tiny" else real_audio_tokenizer_config()
+    audio_tokenizer = HiggsAudioV2TokenizerModel(tokenizer_config).eval()
     feature_extractor = DacFeatureExtractor(
         feature_size=1,
         hop_length=1,
@@ -149,8 +167,7 @@ def build_tiny_checkpoint(out_dir: str | Path) -> Path:
         audio_tokenizer=audio_tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-
-    config = tiny_model_config(tokenizer)
+    config = tiny_model_config(tokenizer) if size == "tiny" else real_model_config(tokenizer)
     model = HiggsAudioV2ForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -159,9 +176,18 @@ def build_tiny_checkpoint(out_dir: str | Path) -> Path:
         ras_win_len=7,
         ras_win_max_num_repeat=2,
     )
+    return model, processor
+
+
+def build_tiny_checkpoint(out_dir: str | Path) -> Path:
+    """Write a self-contained tiny checkpoint folder and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = build_components("tiny")
     model.save_pretrained(out, safe_serialization=True)
     # The audio tokenizer lives inside the folder and the processor names it by a relative path, which the
     # loader resolves against the checkpoint folder: the folder can be moved or uploaded as it is.
+    audio_tokenizer = processor.audio_tokenizer
     audio_tokenizer.save_pretrained(out / AUDIO_TOKENIZER_SUBFOLDER, safe_serialization=True)
     audio_tokenizer.name_or_path = AUDIO_TOKENIZER_SUBFOLDER
     processor.save_pretrained(out)

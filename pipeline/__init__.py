@@ -1,0 +1,1 @@
+"""Ray Data pipeline: reads manifests, synthesizes speech, writes audio and metadata to object storage."""

@@ -1,0 +1,127 @@
+"""The batched engine on the tiny checkpoint: mixed batches, per-row seeds and parameters, errors, cache."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.requests import Reference, SynthesisRequest
+
+VOICES = Path(__file__).resolve().parent.parent / "examples" / "voices"
+
+
+def voice(name: str) -> Reference:
+    return Reference(
+        audio=(VOICES / f"{name}.wav").read_bytes(), transcript=(VOICES / f"{name}.txt").read_text()
+    )
+
+
+def smart(i: int, **kw) -> SynthesisRequest:
+    return SynthesisRequest(
+        id=f"smart{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=30, **kw
+    )
+
+
+def clone(i: int, **kw) -> SynthesisRequest:
+    return SynthesisRequest(
+        id=f"clone{i}",
+        text=f"Clone {i}.",
+        references=[voice("en_woman")],
+        seed=100 + i,
+        max_new_tokens=30,
+        **kw,
+    )
+
+
+def test_a_batch_mixing_requests_with_and_without_references_synthesises_every_row(engine):
+    results = engine.generate([smart(1), clone(1), smart(2), clone(2)])
+    assert [r.id for r in results] == ["smart1", "clone1", "smart2", "clone2"]
+    for r in results:
+        assert r.ok, r.error
+        assert r.sample_rate == 24000
+        assert r.audio_codes.shape[0] == 8
+        assert r.waveform.dtype == np.float32
+        assert len(r.waveform) == r.generated_frames * 960  # 25 frames/s at 24 kHz
+        assert np.isfinite(r.waveform).all()
+
+
+def test_a_result_carries_token_counts_and_timings(engine):
+    (result,) = engine.generate([clone(3)])
+    assert result.prompt_tokens > result.audio_codes.shape[1]  # the reference codes are in the prompt
+    assert set(result.timings) == {"reference_encode_s", "prefill_s", "decode_s", "vocode_s"}
+    assert all(v >= 0 for v in result.timings.values())
+
+
+def test_each_request_keeps_its_own_max_new_tokens(engine):
+    short = replace(smart(4, ras_win_len=0), id="short", max_new_tokens=12, temperature=0.0)
+    long = replace(smart(4, ras_win_len=0), id="long", max_new_tokens=40, temperature=0.0)
+    a, b = engine.generate([short, long])
+    # 8 steps of delay-pattern staircase plus the opening bos frame carry no audio.
+    assert a.generated_frames <= 12 - 8
+    assert b.generated_frames > a.generated_frames
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_requests_codes_do_not_depend_on_its_batch(engine, temperature):
+    target = replace(clone(7), temperature=temperature)
+    alone = engine.generate([target])[0].audio_codes
+    companions = [smart(i, temperature=0.7) for i in range(3)] + [clone(i) for i in range(20, 23)]
+    in_small = engine.generate([companions[0], target, companions[4]])[1].audio_codes
+    in_large = engine.generate([*companions, target, *[smart(i) for i in range(30, 39)]])[6].audio_codes
+    np.testing.assert_array_equal(alone, in_small)
+    np.testing.assert_array_equal(alone, in_large)
+
+
+def test_smart_voice_codes_do_not_depend_on_their_batch_either(engine):
+    target = smart(11, top_k=20, top_p=0.8)
+    alone = engine.generate([target])[0].audio_codes
+    batched = engine.generate([clone(5), smart(12), target])[2].audio_codes
+    np.testing.assert_array_equal(alone, batched)
+
+
+def test_different_seeds_give_different_audio(engine):
+    a, b = engine.generate([replace(smart(1), id="s1", seed=1), replace(smart(1), id="s2", seed=2)])
+    assert not np.array_equal(a.audio_codes[:, :4], b.audio_codes[:, :4])
+
+
+def test_the_same_seed_gives_the_same_audio_run_after_run(engine):
+    first = engine.generate([smart(13)])[0].audio_codes
+    second = engine.generate([smart(13)])[0].audio_codes
+    np.testing.assert_array_equal(first, second)
+
+
+def test_a_reference_clip_is_encoded_once_and_then_served_from_the_cache(engine):
+    engine.reference_cache.clear()
+    hits, misses = engine.reference_cache.hits, engine.reference_cache.misses
+    engine.generate([clone(40), clone(41), clone(42)])
+    assert engine.reference_cache.misses - misses == 1
+    assert engine.reference_cache.hits - hits == 2
+
+
+def test_a_bad_request_errors_alone_and_its_batch_mates_succeed(engine):
+    silent = Reference(audio=np.zeros(24000, dtype=np.float32), sample_rate=24000, transcript="...")
+    bad_ref = SynthesisRequest(id="silent", text="Hello.", references=[silent])
+    too_long = SynthesisRequest(id="huge", text="Hello.", max_new_tokens=10_000_000)
+    results = {r.id: r for r in engine.generate([smart(1), bad_ref, too_long, clone(1)])}
+    assert results["smart1"].ok and results["clone1"].ok
+    assert results["silent"].error_field == "references[0].audio"
+    assert "silent" in results["silent"].error
+    assert results["huge"].error_field == "max_new_tokens"
+    assert "context" in results["huge"].error
+
+
+def test_ras_defaults_to_upstreams_window_and_turns_off_per_request_or_per_engine(engine):
+    from model.engine import _Prepared
+
+    def ras(request, enabled=True):
+        engine.options.ras_enabled = enabled
+        try:
+            p = engine._row_params([_Prepared(index=0, request=request, input_ids=[1], audio_codes=None)])
+        finally:
+            engine.options.ras_enabled = True
+        return int(p.ras_win_len[0]), int(p.ras_max_repeat[0])
+
+    assert ras(smart(1)) == (7, 2)
+    assert ras(replace(smart(1), ras_win_len=0)) == (0, 2)
+    assert ras(smart(1), enabled=False)[0] == 0
