@@ -1,0 +1,169 @@
+"""The dataset run: manifest -> validate -> fetch references -> synthesize -> write audio + metadata.
+
+The driver only reads ids (for duplicates and resume) and small per-batch stats, so its memory does not grow
+with the manifest; rows stream through Ray Data from reader to writer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from model.checkpoint import CheckpointSpec
+from model.engine import EngineOptions
+from model.requests import RequestError
+from pipeline.manifest import ManifestRules
+from pipeline.reader import iter_ids, read_manifest
+from pipeline.references import FetchPolicy
+from pipeline.metadata import finished_ids, totals, write_audiofolder_index
+from pipeline.stages import (
+    METADATA_DIR,
+    FetchStage,
+    SynthesisSettings,
+    SynthesizeStage,
+    ValidateStage,
+    WriteSettings,
+    WriteStage,
+    metadata_record,
+    metadata_table,
+)
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """How the graph is spread over the cluster."""
+
+    actors: int = 1  # synthesis actors, each holding one engine
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 16  # rows per engine call
+    cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
+    cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
+    cpu_batch_size: int = 64
+
+
+@dataclass
+class DatasetJob:
+    manifest: str
+    output: str
+    checkpoint: CheckpointSpec
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    rules: ManifestRules = field(default_factory=ManifestRules)
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    resources: Resources = field(default_factory=Resources)
+    storage_options: dict | None = None
+    retry_errors: bool = False
+    config_yaml: str | None = None  # the resolved config, secrets already redacted
+
+
+def duplicate_ids(job: DatasetJob) -> dict[str, list[int]]:
+    """Ids that occur more than once in the manifest, with their 0-based row positions."""
+    counts: Counter[Any] = Counter()
+    for chunk in iter_ids(job.manifest, job.storage_options):
+        counts.update(chunk)
+    duplicated = {k for k, n in counts.items() if n > 1 and isinstance(k, str)}
+    if not duplicated:
+        return {}
+    positions: dict[str, list[int]] = {k: [] for k in duplicated}
+    offset = 0
+    for chunk in iter_ids(job.manifest, job.storage_options):
+        for i, value in enumerate(chunk):
+            if value in positions:
+                positions[value].append(offset + i)
+        offset += len(chunk)
+    return positions
+
+
+def _write_duplicate_errors(
+    storage: Storage, duplicates: dict[str, list[int]], finished: set[str], job
+) -> int:
+    """One metadata row per duplicated id: which row would be meant is ambiguous, so none is synthesised."""
+    records = []
+    for dup_id, rows in sorted(duplicates.items()):
+        if dup_id in finished:
+            continue
+        exc = RequestError("id", f"duplicate id at manifest rows {rows}; ids must be unique", dup_id)
+        row = {"id": dup_id, "status": "error", "error": exc.message, "error_field": "id"}
+        records.append(metadata_record(row, job.checkpoint.source))
+    if records:
+        buffer = io.BytesIO()
+        pq.write_table(metadata_table(records), buffer)
+        storage.write_bytes(
+            f"{METADATA_DIR}/part-duplicates-{uuid.uuid4().hex[:12]}.parquet", buffer.getvalue()
+        )
+    return len(records)
+
+
+def run_dataset_job(job: DatasetJob) -> dict:
+    """Run (or resume) one dataset job and return its summary, also written to <output>/summary.json."""
+    import ray
+
+    started = time.time()
+    storage = Storage(job.output, job.storage_options)
+    if job.config_yaml is not None:
+        storage.write_text("config.yaml", job.config_yaml)
+    duplicates = duplicate_ids(job)
+    finished = finished_ids(storage, retry_errors=job.retry_errors)
+    duplicate_errors = _write_duplicate_errors(storage, duplicates, finished, job)
+    skip = ray.put(frozenset(finished) | frozenset(duplicates))
+    res = job.resources
+    cpu_stage = {
+        "batch_format": "pyarrow",
+        "batch_size": res.cpu_batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=res.cpu_stage_workers),
+        "num_cpus": res.cpu_stage_cpus,
+    }
+
+    ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus)
+    ds = ds.map_batches(
+        ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
+    )
+    ds = ds.map_batches(FetchStage, fn_constructor_kwargs={"policy": job.fetch}, **cpu_stage)
+    ds = ds.map_batches(
+        SynthesizeStage,
+        fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine)},
+        batch_format="pyarrow",
+        batch_size=res.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+    )
+    write = WriteSettings(job.output, job.storage_options, checkpoint=job.checkpoint.source)
+    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"settings": write}, **cpu_stage)
+
+    run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
+    run_audio_s = 0.0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        run_counts.update(batch.column("status").to_pylist())
+        run_audio_s += sum(batch.column("duration_s").to_pylist())
+    wall = time.time() - started
+
+    summary = {
+        "run_id": write.run_id,
+        "manifest": job.manifest,
+        "output": storage.uri_of_root(),
+        "checkpoint": job.checkpoint.source,
+        "skipped_as_finished": len(finished),
+        "this_run": {
+            "rows": sum(run_counts.values()),
+            "by_status": dict(run_counts),
+            "audio_seconds": round(run_audio_s, 3),
+            "wall_seconds": round(wall, 3),
+            "audio_seconds_per_second": round(run_audio_s / wall, 3) if wall > 0 else 0.0,
+        },
+        "output_totals": totals(storage),
+        "audiofolder_rows": write_audiofolder_index(storage),
+    }
+    storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

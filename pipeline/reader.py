@@ -1,0 +1,78 @@
+"""Manifests in: Parquet, JSONL or CSV on any fsspec URI, as a Ray Dataset or a stream of id columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline.storage import open_input
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def manifest_format(uri: str) -> str:
+    for suffix, kind in FORMATS.items():
+        if uri.lower().rstrip("/").endswith(suffix):
+            return kind
+    return "parquet"  # a folder of Parquet parts, as Ray Data writes them
+
+
+def manifest_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """The filesystem and the files of a manifest (one file, or every file of its format in a folder)."""
+    fs, path = open_input(uri, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"manifest {uri!r} does not exist")
+    if fs.isdir(path):
+        suffixes = tuple(s for s, kind in FORMATS.items() if kind == "parquet")
+        files = sorted(p for p in fs.find(path) if p.lower().endswith(suffixes))
+        if not files:
+            raise FileNotFoundError(f"manifest folder {uri!r} holds no Parquet files")
+        return fs, files
+    return fs, [path]
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, num_cpus: float = 0.25):
+    """A Ray Dataset of the manifest rows, read through the URI's own filesystem."""
+    import ray
+
+    fs, files = manifest_files(uri, storage_options)
+    filesystem = PyFileSystem(FSSpecHandler(fs))
+    kind = manifest_format(uri)
+    # Reading is light; a whole CPU per read task would starve the actor pools on a small machine.
+    options = {"filesystem": filesystem, "num_cpus": num_cpus}
+    if kind == "json":
+        return ray.data.read_json(files, **options)  # newline-delimited, via pyarrow.json
+    if kind == "csv":
+        return ray.data.read_csv(files, **options)
+    return ray.data.read_parquet(files, **options)
+
+
+def iter_ids(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[list]:
+    """The manifest's id column in chunks, for the driver's duplicate check; only that column is read."""
+    fs, files = manifest_files(uri, storage_options)
+    kind = manifest_format(uri)
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            if kind == "parquet":
+                parquet = pq.ParquetFile(handle)
+                if "id" not in parquet.schema_arrow.names:
+                    raise ValueError(f"manifest {uri!r} has no 'id' column")
+                for batch in parquet.iter_batches(columns=["id"], batch_size=65536):
+                    yield batch.column(0).to_pylist()
+            else:
+                table = _read_text_table(handle, kind)
+                if "id" not in table.column_names:
+                    raise ValueError(f"manifest {uri!r} has no 'id' column")
+                yield table.column("id").to_pylist()
+
+
+def _read_text_table(handle: Any, kind: str) -> pa.Table:
+    if kind == "json":
+        return pa_json.read_json(handle)
+    return pa_csv.read_csv(handle)

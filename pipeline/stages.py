@@ -1,0 +1,243 @@
+"""The Ray Data stages of a synthesis run, one callable class each.
+
+Between stages a row travels as three columns: `id`, `status` and `payload`, the pickled canonical row
+(passthrough columns, fetched reference bytes, the synthesis result). Arrow would otherwise have to agree on
+one schema for every user's passthrough columns in every block.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from model.requests import RequestError
+from pipeline.manifest import ManifestRules, to_request, validate_row
+from pipeline.references import FetchPolicy, fetch_reference
+from pipeline.storage import Storage
+
+AUDIO_DIR = "audio"
+METADATA_DIR = "metadata"
+TIMING_FIELDS = ("reference_encode_s", "prefill_s", "decode_s", "vocode_s")
+METADATA_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("error_field", pa.string()),
+    pa.field("file_name", pa.string()),
+    pa.field("audio_uri", pa.string()),
+    pa.field("format", pa.string()),
+    pa.field("sample_rate", pa.int32()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("num_audio_frames", pa.int64()),
+    pa.field("seed", pa.int64()),
+    pa.field("checkpoint", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("timings", pa.struct([pa.field(name, pa.float64()) for name in TIMING_FIELDS])),
+]
+METADATA_COLUMNS = [f.name for f in METADATA_FIELDS]
+# Canonical request columns that stay in the payload and are not repeated in the metadata.
+_REQUEST_ONLY = {
+    "references",
+    "system_prompt",
+    "scene_prompt",
+    "speaker_tag",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "ras_win_len",
+    "ras_win_max_num_repeat",
+    "response_format",
+    "_audio",
+    "_result",
+}
+
+
+def pack(rows: list[dict]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([str(r.get("id")) for r in rows], pa.string()),
+            "status": pa.array([r["status"] for r in rows], pa.string()),
+            "payload": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
+        }
+    )
+
+
+def unpack(batch: pa.Table) -> list[dict]:
+    return [pickle.loads(b) for b in batch.column("payload").to_pylist()]
+
+
+def fail(row: dict, exc: RequestError) -> dict:
+    return {**row, "status": "error", "error": exc.message, "error_field": exc.field}
+
+
+class ValidateStage:
+    """Manifest rows -> canonical rows; ids already finished in the output and duplicated ids drop out."""
+
+    def __init__(self, rules: ManifestRules, skip_ids: Any = None) -> None:
+        import ray
+
+        self.rules = rules
+        self.skip = ray.get(skip_ids) if isinstance(skip_ids, ray.ObjectRef) else (skip_ids or frozenset())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for raw in batch.to_pylist():
+            raw_id = raw.get("id")
+            if isinstance(raw_id, str) and raw_id in self.skip:
+                continue
+            rows.append(validate_row(raw, self.rules))
+        return pack(rows)
+
+
+class FetchStage:
+    """Reference audio sources -> encoded bytes (CPU, I/O); a source that cannot be read errors its row."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = unpack(batch)
+        for i, row in enumerate(rows):
+            if row["status"] != "pending":
+                continue
+            audio = []
+            try:
+                for j, ref in enumerate(row.get("references") or []):
+                    source = ref.get("audio")
+                    field_name = f"references[{j}].audio"
+                    audio.append(None if source is None else fetch_reference(source, self.policy, field_name))
+            except RequestError as exc:
+                rows[i] = fail(row, exc)
+                continue
+            row["_audio"] = audio
+        return pack(rows)
+
+
+@dataclass
+class SynthesisSettings:
+    checkpoint: Any  # model.checkpoint.CheckpointSpec
+    engine: Any  # model.engine.EngineOptions
+
+
+class SynthesizeStage:
+    """One engine per actor: the model and its audio tokenizer load once, then serve batch after batch."""
+
+    def __init__(self, settings: SynthesisSettings) -> None:
+        from model.engine import SynthesisEngine
+
+        self.engine = SynthesisEngine.from_spec(settings.checkpoint, settings.engine)
+        self.checkpoint_name = settings.checkpoint.source
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = unpack(batch)
+        todo, requests = [], []
+        for i, row in enumerate(rows):
+            if row["status"] != "pending":
+                continue
+            try:
+                requests.append(to_request(row, row.pop("_audio", None)))
+                todo.append(i)
+            except RequestError as exc:
+                rows[i] = fail(row, exc)
+        for i, result in zip(todo, self.engine.generate(requests), strict=True):
+            row = rows[i]
+            row["checkpoint"] = self.checkpoint_name
+            if result.ok:
+                row["_result"] = result
+            else:
+                rows[i] = fail(row, RequestError(result.error_field or "synthesis", result.error or "failed"))
+        return pack(rows)
+
+
+@dataclass
+class WriteSettings:
+    output: str
+    storage_options: dict | None = None
+    checkpoint: str = ""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+class WriteStage:
+    """Encode and store each row's audio, then one metadata Parquet part for the batch; emits run stats."""
+
+    def __init__(self, settings: WriteSettings) -> None:
+        self.settings = settings
+        self.storage = Storage(settings.output, settings.storage_options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records = [self._finish(row) for row in unpack(batch)]
+        if records:
+            self._write_metadata(records)
+        return pa.table(
+            {
+                "id": pa.array([r["id"] for r in records], pa.string()),
+                "status": pa.array([r["status"] for r in records], pa.string()),
+                "duration_s": pa.array([r["duration_s"] or 0.0 for r in records], pa.float64()),
+            }
+        )
+
+    def _finish(self, row: dict) -> dict:
+        result = row.pop("_result", None)
+        record = metadata_record(row, self.settings.checkpoint)
+        if result is None:
+            return record
+        fmt = row.get("response_format") or "wav"
+        key = f"{AUDIO_DIR}/{row['id']}.{fmt}"
+        self.storage.write_bytes(key, encode_audio(result.waveform, result.sample_rate, fmt))
+        timings = {name: float(result.timings.get(name, 0.0)) for name in TIMING_FIELDS}
+        record.update(
+            status="ok",
+            file_name=key,
+            audio_uri=self.storage.uri(key),
+            format=fmt,
+            sample_rate=result.sample_rate,
+            duration_s=result.duration_s,
+            num_audio_frames=result.generated_frames,
+            timings=timings,
+        )
+        return record
+
+    def _write_metadata(self, records: list[dict]) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(metadata_table(records), buffer)
+        name = f"{METADATA_DIR}/part-{self.settings.run_id}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        self.storage.write_bytes(name, buffer.getvalue())
+
+
+def metadata_record(row: dict, checkpoint: str) -> dict:
+    record = {name: None for name in METADATA_COLUMNS}
+    record.update({k: v for k, v in row.items() if k not in _REQUEST_ONLY})
+    record["checkpoint"] = row.get("checkpoint") or checkpoint
+    return record
+
+
+def metadata_table(records: list[dict]) -> pa.Table:
+    """Fixed columns with fixed types first; passthrough columns keep whatever type Arrow infers."""
+    columns = {f.name: pa.array([r.get(f.name) for r in records], f.type) for f in METADATA_FIELDS}
+    extra = [k for k in records[0] if k not in columns]
+    for name in extra:
+        values = [r.get(name) for r in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed types across rows: keep the values readable rather than drop the column.
+            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+    return pa.table(columns)
+
+
+def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    subtype = "PCM_16"
+    sf.write(buffer, np.clip(waveform, -1.0, 1.0), sample_rate, format=fmt.upper(), subtype=subtype)
+    return buffer.getvalue()
