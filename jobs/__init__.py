@@ -1,0 +1,1 @@
+"""Thin Hydra entry points: config in, pipeline functions called, where the outputs went printed."""

@@ -1,0 +1,92 @@
+"""What every job does with its config: check it early, build the checkpoint spec, start Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from model.checkpoint import CheckpointSpec, is_remote_uri
+from pipeline.storage import redact
+
+
+class ConfigError(SystemExit):
+    """A configuration problem, reported before any model is loaded; exits with status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"configuration error: {message}")
+        self.code = 2
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def checkpoint_spec(model: DictConfig, storage_options: dict | None) -> CheckpointSpec:
+    source = str(model.source)
+    require(bool(source), "model.source is empty; use model=tiny or model=higgs_v2, or set model.source=PATH")
+    if model.get("build_tiny"):
+        folder = Path(source)
+        if not (folder / "config.json").exists():
+            from model.tiny import build_tiny_checkpoint
+
+            build_tiny_checkpoint(folder)
+        source = str(folder.resolve())
+    elif source.startswith((".", "/")) and not is_remote_uri(source):
+        require(
+            Path(source).is_dir(),
+            f"model.source={source!r} is not a folder; pass a hub id, folder or s3:// URI",
+        )
+    return CheckpointSpec(
+        source=source,
+        audio_tokenizer=model.get("audio_tokenizer"),
+        device=model.get("device"),
+        dtype=model.get("dtype"),
+        attn_implementation=model.get("attn_implementation"),
+        cache_dir=model.get("cache_dir"),
+        storage_options=storage_options if is_remote_uri(source) else None,
+    )
+
+
+def storage_options(cfg: DictConfig) -> dict | None:
+    options = OmegaConf.to_container(cfg.storage.options, resolve=True) or {}
+    return {k: v for k, v in options.items() if v is not None} or None
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    """The resolved config with secret-looking values masked, for <output>/config.yaml and logs."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(redact(container)))
+
+
+def init_ray(runtime: DictConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if k in os.environ}
+    kwargs = {"runtime_env": {"env_vars": env}} if env else {}
+    if runtime.address:
+        ray.init(address=runtime.address, **kwargs)
+    else:
+        ray.init(num_cpus=runtime.get("num_cpus"), include_dashboard=False, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = bool(runtime.get("progress_bars", False))
+
+
+def run_output(cfg: DictConfig) -> str:
+    """The output URI of this run: in a --multirun sweep each job gets <output>/<its overrides>."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    output = str(cfg.output)
+    require(bool(output), "output is empty; pass output=PATH_OR_URI")
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return output
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        name = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
+        return output.rstrip("/") + "/" + name.replace("/", "_").replace(",", "_")
+    return output
