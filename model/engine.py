@@ -93,16 +93,24 @@ class SynthesisEngine:
         self.reference_cache.put(key, codes)
         return codes
 
+    def prepare(self, request: SynthesisRequest) -> tuple[list[int], torch.Tensor | None]:
+        """The prompt token ids and the delayed audio codes (frames, codebooks) a request is generated from."""
+        prepared = self._prepare(0, request)
+        return prepared.input_ids, prepared.audio_codes
+
     def _prepare(self, index: int, request: SynthesisRequest) -> _Prepared:
         conversation = build_conversation(request)
         text = render(conversation, self.processor)
         started = time.perf_counter()
         delayed = []
-        for ref_index in conversation.audio_order:
-            try:
-                codes = self.encode_reference(request.references[ref_index])
-            except RequestError as err:
-                raise RequestError(f"references[{ref_index}].audio", err.reason) from err
+        for kind, i in conversation.audio_order:
+            if kind == "context":
+                codes = torch.as_tensor(np.asarray(request.context[i].codes), dtype=torch.long)
+            else:
+                try:
+                    codes = self.encode_reference(request.references[i])
+                except RequestError as err:
+                    raise RequestError(f"references[{i}].audio", err.reason) from err
             framed = torch.cat(
                 [
                     torch.full((codes.shape[0], 1), self.stream_bos, dtype=codes.dtype),

@@ -35,8 +35,9 @@ SMART_VOICE_DESCRIPTIONS = ("feminine", "masculine")
 @dataclass
 class Conversation:
     messages: list[dict]
-    # Indices into request.references, in placeholder order.
-    audio_order: list[int]
+    # The audio placeholders in the order they appear in the rendered text: ("reference", i) for
+    # request.references[i], ("context", j) for request.context[j].
+    audio_order: list[tuple[str, int]]
 
 
 def load_profiles(path: str | Path) -> dict[str, str]:
@@ -52,8 +53,8 @@ def _speaker_label(ref: Reference, index: int) -> str:
     return ref.speaker_tag or f"SPEAKER{index}"
 
 
-def _audio(index: int) -> dict:
-    return {"type": "audio", "reference": index}
+def _audio(index: int, kind: str = "reference") -> dict:
+    return {"type": "audio", kind: index}
 
 
 def _text(text: str) -> dict:
@@ -67,7 +68,7 @@ def build_conversation(request: SynthesisRequest) -> Conversation:
     refs = request.references
     in_scene = request.references_in_scene or any(r.profile is not None for r in refs)
     messages: list[dict] = []
-    audio_order: list[int] = []
+    audio_order: list[tuple[str, int]] = []
 
     if refs and in_scene:
         system = request.system_prompt or DEFAULT_SYSTEM_MESSAGE
@@ -78,7 +79,7 @@ def build_conversation(request: SynthesisRequest) -> Conversation:
                 items.append(_text(f"{label}: {ref.profile}"))
             else:
                 items += [_text(f"{label}:"), _audio(i)]
-                audio_order.append(i)
+                audio_order.append(("reference", i))
         messages.append({"role": "system", "content": system})
         if all(item["type"] == "text" for item in items):
             # A plain string renders exactly as upstream's joined scene text.
@@ -96,7 +97,7 @@ def build_conversation(request: SynthesisRequest) -> Conversation:
             prefix = f"[{_speaker_label(ref, i)}] " if len(refs) > 1 else ""
             messages.append({"role": "user", "content": prefix + transcript})
             messages.append({"role": "assistant", "content": [_audio(i)]})
-            audio_order.append(i)
+            audio_order.append(("reference", i))
     else:
         tags = speaker_tags(request.text)
         if len(tags) > 1:
@@ -111,6 +112,10 @@ def build_conversation(request: SynthesisRequest) -> Conversation:
             if request.scene_prompt:
                 messages.append({"role": "scene", "content": request.scene_prompt})
 
+    for j, turn in enumerate(request.context):
+        messages.append({"role": "user", "content": normalize_transcript(turn.text)})
+        messages.append({"role": "assistant", "content": [_audio(j, "context")]})
+        audio_order.append(("context", j))
     messages.append({"role": "user", "content": text})
     return Conversation(messages=messages, audio_order=audio_order)
 

@@ -55,6 +55,18 @@ class Reference:
 
 
 @dataclass
+class ContextTurn:
+    """An earlier chunk of the same long-form text and the audio codes generated for it.
+
+    Long-form generation feeds these back as user/assistant turns so the voice carries over (upstream's
+    generation_chunk_buffer_size). `codes` is (codebooks, frames) as SynthesisResult.audio_codes.
+    """
+
+    text: str
+    codes: np.ndarray
+
+
+@dataclass
 class SynthesisRequest:
     text: str
     id: str = ""
@@ -64,6 +76,8 @@ class SynthesisRequest:
     # Upstream's --ref_audio_in_system_message: speakers described inside the scene block rather than as
     # user/assistant turns. Forced on when any reference is a profile, as upstream does.
     references_in_scene: bool = False
+    # Earlier chunks, oldest first, placed after the reference turns and before `text`.
+    context: list[ContextTurn] = field(default_factory=list)
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K

@@ -21,10 +21,11 @@ from model.checkpoint import CheckpointSpec
 from model.engine import EngineOptions
 from model.requests import RequestError
 from pipeline.manifest import ManifestRules
+from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.reader import iter_ids, read_manifest
 from pipeline.references import FetchPolicy
-from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.stages import (
+    AUDIO_DIR,
     METADATA_DIR,
     FetchStage,
     SynthesisSettings,
@@ -65,6 +66,8 @@ class DatasetJob:
     storage_options: dict | None = None
     retry_errors: bool = False
     config_yaml: str | None = None  # the resolved config, secrets already redacted
+    audio_key: str = AUDIO_DIR + "/{id}.{ext}"
+    sample_rate: int | None = None  # output sample rate; None keeps the codec's 24 kHz
 
 
 def duplicate_ids(job: DatasetJob) -> dict[str, list[int]]:
@@ -139,7 +142,13 @@ def run_dataset_job(job: DatasetJob) -> dict:
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    write = WriteSettings(job.output, job.storage_options, checkpoint=job.checkpoint.source)
+    write = WriteSettings(
+        job.output,
+        job.storage_options,
+        checkpoint=job.checkpoint.source,
+        audio_key=job.audio_key,
+        sample_rate=job.sample_rate,
+    )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"settings": write}, **cpu_stage)
 
     run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})

@@ -166,6 +166,9 @@ class WriteSettings:
     storage_options: dict | None = None
     checkpoint: str = ""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Where a row's audio goes, relative to the output; evaluation sets put "{id}.wav" at the root.
+    audio_key: str = AUDIO_DIR + "/{id}.{ext}"
+    sample_rate: int | None = None  # resample before encoding (e.g. 16000 for scorers); None keeps 24 kHz
 
 
 class WriteStage:
@@ -193,16 +196,17 @@ class WriteStage:
         if result is None:
             return record
         fmt = row.get("response_format") or "wav"
-        key = f"{AUDIO_DIR}/{row['id']}.{fmt}"
-        self.storage.write_bytes(key, encode_audio(result.waveform, result.sample_rate, fmt))
+        key = self.settings.audio_key.format(id=row["id"], ext=fmt)
+        waveform, rate = resample(result.waveform, result.sample_rate, self.settings.sample_rate)
+        self.storage.write_bytes(key, encode_audio(waveform, rate, fmt))
         timings = {name: float(result.timings.get(name, 0.0)) for name in TIMING_FIELDS}
         record.update(
             status="ok",
             file_name=key,
             audio_uri=self.storage.uri(key),
             format=fmt,
-            sample_rate=result.sample_rate,
-            duration_s=result.duration_s,
+            sample_rate=rate,
+            duration_s=len(waveform) / rate,
             num_audio_frames=result.generated_frames,
             timings=timings,
         )
@@ -234,6 +238,16 @@ def metadata_table(records: list[dict]) -> pa.Table:
             # Mixed types across rows: keep the values readable rather than drop the column.
             columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
     return pa.table(columns)
+
+
+def resample(waveform: np.ndarray, rate: int, target: int | None) -> tuple[np.ndarray, int]:
+    if not target or target == rate:
+        return waveform, rate
+    import torch
+    import torchaudio
+
+    resampled = torchaudio.functional.resample(torch.from_numpy(waveform), rate, target)
+    return resampled.numpy().astype(np.float32), target
 
 
 def encode_audio(waveform: np.ndarray, sample_rate: int, fmt: str) -> bytes:

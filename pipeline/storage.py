@@ -28,7 +28,9 @@ TMP_DIR = "_tmp"
 REDACTED = "***"
 # Whole name segments only: "aws_secret_access_key" and "token" are secret, "audio_tokenizer" and
 # "max_new_tokens" are not.
-_SECRET_NAME = re.compile(r"(^|[_-])(key|secret|token|password|passwd|credentials?)([_-]?id)?$", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"(^|[_-])(key|secret|token|password|passwd|credentials?)([_-]?id)?$", re.IGNORECASE
+)
 # Control characters would make keys that print and compare differently from what they look like.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Environment variables whose values must never appear in an error message either, since s3fs may pick

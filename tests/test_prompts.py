@@ -55,7 +55,7 @@ def test_system_prompt_overrides_the_default(processor):
 
 def test_single_voice_clone_puts_transcript_and_audio_in_turns_before_the_text(processor):
     conversation = build_conversation(SynthesisRequest(text="New words.", references=[clip()]))
-    assert conversation.audio_order == [0]
+    assert conversation.audio_order == [("reference", 0)]
     assert render(conversation, processor) == (
         BOS
         + turn("system", DEFAULT_SYSTEM_MESSAGE)
@@ -85,7 +85,7 @@ def test_cloned_dialogue_tags_each_reference_transcript_with_its_speaker(process
         Reference(audio=np.ones(240, dtype=np.float32) * 0.2, sample_rate=24000, transcript="Yes."),
     ]
     conversation = build_conversation(SynthesisRequest(text="[SPEAKER0] A. [SPEAKER1] B.", references=refs))
-    assert conversation.audio_order == [0, 1]
+    assert conversation.audio_order == [("reference", 0), ("reference", 1)]
     assert render(conversation, processor) == (
         BOS
         + turn("system", DEFAULT_SYSTEM_MESSAGE)
@@ -132,7 +132,7 @@ def test_a_profile_and_a_clip_mix_in_the_scene_in_speaker_order(processor):
         scene_prompt="A studio.",
     )
     conversation = build_conversation(request)
-    assert conversation.audio_order == [1]
+    assert conversation.audio_order == [("reference", 1)]
     scene = (
         "<|scene_desc_start|>\nA studio.\n\nSPEAKER0: Calm narrator.\nSPEAKER1: "
         + AUDIO
@@ -145,3 +145,28 @@ def test_text_that_normalises_to_nothing_is_a_request_error():
     with pytest.raises(RequestError) as err:
         build_conversation(SynthesisRequest(text=" \n "))
     assert err.value.field == "text"
+
+
+def test_context_turns_follow_the_references_and_precede_the_text(processor):
+    from model.requests import ContextTurn
+
+    codes = np.zeros((8, 3), dtype=np.int64)
+    request = SynthesisRequest(
+        text="Third part.",
+        references=[clip()],
+        context=[ContextTurn("First part.", codes), ContextTurn("Second part.", codes)],
+    )
+    conversation = build_conversation(request)
+    assert conversation.audio_order == [("reference", 0), ("context", 0), ("context", 1)]
+    assert render(conversation, processor) == (
+        BOS
+        + turn("system", DEFAULT_SYSTEM_MESSAGE)
+        + turn("user", "Hello there .")
+        + turn("assistant", AUDIO)
+        + turn("user", "First part.")
+        + turn("assistant", AUDIO)
+        + turn("user", "Second part.")
+        + turn("assistant", AUDIO)
+        + turn("user", "Third part.")
+        + GEN
+    )
