@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from model.batch_state import BatchState
 from model.checkpoint import CheckpointSpec, LoadedCheckpoint, load_checkpoint
 from model.lru import LRUCache
 from model.prompts import build_conversation, render
@@ -26,14 +28,35 @@ from model.sampling import RowParams, select_next_frame
 log = logging.getLogger(__name__)
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Key + value bytes one context token costs across all layers (~112 KB for the release in bf16)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = torch.finfo(dtype).bits // 8
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * width
+
+
+def fitting_batch_size(
+    config, dtype: torch.dtype, free_bytes: int, context_tokens: int, headroom: float = 0.3, cap: int = 256
+) -> int:
+    """The largest batch whose KV cache for `context_tokens` per row fits in free memory, less headroom for
+    activations, logits and the codec."""
+    per_row = kv_bytes_per_token(config, dtype) * context_tokens
+    return max(1, min(cap, int(free_bytes * (1 - headroom)) // per_row))
+
+
 @dataclass
 class EngineOptions:
+    # 0 picks the largest batch that fits in free GPU memory (see fitting_batch_size); 16 on CPU.
     max_batch_size: int = 16
     reference_cache_size: int = 256
     max_reference_seconds: float = 60.0
     ras_enabled: bool = True
     # Benchmarks generate a fixed number of frames: stream-eos is never chosen, rows run to max_new_tokens.
     ignore_eos: bool = False
+    # Waiting rows join a running batch as others finish (continuous batching); off = static batches.
+    refill: bool = True
+    # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
+    max_padding_waste: float = 0.15
 
 
 @dataclass
@@ -152,14 +175,155 @@ class SynthesisEngine:
                 prepared.append(self._prepare(i, request))
             except RequestError as err:
                 results[i] = SynthesisResult(id=request.id, error=err.message, error_field=err.field)
-        # Similar prompt lengths share a batch, which keeps left padding small.
-        prepared.sort(key=lambda p: len(p.input_ids))
-        size = max(1, self.options.max_batch_size)
-        for start in range(0, len(prepared), size):
-            batch = prepared[start : start + size]
-            for item, result in zip(batch, self._run_batch(batch), strict=True):
-                results[item.index] = result
+        for item, result in self._decode_all(prepared):
+            results[item.index] = result
+        self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
         return [r for r in results if r is not None]
+
+    def _batch_size(self, prepared: list[_Prepared]) -> int:
+        if self.options.max_batch_size > 0:
+            return self.options.max_batch_size
+        if self.device.type != "cuda" or not prepared:
+            return 16
+        free, _ = torch.cuda.mem_get_info(self.device)
+        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
+        return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, context)
+
+    def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
+        """The next prefill group: shortest prompts first, padding waste kept under max_padding_waste."""
+        group = [waiting.popleft()]
+        shortest = len(group[0].input_ids)
+        while waiting and len(group) < free:
+            longest = len(waiting[0].input_ids)
+            if (longest - shortest) / longest > self.options.max_padding_waste:
+                break
+            group.append(waiting.popleft())
+        return group
+
+    @torch.inference_mode()
+    def _decode_all(self, prepared: list[_Prepared]):
+        """Yield (item, result) as rows finish. Rows leave the batch when done; with `refill`, waiting rows
+        join the running batch in their place (continuous batching)."""
+        waiting = deque(sorted(prepared, key=lambda p: len(p.input_ids)))
+        size = self._batch_size(prepared)
+        state: BatchState | None = None
+        while waiting or state is not None:
+            free = size - (len(state) if state is not None else 0)
+            if waiting and free > 0 and (state is None or self.options.refill):
+                joining = self._prefill(self._admit(waiting, free))
+                if state is None:
+                    state = joining
+                else:
+                    state.merge(joining)
+            yield from self._step(state)
+            if not len(state):
+                state = None
+
+    def _prefill(self, batch: list[_Prepared]) -> BatchState:
+        device = self.device
+        rows = len(batch)
+        prompt_len = max(len(p.input_ids) for p in batch)
+        input_ids = torch.full((rows, prompt_len), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((rows, prompt_len), dtype=torch.long)
+        for r, item in enumerate(batch):
+            n = len(item.input_ids)
+            input_ids[r, prompt_len - n :] = torch.tensor(item.input_ids)
+            attention[r, prompt_len - n :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention.to(device),
+            "position_ids": positions.to(device),
+        }
+        audio_lengths = [0 if p.audio_codes is None else len(p.audio_codes) for p in batch]
+        if any(audio_lengths):
+            audio = torch.full(
+                (rows, max(audio_lengths), self.num_codebooks), self.stream_eos, dtype=torch.long
+            )
+            for r, item in enumerate(batch):
+                if item.audio_codes is not None:
+                    audio[r, : audio_lengths[r]] = item.audio_codes
+            mask = torch.arange(audio.shape[1])[None, :] < torch.tensor(audio_lengths)[:, None]
+            inputs["audio_input_ids"] = audio.to(device)
+            inputs["audio_input_ids_mask"] = mask.to(device)
+
+        params = self._row_params(batch)
+        window = int(params.ras_win_len.max().item())
+        cache = DynamicCache(config=self.model.config)
+        started = time.perf_counter()
+        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
+        self._sync()
+        for item in batch:
+            item.timings = {"reference_encode_s": item.encode_s, "prefill_s": time.perf_counter() - started}
+            item.timings["decode_s"] = 0.0
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        return BatchState(
+            items=list(batch),
+            cache=cache,
+            attention=inputs["attention_mask"],
+            positions=inputs["position_ids"][:, -1],
+            logits=logits,
+            params=params,
+            steps=zeros,
+            eos_steps=zeros - 1,
+            max_steps=torch.tensor([p.request.max_new_tokens for p in batch], device=device),
+            history=torch.full((rows, window, self.num_codebooks), -1, dtype=torch.long, device=device),
+            frames=torch.zeros((rows, 0, self.num_codebooks), dtype=torch.long, device=device),
+        )
+
+    def _step(self, state: BatchState):
+        """Choose one frame for every row, retire the finished rows, run the model for the others."""
+        started = time.perf_counter()
+        logits = state.logits
+        if self.options.ignore_eos:
+            logits[..., self.stream_eos] = float("-inf")
+        frame = select_next_frame(
+            logits, state.params, state.steps, state.eos_steps, state.history, state.steps,
+            self.stream_bos, self.stream_eos,
+        )  # fmt: skip
+        state.append_frame(frame)
+        is_eos = frame == self.stream_eos
+        state.eos_steps = torch.where((state.eos_steps < 0) & is_eos.any(-1), state.steps, state.eos_steps)
+        state.steps = state.steps + 1
+        finished = is_eos.all(-1) | (state.steps >= state.max_steps)
+        done_rows = finished.nonzero().flatten().tolist()
+        retired = [(state.items[r], state.row_frames(r).cpu()) for r in done_rows]
+        if done_rows:
+            keep = (~finished).nonzero().flatten()
+            frame = frame[keep]
+            state.select(keep)
+        if len(state):
+            state.extend_attention()
+            out = self.model(
+                audio_input_ids=frame[:, None, :],
+                attention_mask=state.attention,
+                position_ids=state.positions[:, None],
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+            state.logits = out.logits[:, -1, :].view(len(state), self.num_codebooks, -1)
+        elapsed = time.perf_counter() - started
+        for item in [*state.items, *(i for i, _ in retired)]:
+            item.timings["decode_s"] += elapsed
+        for item, frames in retired:
+            yield item, self._result(item, frames)
+
+    def _result(self, item: _Prepared, frames: torch.Tensor) -> SynthesisResult:
+        result = SynthesisResult(
+            id=item.request.id,
+            sample_rate=self.sample_rate,
+            timings=dict(item.timings),
+            prompt_tokens=len(item.input_ids),
+        )
+        codes = self._strip(frames)
+        if codes.shape[1] == 0:
+            result.error = f"generated no audio frames within max_new_tokens={item.request.max_new_tokens}"
+            result.error_field = "max_new_tokens"
+        else:
+            result.audio_codes = codes.numpy()
+            result.generated_frames = int(codes.shape[1])
+        return result
 
     def _row_params(self, batch: list[_Prepared]) -> RowParams:
         rows = []
@@ -178,106 +342,6 @@ class SynthesisEngine:
             )
         return RowParams.stack(rows, self.device)
 
-    @torch.inference_mode()
-    def _run_batch(self, batch: list[_Prepared]) -> list[SynthesisResult]:
-        device = self.device
-        rows = len(batch)
-        prompt_len = max(len(p.input_ids) for p in batch)
-        input_ids = torch.full((rows, prompt_len), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, prompt_len), dtype=torch.long)
-        for r, item in enumerate(batch):
-            n = len(item.input_ids)
-            input_ids[r, prompt_len - n :] = torch.tensor(item.input_ids)
-            attention[r, prompt_len - n :] = 1
-        inputs = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention.to(device),
-            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0).to(device),
-        }
-        audio_lengths = [0 if p.audio_codes is None else len(p.audio_codes) for p in batch]
-        if any(audio_lengths):
-            audio = torch.full(
-                (rows, max(audio_lengths), self.num_codebooks), self.stream_eos, dtype=torch.long
-            )
-            for r, item in enumerate(batch):
-                if item.audio_codes is not None:
-                    audio[r, : audio_lengths[r]] = item.audio_codes
-            mask = torch.arange(audio.shape[1])[None, :] < torch.tensor(audio_lengths)[:, None]
-            inputs["audio_input_ids"] = audio.to(device)
-            inputs["audio_input_ids_mask"] = mask.to(device)
-
-        params = self._row_params(batch)
-        max_steps = torch.tensor([p.request.max_new_tokens for p in batch], device=device)
-        window = int(params.ras_win_len.max().item()) if rows else 0
-        cache = DynamicCache(config=self.model.config)
-
-        started = time.perf_counter()
-        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
-        self._sync()
-        prefill_s = time.perf_counter() - started
-
-        started = time.perf_counter()
-        steps = torch.zeros(rows, dtype=torch.long, device=device)
-        eos_steps = torch.full((rows,), -1, dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        frames: list[torch.Tensor] = []
-        history = torch.full(
-            (rows, window, self.num_codebooks), self.stream_bos, dtype=torch.long, device=device
-        )
-        attention_mask = inputs["attention_mask"]
-        positions = inputs["position_ids"][:, -1]
-        for _ in range(int(max_steps.max().item())):
-            if self.options.ignore_eos:
-                logits[..., self.stream_eos] = float("-inf")
-            frame = select_next_frame(
-                logits, params, steps, eos_steps, history, steps, self.stream_bos, self.stream_eos
-            )
-            frame = torch.where(done[:, None], torch.full_like(frame, self.stream_eos), frame)
-            frames.append(frame)
-            is_eos = frame == self.stream_eos
-            eos_steps = torch.where((eos_steps < 0) & is_eos.any(-1) & ~done, steps, eos_steps)
-            finished = ~done & (is_eos.all(-1) | (steps + 1 >= max_steps))
-            lengths = torch.where(finished, steps + 1, lengths)
-            done = done | finished
-            steps = steps + (~done).long()
-            if window:
-                history = torch.cat([history[:, 1:], frame[:, None, :]], dim=1)
-            if bool(done.all()):
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            positions = positions + 1
-            out = self.model(
-                audio_input_ids=frame[:, None, :],
-                attention_mask=attention_mask,
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
-        self._sync()
-        decode_s = time.perf_counter() - started
-        generated = torch.stack(frames, dim=1).cpu() if frames else None
-
-        results = []
-        for r, item in enumerate(batch):
-            timings = {"reference_encode_s": item.encode_s, "prefill_s": prefill_s, "decode_s": decode_s}
-            result = SynthesisResult(id=item.request.id, sample_rate=self.sample_rate, timings=timings)
-            result.prompt_tokens = len(item.input_ids)
-            codes = self._strip(generated[r, : int(lengths[r].item())]) if generated is not None else None
-            if codes is None or codes.shape[1] == 0:
-                result.error = (
-                    f"generated no audio frames within max_new_tokens={item.request.max_new_tokens}"
-                )
-                result.error_field = "max_new_tokens"
-            else:
-                result.audio_codes = codes.numpy()
-                result.generated_frames = int(codes.shape[1])
-            results.append(result)
-        self._vocode_results([r for r in results if r.ok])
-        return results
-
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
         """Decode codes to waveforms, one codec call per group of equal length.
 
@@ -287,14 +351,16 @@ class SynthesisEngine:
         groups: dict[int, list[SynthesisResult]] = {}
         for result in results:
             groups.setdefault(result.generated_frames, []).append(result)
+        size = max(1, self.options.max_batch_size or 16)
         for group in groups.values():
-            started = time.perf_counter()
-            codes = torch.from_numpy(np.stack([r.audio_codes for r in group]))
-            waveforms = self.vocode(codes)
-            elapsed = (time.perf_counter() - started) / len(group)
-            for result, waveform in zip(group, waveforms, strict=True):
-                result.waveform = waveform
-                result.timings["vocode_s"] = elapsed
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
+                started = time.perf_counter()
+                waveforms = self.vocode(torch.from_numpy(np.stack([r.audio_codes for r in chunk])))
+                elapsed = (time.perf_counter() - started) / len(chunk)
+                for result, waveform in zip(chunk, waveforms, strict=True):
+                    result.waveform = waveform
+                    result.timings["vocode_s"] = elapsed
 
     def _strip(self, frames: torch.Tensor) -> torch.Tensor:
         """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos."""

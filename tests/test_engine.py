@@ -18,9 +18,8 @@ def voice(name: str) -> Reference:
 
 
 def smart(i: int, **kw) -> SynthesisRequest:
-    return SynthesisRequest(
-        id=f"smart{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=30, **kw
-    )
+    kw.setdefault("max_new_tokens", 30)
+    return SynthesisRequest(id=f"smart{i}", text=f"Sentence number {i} is spoken here.", seed=i, **kw)
 
 
 def clone(i: int, **kw) -> SynthesisRequest:
@@ -125,3 +124,74 @@ def test_ras_defaults_to_upstreams_window_and_turns_off_per_request_or_per_engin
     assert ras(smart(1)) == (7, 2)
     assert ras(replace(smart(1), ras_win_len=0)) == (0, 2)
     assert ras(smart(1), enabled=False)[0] == 0
+
+
+def requests_of_mixed_lengths() -> list[SynthesisRequest]:
+    rows = [smart(i, max_new_tokens=12 + 7 * i) for i in range(5)] + [clone(i) for i in range(3)]
+    return [replace(r, id=f"{r.id}-{k}") for k, r in enumerate(rows)]
+
+
+def test_continuous_batching_gives_the_same_codes_as_one_request_at_a_time(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1, refill=False))
+    refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, refill=True))
+    for a, b in zip(
+        plain.generate(requests_of_mixed_lengths()),
+        refilled.generate(requests_of_mixed_lengths()),
+        strict=True,
+    ):
+        assert a.id == b.id
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_static_batches_give_the_same_codes_as_refilled_ones(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    static = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, refill=False))
+    refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, refill=True))
+    for a, b in zip(
+        static.generate(requests_of_mixed_lengths()),
+        refilled.generate(requests_of_mixed_lengths()),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_prefill_groups_keep_left_padding_under_the_waste_bound(engine, monkeypatch):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    bucketed = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, max_padding_waste=0.15))
+    groups = []
+    original = bucketed._prefill
+    monkeypatch.setattr(
+        bucketed,
+        "_prefill",
+        lambda batch: groups.append([len(p.input_ids) for p in batch]) or original(batch),
+    )
+    bucketed.generate(requests_of_mixed_lengths())
+    assert sum(len(g) for g in groups) == 8
+    for lengths in groups:
+        assert sum(max(lengths) - n for n in lengths) / (max(lengths) * len(lengths)) <= 0.15
+
+
+def test_ignoring_eos_generates_exactly_max_new_tokens_frames(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    fixed = SynthesisEngine(engine.checkpoint, EngineOptions(ignore_eos=True))
+    results = fixed.generate([smart(i, max_new_tokens=30) for i in range(3)])
+    # 30 steps = the opening bos frame + 7 staircase steps + 22 frames of audio
+    assert [r.generated_frames for r in results] == [22, 22, 22]
+
+
+def test_the_kv_cache_of_the_release_costs_about_112_kb_per_token_in_bf16():
+    import torch
+    from transformers import HiggsAudioV2Config
+
+    from model.engine import fitting_batch_size, kv_bytes_per_token
+
+    config = HiggsAudioV2Config()
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 28 * 8 * 128 * 2  # 114,688 bytes
+    # 60 GB free, 1,000-token contexts: 0.7 * 60e9 / 114.7e6 = 366 rows, capped at 256
+    assert fitting_batch_size(config, torch.bfloat16, 60 * 10**9, 1000) == 256
+    assert fitting_batch_size(config, torch.bfloat16, 10 * 10**9, 1000) == 61

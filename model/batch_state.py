@@ -1,0 +1,121 @@
+"""The rows being decoded together: their KV cache, masks and per-row counters, with rows joining and leaving.
+
+Rows leave as soon as they finish, so the batch shrinks instead of decoding padding; waiting requests can
+join a running batch (continuous batching). Every row is left-padded to the batch's common length, carries
+its own position ids and its own step counter, so what a row computes does not depend on when it joined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _pad_front(x: torch.Tensor, amount: int, dim: int, value: float = 0) -> torch.Tensor:
+    if amount == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = amount
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+@dataclass
+class BatchState:
+    items: list  # the engine's prepared requests, one per row
+    cache: DynamicCache
+    attention: torch.Tensor  # (B, T) 1 for real tokens
+    positions: torch.Tensor  # (B,) position id of each row's last token
+    logits: torch.Tensor  # (B, C, V) for the next frame
+    params: object  # model.sampling.RowParams
+    steps: torch.Tensor  # (B,) frames generated per row
+    eos_steps: torch.Tensor  # (B,) step of the row's first stream-eos, -1 before
+    max_steps: torch.Tensor  # (B,)
+    history: torch.Tensor  # (B, W, C) last frames for RAS
+    frames: torch.Tensor  # (B, S, C) generated frames, right-aligned: row r's are its last steps[r]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def length(self) -> int:
+        return self.attention.shape[1]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows at `keep` (a 1-D index tensor), then drop columns no row uses any more."""
+        idx = keep.tolist()
+        self.items = [self.items[i] for i in idx]
+        self.cache.batch_select_indices(keep)
+        for name in (
+            "attention",
+            "positions",
+            "logits",
+            "steps",
+            "eos_steps",
+            "max_steps",
+            "history",
+            "frames",
+        ):
+            setattr(self, name, getattr(self, name)[keep])
+        self.params = type(self.params)(**{k: v[keep] for k, v in vars(self.params).items()})
+        self._trim()
+
+    def _trim(self) -> None:
+        if not len(self.items):
+            return
+        unused = int((self.attention.cumsum(dim=1) == 0).all(dim=0).sum().item())
+        if unused:
+            self.attention = self.attention[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, unused:]
+                layer.values = layer.values[:, :, unused:]
+        longest = int(self.steps.max().item())
+        if self.frames.shape[1] > longest:
+            self.frames = self.frames[:, self.frames.shape[1] - longest :]
+
+    def merge(self, other: BatchState) -> None:
+        """Append `other`'s rows, left-padding whichever side is shorter in cache and frame columns."""
+        total = max(self.length, other.length)
+        mine, theirs = total - self.length, total - other.length
+        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
+            a.keys = torch.cat([_pad_front(a.keys, mine, 2), _pad_front(b.keys, theirs, 2)], dim=0)
+            a.values = torch.cat([_pad_front(a.values, mine, 2), _pad_front(b.values, theirs, 2)], dim=0)
+        self.attention = torch.cat(
+            [_pad_front(self.attention, mine, 1), _pad_front(other.attention, theirs, 1)]
+        )
+        width = max(self.frames.shape[1], other.frames.shape[1])
+        self.frames = torch.cat(
+            [
+                _pad_front(self.frames, width - self.frames.shape[1], 1),
+                _pad_front(other.frames, width - other.frames.shape[1], 1),
+            ]
+        )
+        window = max(self.history.shape[1], other.history.shape[1])
+        self.history = torch.cat(
+            [
+                _pad_front(self.history, window - self.history.shape[1], 1, -1),
+                _pad_front(other.history, window - other.history.shape[1], 1, -1),
+            ]
+        )
+        self.items = self.items + other.items
+        for name in ("positions", "logits", "steps", "eos_steps", "max_steps"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.params = type(self.params)(
+            **{k: torch.cat([v, getattr(other.params, k)]) for k, v in vars(self.params).items()}
+        )
+
+    def append_frame(self, frame: torch.Tensor) -> None:
+        """Record the step's frame; finished rows leave before the next one, so every row advances."""
+        self.frames = torch.cat([self.frames, frame[:, None, :]], dim=1)
+        if self.history.shape[1]:
+            self.history = torch.cat([self.history[:, 1:], frame[:, None, :]], dim=1)
+
+    def row_frames(self, row: int) -> torch.Tensor:
+        n = int(self.steps[row].item())
+        return self.frames[row, self.frames.shape[1] - n :]
+
+    def extend_attention(self) -> None:
+        self.attention = F.pad(self.attention, (0, 1), value=1)
+        self.positions = self.positions + 1
