@@ -57,6 +57,9 @@ class EngineOptions:
     refill: bool = True
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
+    # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU
+    # on CPU so the split-and-retry path can be tested.
+    max_frames_per_batch: int = 0
 
 
 @dataclass
@@ -201,23 +204,71 @@ class SynthesisEngine:
         return group
 
     @torch.inference_mode()
-    def _decode_all(self, prepared: list[_Prepared]):
+    def _decode_all(self, prepared: list[_Prepared], size: int | None = None):
         """Yield (item, result) as rows finish. Rows leave the batch when done; with `refill`, waiting rows
-        join the running batch in their place (continuous batching)."""
+        join the running batch in their place (continuous batching).
+
+        Out of memory: the rows in flight go back to the queue and the batch size halves. A row's codes depend
+        only on its request and seed, so restarting it loses time, not correctness. Any other failure is
+        narrowed down to the row that causes it by running the rows in flight one at a time.
+        """
         waiting = deque(sorted(prepared, key=lambda p: len(p.input_ids)))
-        size = self._batch_size(prepared)
+        size = size or self._batch_size(prepared)
         state: BatchState | None = None
         while waiting or state is not None:
-            free = size - (len(state) if state is not None else 0)
-            if waiting and free > 0 and (state is None or self.options.refill):
-                joining = self._prefill(self._admit(waiting, free))
-                if state is None:
-                    state = joining
-                else:
-                    state.merge(joining)
-            yield from self._step(state)
-            if not len(state):
+            involved: list[_Prepared] = [] if state is None else list(state.items)
+            try:
+                free = size - len(involved)
+                if waiting and free > 0 and (state is None or self.options.refill):
+                    group = self._admit(waiting, free)
+                    involved += group
+                    joining = self._prefill(group)
+                    if state is None:
+                        state = joining
+                    else:
+                        state.merge(joining)
+                yield from self._step(state)
+                if not len(state):
+                    state = None
+            except torch.OutOfMemoryError as exc:
                 state = None
+                self._release_memory()
+                if size == 1:
+                    for item in involved:
+                        yield item, self._failure(item, "synthesis", f"out of memory at batch size 1: {exc}")
+                    continue
+                size = max(1, size // 2)
+                log.warning(
+                    "out of memory with %d rows in flight; retrying them at batch size %d",
+                    len(involved),
+                    size,
+                )
+                waiting = deque(sorted([*waiting, *involved], key=lambda p: len(p.input_ids)))
+            except Exception as exc:  # noqa: BLE001 - a row's failure must not take its batch mates down
+                state = None
+                if len(involved) == 1:
+                    log.warning("request %r failed: %s", involved[0].request.id, exc)
+                    yield involved[0], self._failure(involved[0], "synthesis", f"generation failed: {exc}")
+                    continue
+                for item in involved:
+                    yield from self._decode_all([item], size=1)
+
+    def _failure(self, item: _Prepared, field_name: str, message: str) -> SynthesisResult:
+        return SynthesisResult(
+            id=item.request.id, error=message, error_field=field_name, timings=dict(item.timings)
+        )
+
+    def _guard(self, rows: int, length: int) -> None:
+        """The CPU stand-in for running out of GPU memory: too many (rows x context) frames at once."""
+        limit = self.options.max_frames_per_batch
+        if limit and rows * length > limit:
+            raise torch.OutOfMemoryError(
+                f"{rows} rows x {length} tokens exceeds max_frames_per_batch={limit}"
+            )
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _prefill(self, batch: list[_Prepared]) -> BatchState:
         device = self.device
@@ -247,6 +298,7 @@ class SynthesisEngine:
             inputs["audio_input_ids"] = audio.to(device)
             inputs["audio_input_ids_mask"] = mask.to(device)
 
+        self._guard(rows, prompt_len)
         params = self._row_params(batch)
         window = int(params.ras_win_len.max().item())
         cache = DynamicCache(config=self.model.config)
@@ -295,6 +347,7 @@ class SynthesisEngine:
             state.select(keep)
         if len(state):
             state.extend_attention()
+            self._guard(len(state), state.length)
             out = self.model(
                 audio_input_ids=frame[:, None, :],
                 attention_mask=state.attention,

@@ -195,3 +195,37 @@ def test_the_kv_cache_of_the_release_costs_about_112_kb_per_token_in_bf16():
     # 60 GB free, 1,000-token contexts: 0.7 * 60e9 / 114.7e6 = 366 rows, capped at 256
     assert fitting_batch_size(config, torch.bfloat16, 60 * 10**9, 1000) == 256
     assert fitting_batch_size(config, torch.bfloat16, 10 * 10**9, 1000) == 61
+
+
+def test_out_of_memory_splits_the_batch_and_retries_without_failing_rows(engine, caplog):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    rows = [smart(i, max_new_tokens=20) for i in range(4)]
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
+    # Four rows of ~50-token prompts overflow the guard; two rows fit.
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, max_frames_per_batch=150))
+    results = tight.generate(rows)
+    assert "retrying them at batch size 2" in caplog.text
+    assert all(r.ok for r in results)
+    for a, b in zip(plain, results, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_a_row_that_never_fits_errors_with_out_of_memory_and_the_others_succeed(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, max_frames_per_batch=200))
+    long_text = replace(smart(1), id="long", text="word " * 300)
+    results = {r.id: r for r in tight.generate([smart(2), long_text, smart(3)])}
+    assert results["smart2"].ok and results["smart3"].ok
+    assert "out of memory" in results["long"].error
+
+
+def test_a_request_that_breaks_generation_errors_alone(engine):
+    from model.requests import ContextTurn
+
+    broken = replace(smart(5), id="broken", context=[ContextTurn("Before.", np.full((8, 4), 5000))])
+    results = {r.id: r for r in engine.generate([smart(6), broken, smart(7)])}
+    assert results["smart6"].ok and results["smart7"].ok
+    assert results["broken"].error_field == "synthesis"
+    assert "generation failed" in results["broken"].error
