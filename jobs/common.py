@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from model.checkpoint import CheckpointSpec, is_remote_uri
-from pipeline.storage import redact
+from pipeline.secrets import redact
 
 
 class ConfigError(SystemExit):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.requests import RequestError
+from pipeline.secrets import scrub, secret_values
 
 DEFAULT_FIELD = "references.audio"
 SHOWN_CHARS = 60
@@ -48,8 +49,6 @@ _MIN_BASE64_CHARS = 16
 # Longer strings are never taken for paths (no OS accepts them), which also keeps realpath() away from
 # megabytes of base64.
 _MAX_PATH_CHARS = 4096
-_SECRET_NAME = re.compile(r"key|secret|token|password|credential|sas|signature", re.IGNORECASE)
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _READ_CHUNK = 64 * 1024
 _NOT_RECOGNISED = "not a path under the allowed roots, URI, URL, data URI or base64"
 
@@ -246,7 +245,7 @@ class _Fetch:
             raise self.error("not found") from None
         except Exception as exc:  # noqa: BLE001 - any backend error becomes a request error, scrubbed
             # `from None`: a chained traceback could carry what the scrubbed text leaves out.
-            raise self.error(f"could not be read: {_scrub(_describe(exc), options)}") from None
+            raise self.error(f"could not be read: {scrub(_describe(exc), secret_values(options))}") from None
         if len(data) > limit:
             raise self.too_large()
         return data
@@ -456,23 +455,3 @@ def _shown(source: str) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _scrub(text: str, options: dict | None) -> str:
-    """``text`` with every secret from ``options`` (at any depth) or the environment replaced by ***."""
-    secrets: set[str] = {os.environ[name] for name in _SECRET_ENV if os.environ.get(name)}
-
-    def walk(value: Any, secret: bool) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, secret or (isinstance(key, str) and bool(_SECRET_NAME.search(key))))
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item, secret)
-        elif secret and isinstance(value, str) and value:
-            secrets.add(value)
-
-    walk(options or {}, False)
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text

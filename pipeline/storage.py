@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
 import posixpath
 import random
 import re
@@ -18,6 +17,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.secrets import redact, scrub, secret_values
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -25,17 +26,8 @@ T = TypeVar("T")
 # Reserved first segment for in-flight writes; callers may not use it, and listings hide it.
 TMP_DIR = "_tmp"
 
-REDACTED = "***"
-# Whole name segments only: "aws_secret_access_key" and "token" are secret, "audio_tokenizer" and
-# "max_new_tokens" are not.
-_SECRET_NAME = re.compile(
-    r"(^|[_-])(key|secret|token|password|passwd|credentials?)([_-]?id)?$", re.IGNORECASE
-)
 # Control characters would make keys that print and compare differently from what they look like.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Environment variables whose values must never appear in an error message either, since s3fs may pick
-# credentials up from the environment rather than from storage_options.
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _MAX_BACKOFF_S = 10.0
 
 
@@ -81,41 +73,6 @@ class StorageError(OSError):
         # Ray re-raises worker exceptions on the driver by pickling them; OSError's default reduce
         # would call __init__ with the message alone.
         return (type(self), (self.args[0], self.uri, self.attempts))
-
-
-def redact(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Copy of ``options`` with every secret-looking value, at any depth, replaced by ``"***"``."""
-    if not options:
-        return {}
-    return {key: _redact_value(key, value) for key, value in options.items()}
-
-
-def _redact_value(name: object, value: Any) -> Any:
-    if isinstance(name, str) and _SECRET_NAME.search(name):
-        return REDACTED
-    if isinstance(value, dict):
-        return {key: _redact_value(key, item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_redact_value(None, item) for item in value)
-    return value
-
-
-def _secret_values(options: dict[str, Any] | None) -> set[str]:
-    found: set[str] = set()
-
-    def walk(name: object, value: Any) -> None:
-        if isinstance(name, str) and _SECRET_NAME.search(name) and isinstance(value, str) and value:
-            found.add(value)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(key, item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(None, item)
-
-    walk(None, options or {})
-    found.update(os.environ[name] for name in _SECRET_ENV if os.environ.get(name))
-    return found
 
 
 def open_input(
@@ -176,7 +133,7 @@ class Storage:
         self.retries = retries
         self.backoff_s = backoff_s
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self._secrets = _secret_values(self._storage_options)
+        self._secrets = secret_values(self._storage_options)
 
     def __repr__(self) -> str:
         return f"Storage({self.uri_of_root()!r}, storage_options={redact(self._storage_options)!r})"
@@ -366,6 +323,4 @@ class Storage:
 
     def _scrub(self, text: str) -> str:
         # Exception text from the SDKs is not under our control; make sure no secret rides along.
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return scrub(text, self._secrets)

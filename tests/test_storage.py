@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import Storage, StorageError, open_input, redact
+from pipeline.secrets import redact
+from pipeline.storage import Storage, StorageError, open_input
 
 
 @pytest.fixture(params=["local", "s3"])
