@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def init_ray(runtime: DictConfig) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME") if k in os.environ}
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        # A Ray Jobs driver: ray.init refuses to set a variable the job's runtime env (jobs/submit.py
+        # forwards these) already sets, so only the others are added.
+        job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     if runtime.address:
         ray.init(address=runtime.address, **kwargs)

@@ -7,12 +7,21 @@ python -m jobs.generate_dataset --multirun generation.seed=1,2 output=outputs/sw
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from jobs.common import checkpoint_spec, init_ray, redacted_yaml, require, run_output, storage_options
+from jobs.common import (
+    ConfigError,
+    checkpoint_spec,
+    init_ray,
+    redacted_yaml,
+    require,
+    run_output,
+    storage_options,
+)
 from model.engine import EngineOptions
 from pipeline.dataset_job import DatasetJob, Resources, run_dataset_job
 from pipeline.manifest import ManifestRules
@@ -86,7 +95,12 @@ def build_job(cfg: DictConfig) -> DatasetJob:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate_dataset")
 def main(cfg: DictConfig) -> dict:
-    job = build_job(cfg)
+    try:
+        job = build_job(cfg)
+    except ConfigError as exc:
+        # ConfigError exits with code 2, and SystemExit prints nothing for an int code: say why here.
+        print(exc.args[0], file=sys.stderr)
+        raise
     init_ray(cfg.runtime)
     summary = run_dataset_job(job)
     root = summary["output"].rstrip("/")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -51,7 +52,7 @@ class Resources:
     batch_size: int = 16  # rows per engine call
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
-    cpu_batch_size: int = 64
+    cpu_batch_size: int = 64  # unused: the CPU stages take one block (one synthesis batch) per call
 
 
 @dataclass
@@ -70,14 +71,16 @@ class DatasetJob:
     sample_rate: int | None = None  # output sample rate; None keeps the codec's 24 kHz
 
 
-def duplicate_ids(job: DatasetJob) -> dict[str, list[int]]:
-    """Ids that occur more than once in the manifest, with their 0-based row positions."""
+def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
+    """Ids that occur more than once in the manifest, with their 0-based row positions; and the row count."""
     counts: Counter[Any] = Counter()
+    num_rows = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
         counts.update(chunk)
+        num_rows += len(chunk)
     duplicated = {k for k, n in counts.items() if n > 1 and isinstance(k, str)}
     if not duplicated:
-        return {}
+        return {}, num_rows
     positions: dict[str, list[int]] = {k: [] for k in duplicated}
     offset = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
@@ -85,7 +88,7 @@ def duplicate_ids(job: DatasetJob) -> dict[str, list[int]]:
             if value in positions:
                 positions[value].append(offset + i)
         offset += len(chunk)
-    return positions
+    return positions, num_rows
 
 
 def _write_duplicate_errors(
@@ -116,19 +119,23 @@ def run_dataset_job(job: DatasetJob) -> dict:
     storage = Storage(job.output, job.storage_options)
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
-    duplicates = duplicate_ids(job)
+    duplicates, num_rows = duplicate_ids(job)
     finished = finished_ids(storage, retry_errors=job.retry_errors)
     duplicate_errors = _write_duplicate_errors(storage, duplicates, finished, job)
     skip = ray.put(frozenset(finished) | frozenset(duplicates))
     res = job.resources
     cpu_stage = {
         "batch_format": "pyarrow",
-        "batch_size": res.cpu_batch_size,
+        "batch_size": None,
         "compute": ray.data.ActorPoolStrategy(size=res.cpu_stage_workers),
         "num_cpus": res.cpu_stage_cpus,
     }
 
-    ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus)
+    # Blocks of one synthesis batch each, kept through the CPU stages (batch_size=None: a block per call):
+    # batches then spread over all actors, and each batch's audio and metadata part is written as soon
+    # as it is synthesised, so a killed run loses at most the batches in flight.
+    blocks = max(1, math.ceil(num_rows / res.batch_size))
+    ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
         ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
     )

@@ -64,7 +64,9 @@ CANONICAL_COLUMNS: tuple[str, ...] = (
     "response_format",
 )
 # Input columns folded into canonical ones (or rewritten); every other column passes through untouched.
-_CONSUMED = frozenset(CANONICAL_COLUMNS + TEXT_ALIASES + ("voice", "status", "error", "error_field"))
+_CONSUMED = frozenset(
+    CANONICAL_COLUMNS + TEXT_ALIASES + ("voice", "status", "error", "error_field", "_error", "_error_field")
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,15 @@ class ManifestRules:
 def validate_row(row: dict, rules: ManifestRules) -> dict:
     """Canonical row with defaults applied, passthrough columns kept, and status/error/error_field set."""
     passthrough = {k: v for k, v in row.items() if k not in _CONSUMED}
+    precomputed = row.get("_error")
+    if isinstance(precomputed, str) and precomputed:
+        # A front end (an eval-set adapter) already knows the line is bad and says why better than the
+        # row checks could; its id is only a label for the error record, so it is kept as given.
+        failed = dict.fromkeys(CANONICAL_COLUMNS)
+        row_id = row.get("id")
+        failed["id"] = row_id if isinstance(row_id, str) else _id_or_repr(row_id)
+        field_name = row.get("_error_field") if isinstance(row.get("_error_field"), str) else "row"
+        return {**failed, **passthrough, "status": "error", "error": precomputed, "error_field": field_name}
     try:
         canonical = _canonical(row, rules)
     except RequestError as exc:

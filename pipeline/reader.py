@@ -37,7 +37,12 @@ def manifest_files(uri: str, storage_options: dict[str, Any] | None = None) -> t
     return fs, [path]
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, num_cpus: float = 0.25):
+def read_manifest(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    num_cpus: float = 0.25,
+    num_blocks: int | None = None,
+):
     """A Ray Dataset of the manifest rows, read through the URI's own filesystem."""
     import ray
 
@@ -45,15 +50,23 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None, num_c
     filesystem = PyFileSystem(FSSpecHandler(fs))
     kind = manifest_format(uri)
     # Reading is light; a whole CPU per read task would starve the actor pools on a small machine.
-    options = {"filesystem": filesystem, "num_cpus": num_cpus}
+    options = {"filesystem": filesystem, "num_cpus": num_cpus, "override_num_blocks": num_blocks}
     if kind == "json":
         return ray.data.read_json(files, **options)  # newline-delimited, via pyarrow.json
     if kind == "csv":
         return ray.data.read_csv(files, **options)
-    return ray.data.read_parquet(files, **options)
+    # Ray 2.60's default Parquet reader lists files in a separate task that always asks for a whole CPU;
+    # with the actor pools already holding the rest of a small machine that task never starts and the run
+    # hangs. The previous reader takes the task resources given here.
+    context = ray.data.DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, **options)
+    finally:
+        context.use_datasource_v2 = use_v2
 
 
-def iter_ids(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[list]:
+def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: str = "id") -> Iterator[list]:
     """The manifest's id column in chunks, for the driver's duplicate check; only that column is read."""
     fs, files = manifest_files(uri, storage_options)
     kind = manifest_format(uri)
@@ -61,15 +74,15 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None) -> Iterato
         with fs.open(path, "rb") as handle:
             if kind == "parquet":
                 parquet = pq.ParquetFile(handle)
-                if "id" not in parquet.schema_arrow.names:
-                    raise ValueError(f"manifest {uri!r} has no 'id' column")
-                for batch in parquet.iter_batches(columns=["id"], batch_size=65536):
+                if column not in parquet.schema_arrow.names:
+                    raise ValueError(f"manifest {uri!r} has no {column!r} column")
+                for batch in parquet.iter_batches(columns=[column], batch_size=65536):
                     yield batch.column(0).to_pylist()
             else:
                 table = _read_text_table(handle, kind)
-                if "id" not in table.column_names:
-                    raise ValueError(f"manifest {uri!r} has no 'id' column")
-                yield table.column("id").to_pylist()
+                if column not in table.column_names:
+                    raise ValueError(f"manifest {uri!r} has no {column!r} column")
+                yield table.column(column).to_pylist()
 
 
 def _read_text_table(handle: Any, kind: str) -> pa.Table:

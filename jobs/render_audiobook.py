@@ -1,0 +1,181 @@
+"""Render a books manifest into ACX-mastered chapter MP3s and one M4B per book.
+
+python -m jobs.render_audiobook books=examples/books.jsonl output=outputs/audiobooks
+python -m jobs.render_audiobook model=higgs_v2 runtime=cluster storage=s3 books=s3://b/books.parquet output=s3://b/ab
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from jobs.common import (
+    ConfigError,
+    checkpoint_spec,
+    init_ray,
+    redacted_yaml,
+    require,
+    run_output,
+    storage_options,
+)
+from jobs.generate_dataset import GENERATION_DEFAULTS
+from model.chunking import METHODS
+from model.engine import EngineOptions
+from pipeline.audiobook_job import AudiobookJob, run_audiobook_job
+from pipeline.book_stage import BookSettings, ChunkingSettings
+from pipeline.dataset_job import Resources
+from pipeline.manifest import ManifestRules
+from pipeline.master_stage import Mastering
+from pipeline.mastering import Pauses
+from pipeline.reader import iter_ids
+from pipeline.references import FetchPolicy
+
+# libmp3lame's constant bit rates; anything else is silently rounded by the encoder.
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+
+
+def _number(cfg: DictConfig, key: str, kind: type, low: float | None = None, optional: bool = False):
+    value = cfg.get(key)
+    if value is None and optional:
+        return None
+    try:
+        number = kind(value)
+        ok = not isinstance(value, bool) and (kind is float or float(value) == number)
+    except (TypeError, ValueError):
+        ok = False
+    require(ok, f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
+    require(low is None or number >= low, f"{key}={value!r} must be at least {low}")
+    return number
+
+
+def _policy(cfg: DictConfig, options: dict | None) -> FetchPolicy:
+    return FetchPolicy(
+        allowed_roots=tuple(str(Path(p).resolve()) for p in cfg.allowed_roots or ()),
+        allow_private_urls=bool(cfg.allow_private_urls),
+        timeout_s=float(cfg.fetch_timeout_s),
+        max_bytes=int(cfg.max_bytes),
+        storage_options=options,
+    )
+
+
+def build_job(cfg: DictConfig) -> AudiobookJob:
+    """Everything checked that can be checked before a model loads; errors say which key to change."""
+    options = storage_options(cfg)
+    try:
+        for _ in iter_ids(str(cfg.books), options, column="book_id"):
+            pass
+    except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
+        require(False, f"books={cfg.books!r}: {exc}")
+    gen = cfg.generation
+    try:
+        rules = ManifestRules(
+            voice_library=str(Path(cfg.voices.library).resolve()) if cfg.voices.library else None,
+            max_text_chars=int(gen.max_text_chars),
+            defaults={k: gen[k] for k in GENERATION_DEFAULTS},
+        )
+    except ValueError as exc:
+        require(False, f"generation: {exc}")
+
+    chunking = cfg.chunking
+    require(
+        chunking.method in METHODS,
+        f"chunking.method={chunking.method!r}; expected one of {', '.join(METHODS)}",
+    )
+    chunk_settings = ChunkingSettings(
+        method=str(chunking.method),
+        max_words=_number(chunking, "max_words", int, 1, optional=True),
+        max_turns=_number(chunking, "max_turns", int, 1),
+    )
+    pauses = Pauses(
+        **{
+            k: _number(cfg.pauses, k, float, 0.0)
+            for k in ("sentence_s", "paragraph_s", "chapter_head_s", "chapter_tail_s")
+        }
+    )
+    m = cfg.mastering
+    mastering = Mastering(
+        pauses=pauses,
+        target_rms_db=_number(m, "target_rms_db", float),
+        peak_ceiling_db=_number(m, "peak_ceiling_db", float),
+        noise_floor_db=_number(m, "noise_floor_db", float),
+        mp3_bitrate_kbps=_number(m, "mp3_bitrate_kbps", int),
+        m4b_bitrate_kbps=_number(m, "m4b_bitrate_kbps", int, 16),
+    )
+    require(
+        mastering.noise_floor_db < mastering.target_rms_db < mastering.peak_ceiling_db <= 0,
+        "mastering needs noise_floor_db < target_rms_db < peak_ceiling_db <= 0, got "
+        f"{mastering.noise_floor_db} / {mastering.target_rms_db} / {mastering.peak_ceiling_db}",
+    )
+    require(
+        mastering.mp3_bitrate_kbps in MP3_BITRATES,
+        f"mastering.mp3_bitrate_kbps={mastering.mp3_bitrate_kbps} is not an MP3 bit rate ({MP3_BITRATES})",
+    )
+
+    runtime = cfg.runtime
+    for key in ("actors", "batch_size", "cpu_stage_workers"):
+        require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
+    require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
+    return AudiobookJob(
+        books=str(cfg.books),
+        output=run_output(cfg),
+        checkpoint=checkpoint_spec(cfg.model, options),
+        book=BookSettings(
+            output="",  # the job fills in its own output
+            rules=rules,
+            voices=_policy(cfg.voices, options),
+            sources=_policy(cfg.sources, options),
+            chunking=chunk_settings,
+            max_book_words=_number(cfg, "max_book_words", int, 1),
+            base_dir=os.getcwd(),
+        ),
+        engine=EngineOptions(
+            max_batch_size=int(runtime.batch_size),
+            reference_cache_size=int(gen.engine.reference_cache_size),
+            max_reference_seconds=float(gen.engine.max_reference_seconds),
+            ras_enabled=bool(gen.engine.ras_enabled),
+        ),
+        mastering=mastering,
+        resources=Resources(
+            actors=int(runtime.actors),
+            gpus_per_actor=float(runtime.gpus_per_actor),
+            cpus_per_actor=float(runtime.cpus_per_actor),
+            batch_size=int(runtime.batch_size),
+            cpu_stage_workers=int(runtime.cpu_stage_workers),
+            cpu_stage_cpus=float(runtime.cpu_stage_cpus),
+        ),
+        buffer_size=_number(cfg, "buffer_size", int, 0, optional=True),
+        max_new_chunks=_number(cfg, "max_new_chunks", int, 1, optional=True),
+        storage_options=options,
+        config_yaml=redacted_yaml(cfg),
+    )
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="render_audiobook")
+def main(cfg: DictConfig) -> dict:
+    try:
+        job = build_job(cfg)
+    except ConfigError as exc:
+        # ConfigError exits with code 2, and SystemExit prints nothing for an int code: say why here.
+        print(exc.args[0], file=sys.stderr)
+        raise
+    init_ray(cfg.runtime)
+    summary = run_audiobook_job(job)
+    root = summary["output"].rstrip("/")
+    run = summary["this_run"]
+    print(
+        f"books this run: {run['books']} {run['by_status']}, {run['chapters']} chapters, "
+        f"{run['chunks_generated']} chunks generated ({run['chunks_resumed']} resumed), "
+        f"{run['audio_seconds']} s of audio"
+    )
+    print(f"books:    {root}/<book_id>/<book_id>.m4b, chapters/NNN.mp3, qc.csv")
+    print(f"metadata: {root}/metadata/books-*.parquet")
+    print(f"summary:  {root}/summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The dataset job end to end, in this process: manifest in, audio + metadata out, on a local Ray.
+
+Every run uses the tiny checkpoint (random weights, so its "speech" is noise) with short rows; what is
+checked is the product's contract: one metadata row per id, audio that decodes to the duration the
+metadata states, errors that name their field, and nothing written outside the output prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from model.checkpoint import CheckpointSpec
+from model.engine import EngineOptions
+from pipeline.dataset_job import DatasetJob, Resources, run_dataset_job
+from pipeline.manifest import ManifestRules
+from pipeline.references import FetchPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "hb-secret-7d41c0ffee"  # an S3 secret key that must never reach the output
+
+
+# ---- a local Ray for the module ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def text_row(i: int, **extra) -> dict:
+    return {"id": f"row-{i}", "text": f"Row {i} is read aloud.", "seed": i, "max_new_tokens": 30, **extra}
+
+
+def table_of(rows: list[dict]) -> pa.Table:
+    """Rows as one Arrow table; every row gets every column (from_pylist only looks at the first row's keys)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
+
+
+def voices_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "voices"
+    shutil.copytree(REPO / "examples" / "voices", folder)
+    return folder
+
+
+def make_job(manifest: str, output: str, checkpoint: str, **kw) -> DatasetJob:
+    return DatasetJob(
+        manifest=manifest,
+        output=output,
+        checkpoint=CheckpointSpec(source=checkpoint, device="cpu"),
+        engine=EngineOptions(max_batch_size=2),
+        resources=Resources(batch_size=2),
+        **kw,
+    )
+
+
+def read_metadata(fs, root: str) -> pa.Table:
+    """Every metadata part of an output as one table (passthrough columns may differ between parts)."""
+    parts = sorted(p for p in fs.find(f"{root}/metadata") if p.endswith(".parquet"))
+    assert parts, f"no metadata parts under {root}/metadata"
+    return pa.concat_tables(
+        [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts], promote_options="default"
+    )
+
+
+def by_id(table: pa.Table) -> dict[str, dict]:
+    rows = table.to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"ids written more than once: {sorted(ids)}"
+    return {r["id"]: r for r in rows}
+
+
+def assert_audio_matches_metadata(fs, root: str, row: dict) -> bytes:
+    """The row's audio decodes, at the stated sample rate, to the stated duration (within 1 ms)."""
+    assert row["status"] == "ok", row
+    data = fs.cat_file(f"{root}/{row['file_name']}")
+    audio, rate = sf.read(io.BytesIO(data))
+    assert rate == row["sample_rate"]
+    assert len(audio) > 0
+    assert abs(len(audio) / rate - row["duration_s"]) < 1e-3
+    return data
+
+
+def tmp_objects(fs, root: str) -> list[str]:
+    return [p for p in fs.find(f"{root}/_tmp")] if fs.exists(f"{root}/_tmp") else []
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+# ---- object storage ---------------------------------------------------------------------------------
+
+
+def test_s3_round_trip_writes_decodable_audio_metadata_and_a_redacted_config(
+    ray_local, tiny_checkpoint, s3_server, s3_bucket, monkeypatch
+) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from jobs.generate_dataset import build_job
+
+    options = {**s3_server.storage_options, "secret": SECRET}
+    fs = fsspec.filesystem("s3", **options)
+    rows = [text_row(i) for i in range(4)]
+    buffer = io.BytesIO()
+    pq.write_table(table_of(rows), buffer)
+    fs.pipe_file(f"{s3_bucket}/inputs/manifest.parquet", buffer.getvalue())
+
+    # The job as the CLI builds it: storage=s3 takes endpoint and credentials from the environment.
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(
+            config_name="generate_dataset",
+            overrides=[
+                "storage=s3",
+                f"manifest=s3://{s3_bucket}/inputs/manifest.parquet",
+                f"output=s3://{s3_bucket}/run",
+                f"model.source={tiny_checkpoint}",
+                "model.device=cpu",
+                "runtime.batch_size=2",
+            ],
+        )
+    job = build_job(cfg)
+    assert job.storage_options["secret"] == SECRET
+    summary = run_dataset_job(job)
+
+    root = f"{s3_bucket}/run"
+    assert summary["output"] == f"s3://{root}"
+    assert summary["this_run"]["by_status"] == {"ok": 4}
+    metadata = by_id(read_metadata(fs, root))
+    assert set(metadata) == {r["id"] for r in rows}
+    for row in metadata.values():
+        assert row["audio_uri"] == f"s3://{root}/{row['file_name']}"
+        assert_audio_matches_metadata(fs, root, row)
+
+    keys = {k[len(s3_bucket) + 1 :] for k in fs.find(s3_bucket)}
+    assert {"run/summary.json", "run/config.yaml", "run/metadata.parquet"} <= keys
+    assert json.loads(fs.cat_file(f"{root}/summary.json")) == summary
+    config = fs.cat_file(f"{root}/config.yaml").decode()
+    assert "secret: '***'" in config
+    assert SECRET not in config
+    assert pq.read_table(io.BytesIO(fs.cat_file(f"{root}/metadata.parquet"))).num_rows == 4
+    # Nothing outside the output prefix but the manifest, and no in-flight objects left behind.
+    assert {k for k in keys if not k.startswith("run/")} == {"inputs/manifest.parquet"}
+    assert not [k for k in keys if k.startswith("run/_tmp/")]
+
+
+# ---- bad rows ---------------------------------------------------------------------------------------
+
+
+def test_invalid_rows_become_error_rows_naming_their_field_while_good_rows_finish(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    voices = voices_copy(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(voices / "en_man.wav", outside / "clip.wav")
+    nan = float("nan")
+    rows = [
+        text_row(0),
+        text_row(1, voice="belinda"),
+        text_row(2, references=[{"audio": str(voices / "en_man.wav"), "transcript": "Hello there."}]),
+        text_row(3, id="../escape"),
+        text_row(4, id="empty-text", text=""),
+        text_row(5, id="nan-temperature", temperature=nan),
+        text_row(6, id="unknown-voice", voice="nobody"),
+        text_row(
+            7, id="outside-roots", references=[{"audio": str(outside / "clip.wav"), "transcript": "Hi."}]
+        ),
+        text_row(8, id="twice"),
+        text_row(9, id="twice"),
+    ]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(table_of(rows), manifest)
+    before = files_under(tmp_path)
+    out = tmp_path / "out"
+
+    summary = run_dataset_job(
+        make_job(
+            str(manifest),
+            str(out),
+            tiny_checkpoint,
+            rules=ManifestRules(voice_library=str(voices)),
+            fetch=FetchPolicy(allowed_roots=(str(voices),)),
+        )
+    )
+
+    fs = fsspec.filesystem("file")
+    metadata = by_id(read_metadata(fs, str(out)))
+    expected_errors = {
+        repr("../escape"): "id",
+        "empty-text": "text",
+        "nan-temperature": "temperature",
+        "unknown-voice": "voice",
+        "outside-roots": "references[0].audio",
+        "twice": "id",
+    }
+    assert set(metadata) == {"row-0", "row-1", "row-2", *expected_errors}
+    for good in ("row-0", "row-1", "row-2"):
+        assert_audio_matches_metadata(fs, str(out), metadata[good])
+    for row_id, field in expected_errors.items():
+        row = metadata[row_id]
+        assert row["status"] == "error"
+        assert row["error_field"] == field
+        assert row["error"].startswith(field), row["error"]
+        assert row["file_name"] is None and row["audio_uri"] is None and row["duration_s"] is None
+    assert "path separator" in metadata[repr("../escape")]["error"]
+    assert "NaN" in metadata["nan-temperature"]["error"]
+    assert "unknown voice 'nobody'" in metadata["unknown-voice"]["error"]
+    assert "duplicate id at manifest rows [8, 9]" in metadata["twice"]["error"]
+
+    audio = sorted(p.name for p in (out / "audio").iterdir())
+    assert audio == ["row-0.wav", "row-1.wav", "row-2.wav"]
+    assert summary["output_totals"]["by_status"] == {"ok": 3, "error": 6}
+    assert summary["this_run"]["by_status"] == {"ok": 3, "error": 6}
+    assert summary["audiofolder_rows"] == 3
+    # The traversal id wrote nothing anywhere; every new file is under the output folder.
+    assert all(out in p.parents for p in files_under(tmp_path) - before)
+    assert not tmp_objects(fs, str(out))
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+
+
+def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    fs = fsspec.filesystem("file")
+
+    first = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    assert first["this_run"]["by_status"] == {"ok": 4}
+    assert first["this_run"]["audio_seconds"] > 0
+    parts = sorted((out / "metadata").iterdir())
+    audio = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "audio").iterdir()}
+    assert len(audio) == 4
+
+    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    assert second["skipped_as_finished"] == 4
+    assert second["this_run"]["rows"] == 0
+    assert second["this_run"]["audio_seconds"] == 0
+    assert second["output_totals"] == first["output_totals"]
+    assert sorted((out / "metadata").iterdir()) == parts
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "audio").iterdir()} == audio
+
+    metadata = by_id(read_metadata(fs, str(out)))
+    assert sorted(metadata) == [f"row-{i}" for i in range(4)]
+    for row in metadata.values():
+        assert_audio_matches_metadata(fs, str(out), row)
+    assert json.loads((out / "summary.json").read_text())["run_id"] == second["run_id"]
+    assert not tmp_objects(fs, str(out))

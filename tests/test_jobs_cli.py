@@ -1,0 +1,349 @@
+"""`python -m jobs.generate_dataset` as a user runs it: the Hydra CLI, sweeps, a killed driver, Ray Jobs.
+
+Each run is a subprocess with its own local Ray (runtime.address=local, so a cluster someone started on
+this machine is never joined), working in a folder under tmp_path: Hydra's own files land there, and the
+default model=tiny finds its checkpoint there as a link to the session's tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, tiny_checkpoint: str) -> Path:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "tiny-higgs-v2").symlink_to(tiny_checkpoint)
+    return tmp_path
+
+
+def generate_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.generate_dataset", *overrides, "runtime.address=local"]
+
+
+def generate(workdir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        generate_command(*overrides),
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def text_rows(n: int, **extra) -> list[dict]:
+    return [{"id": f"row-{i:02d}", "text": f"Row {i} is read aloud.", **extra} for i in range(n)]
+
+
+def metadata_parts(out: Path) -> list[Path]:
+    folder = out / "metadata"
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def read_metadata(out: Path) -> pa.Table:
+    parts = metadata_parts(out)
+    assert parts, f"no metadata parts under {out}/metadata"
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+
+
+def by_id(table: pa.Table) -> dict[str, dict]:
+    rows = table.to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"ids written more than once: {sorted(ids)}"
+    return {r["id"]: r for r in rows}
+
+
+def assert_audio_matches_metadata(out: Path, row: dict) -> bytes:
+    """The row's audio decodes, at the stated sample rate, to the stated duration (within 1 ms)."""
+    assert row["status"] == "ok", row
+    data = (out / row["file_name"]).read_bytes()
+    audio, rate = sf.read(io.BytesIO(data))
+    assert rate == row["sample_rate"]
+    assert len(audio) > 0
+    assert abs(len(audio) / rate - row["duration_s"]) < 1e-3
+    return data
+
+
+def assert_complete_output(out: Path, ids: list[str]) -> dict[str, dict]:
+    metadata = by_id(read_metadata(out))
+    assert sorted(metadata) == sorted(ids)
+    for row in metadata.values():
+        assert_audio_matches_metadata(out, row)
+    assert pq.read_table(out / "metadata.parquet").num_rows == len(ids)
+    return metadata
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # fields from "state" on; comm may hold spaces
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def process_tree(roots: set[int]) -> set[int]:
+    """The roots and all their descendants, from /proc (no psutil in this environment)."""
+    children: dict[int, set[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
+            children.setdefault(int(fields[1]), set()).add(int(entry.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def group_members(pgid: int) -> set[int]:
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and int(fields[2]) == pgid:
+            members.add(int(entry.name))
+    return members
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def kill_all(pids: set[int]) -> None:
+    """SIGTERM, then SIGKILL what is left: only pids this test started (its subprocess trees)."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        pids = wait_gone(pids, grace)
+        if not pids:
+            return
+
+
+# ---- a killed driver --------------------------------------------------------------------------------
+
+
+def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir: Path) -> None:
+    # Two rows per batch: each batch is one metadata part, written as soon as it is synthesised.
+    ids = [f"row-{i:02d}" for i in range(12)]
+    manifest = write_manifest(workdir / "manifest.jsonl", text_rows(12, max_new_tokens=120))
+    out = workdir / "out"
+    command = generate_command(f"manifest={manifest}", f"output={out}", "runtime.batch_size=2")
+    log = (workdir / "killed.log").open("w")
+    # A session of its own, so the driver and the Ray it started (GCS, raylet) die together.
+    driver = subprocess.Popen(
+        command, cwd=workdir, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not metadata_parts(out):
+            assert driver.poll() is None, "the run ended before it wrote any metadata part"
+            assert time.monotonic() < deadline, "no metadata part within 240 s"
+            time.sleep(0.05)
+        ray_processes = process_tree({driver.pid})
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        log.close()
+    assert driver.returncode == -signal.SIGKILL
+    # Ray's workers sit in process groups of their own, but exit once their raylet is gone.
+    left = wait_gone(ray_processes, timeout=60)
+    kill_all(left)
+    assert not left, f"processes of the killed run still alive: {sorted(left)}"
+
+    killed = by_id(read_metadata(out))
+    assert 0 < len(killed) < len(ids), "the kill did not land half-way"
+    assert all(row["status"] == "ok" for row in killed.values())
+
+    rerun = subprocess.run(command, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_as_finished"] == len(killed)
+    assert summary["this_run"]["by_status"] == {"ok": len(ids) - len(killed)}
+    assert summary["output_totals"]["by_status"] == {"ok": len(ids)}
+    assert len(metadata_parts(out)) >= 2
+    assert_complete_output(out, ids)
+
+
+# ---- sweeps -----------------------------------------------------------------------------------------
+
+
+def test_a_multirun_over_two_seeds_writes_one_complete_output_per_seed(workdir: Path) -> None:
+    ids = [f"row-{i:02d}" for i in range(4)]
+    # No seed in the rows: generation.seed is the default each row takes.
+    manifest = write_manifest(workdir / "manifest.jsonl", text_rows(4, max_new_tokens=40))
+    sweep = workdir / "sweep"
+
+    proc = generate(workdir, "--multirun", "generation.seed=1,2", f"output={sweep}", f"manifest={manifest}")
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outputs = {seed: sweep / f"generation.seed={seed}" for seed in (1, 2)}
+    assert sorted(p.name for p in sweep.iterdir()) == sorted(p.name for p in outputs.values())
+    audio = {}
+    for seed, out in outputs.items():
+        metadata = assert_complete_output(out, ids)
+        assert {row["seed"] for row in metadata.values()} == {seed}
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["output"] == f"file://{out}"
+        assert summary["this_run"]["by_status"] == {"ok": len(ids)}
+        assert f"seed: {seed}\n" in (out / "config.yaml").read_text()
+        audio[seed] = {row_id: (out / row["file_name"]).read_bytes() for row_id, row in metadata.items()}
+    # The tiny checkpoint's random codec all but ignores its codes (its waveforms differ by ~1e-9, below
+    # 16-bit PCM), so a row's audio changes with the seed where the seed changes its length.
+    assert [i for i in ids if audio[1][i] != audio[2][i]]
+
+
+# ---- Ray Jobs ---------------------------------------------------------------------------------------
+
+
+def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
+    tmp_path: Path, tiny_checkpoint: str
+) -> None:
+    ids = [f"row-{i:02d}" for i in range(4)]
+    manifest = write_manifest(tmp_path / "manifest.jsonl", text_rows(4, seed=7, max_new_tokens=30))
+    out = tmp_path / "out"
+    dashboard = free_port()
+    # A temp dir of its own (short: Ray's socket paths must fit in 107 bytes) keeps this head out of
+    # /tmp/ray/ray_current_cluster, so no other local ray.init() on this machine joins it.
+    temp_dir = tempfile.mkdtemp(prefix="hb-ray-", dir="/tmp")
+    head = [
+        str(RAY),
+        "start",
+        "--head",
+        f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
+    # `ray stop` would stop every Ray on this machine; the head's processes are found by their process
+    # group (the session `ray start` ran in) and their descendants instead, and only those are stopped.
+    start = subprocess.Popen(
+        head,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        started_log, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, started_log[-3000:]
+        submit = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jobs.submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--timeout-s",
+                "240",
+                "--",
+                f"manifest={manifest}",
+                f"output={out}",
+                f"model.source={tiny_checkpoint}",
+                "runtime.batch_size=2",
+            ],
+            cwd=REPO,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+        kill_all(process_tree(group_members(start.pid)))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
+    assert "SUCCEEDED" in submit.stdout
+    metadata = assert_complete_output(out, ids)
+    assert {row["status"] for row in metadata.values()} == {"ok"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"]["by_status"] == {"ok": len(ids)}
+    assert summary["checkpoint"] == str(Path(tiny_checkpoint).resolve())
+
+
+# ---- bad configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("manifest={tmp}/missing.jsonl", "manifest="), ("runtime.actors=0", "runtime.actors")],
+    ids=["missing-manifest", "zero-actors"],
+)
+def test_a_bad_configuration_exits_2_naming_the_key_before_any_model_loads(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    manifest = write_manifest(tmp_path / "manifest.jsonl", text_rows(2, max_new_tokens=20))
+    never_built = tmp_path / "never-built"  # model=tiny builds its checkpoint here on first use
+    out = tmp_path / "out"
+    overrides = [f"manifest={manifest}", override.format(tmp=tmp_path), f"output={out}"]
+    started = time.monotonic()
+    proc = generate(tmp_path, *overrides, f"model.source={never_built}", timeout=60)
+    elapsed = time.monotonic() - started
+
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "configuration error" in proc.stderr
+    assert named in proc.stderr
+    assert not never_built.exists()
+    assert not out.exists()
+    assert "Started a local Ray instance" not in proc.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s"
