@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from model.checkpoint import CheckpointSpec, is_remote_uri
 from pipeline.secrets import redact
+
+T = TypeVar("T")
 
 
 class ConfigError(SystemExit):
@@ -23,6 +28,16 @@ class ConfigError(SystemExit):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def checked(build: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run a job's config checks; on a ConfigError say why on stderr (SystemExit prints nothing for an
+    integer code) and exit with status 2."""
+    try:
+        return build(cfg)
+    except ConfigError as exc:
+        print(exc.args[0], file=sys.stderr)
+        raise
 
 
 def checkpoint_spec(model: DictConfig, storage_options: dict | None) -> CheckpointSpec:

@@ -10,13 +10,12 @@ python -m jobs.regenerate_eval scoring.enabled=true sample_rate=16000 ...   # WE
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from jobs.common import ConfigError, init_ray, require, run_output, storage_options
+from jobs.common import checked, init_ray, require, run_output, storage_options
 from jobs.generate_dataset import build_job
 from pipeline.eval_job import EMERGENT, EVAL_SETS, MANIFEST, SEEDTTS, EvalJob, prepare_inputs, run_eval_job
 from pipeline.eval_scoring import ScoringOptions, format_scores
@@ -95,12 +94,7 @@ def _scoring(cfg: DictConfig) -> ScoringOptions:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="regenerate_eval")
 def main(cfg: DictConfig) -> dict:
-    try:
-        job = build_eval_job(cfg)
-    except ConfigError as exc:
-        # SystemExit prints nothing for an integer code, so say why before exiting with 2.
-        print(exc.args[0], file=sys.stderr)
-        raise
+    job = checked(build_eval_job, cfg)
     init_ray(cfg.runtime)
     summary = run_eval_job(job)
     root = summary["output"].rstrip("/")

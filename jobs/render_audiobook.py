@@ -7,14 +7,13 @@ python -m jobs.render_audiobook model=higgs_v2 runtime=cluster storage=s3 books=
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from jobs.common import (
-    ConfigError,
+    checked,
     checkpoint_spec,
     init_ray,
     redacted_yaml,
@@ -156,12 +155,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="render_audiobook")
 def main(cfg: DictConfig) -> dict:
-    try:
-        job = build_job(cfg)
-    except ConfigError as exc:
-        # ConfigError exits with code 2, and SystemExit prints nothing for an int code: say why here.
-        print(exc.args[0], file=sys.stderr)
-        raise
+    job = checked(build_job, cfg)
     init_ray(cfg.runtime)
     summary = run_audiobook_job(job)
     root = summary["output"].rstrip("/")

@@ -40,6 +40,8 @@ from pipeline.stages import (
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
+# Past this, blocks hold several synthesis batches: per-block scheduling would cost more than it saves.
+MAX_BLOCKS = 20_000
 
 
 @dataclass
@@ -134,7 +136,7 @@ def run_dataset_job(job: DatasetJob) -> dict:
     # Blocks of one synthesis batch each, kept through the CPU stages (batch_size=None: a block per call):
     # batches then spread over all actors, and each batch's audio and metadata part is written as soon
     # as it is synthesised, so a killed run loses at most the batches in flight.
-    blocks = max(1, math.ceil(num_rows / res.batch_size))
+    blocks = min(MAX_BLOCKS, max(1, math.ceil(num_rows / res.batch_size)))
     ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
         ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
