@@ -112,3 +112,59 @@ def run_output(cfg: DictConfig) -> str:
         name = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"
         return output.rstrip("/") + "/" + name.replace("/", "_").replace(",", "_")
     return output
+
+
+GENERATION_DEFAULTS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "ras_win_len",
+    "ras_win_max_num_repeat",
+    "seed",
+)
+
+
+def manifest_rules(cfg: DictConfig, **extra):
+    """The row rules every job validates its requests with, from `voices.library` and `generation.*`."""
+    from pipeline.manifest import ManifestRules
+
+    gen = cfg.generation
+    try:
+        return ManifestRules(
+            voice_library=str(Path(cfg.voices.library).resolve()) if cfg.voices.library else None,
+            max_text_chars=int(gen.max_text_chars),
+            defaults={k: gen[k] for k in GENERATION_DEFAULTS},
+            **extra,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"generation: {exc}") from exc
+
+
+def engine_options(cfg: DictConfig):
+    from model.engine import EngineOptions
+
+    engine = cfg.generation.engine
+    return EngineOptions(
+        max_batch_size=int(cfg.runtime.batch_size),
+        reference_cache_size=int(engine.reference_cache_size),
+        max_reference_seconds=float(engine.max_reference_seconds),
+        ras_enabled=bool(engine.ras_enabled),
+    )
+
+
+def resources(runtime: DictConfig):
+    """How the graph spreads over the cluster, checked: counts at least 1, GPUs not negative."""
+    from pipeline.dataset_job import Resources
+
+    for key in ("actors", "batch_size", "cpu_stage_workers"):
+        require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
+    require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
+    return Resources(
+        actors=int(runtime.actors),
+        gpus_per_actor=float(runtime.gpus_per_actor),
+        cpus_per_actor=float(runtime.cpus_per_actor),
+        batch_size=int(runtime.batch_size),
+        cpu_stage_workers=int(runtime.cpu_stage_workers),
+        cpu_stage_cpus=float(runtime.cpu_stage_cpus),
+    )

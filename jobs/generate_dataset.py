@@ -15,27 +15,18 @@ from omegaconf import DictConfig
 from jobs.common import (
     checked,
     checkpoint_spec,
+    engine_options,
     init_ray,
+    manifest_rules,
     redacted_yaml,
     require,
+    resources,
     run_output,
     storage_options,
 )
-from model.engine import EngineOptions
-from pipeline.dataset_job import DatasetJob, Resources, run_dataset_job
-from pipeline.manifest import ManifestRules
+from pipeline.dataset_job import DatasetJob, run_dataset_job
 from pipeline.reader import manifest_files
 from pipeline.references import FetchPolicy
-
-GENERATION_DEFAULTS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_new_tokens",
-    "ras_win_len",
-    "ras_win_max_num_repeat",
-    "seed",
-)
 
 
 def build_job(cfg: DictConfig) -> DatasetJob:
@@ -45,31 +36,14 @@ def build_job(cfg: DictConfig) -> DatasetJob:
         manifest_files(str(cfg.manifest), options)
     except (FileNotFoundError, ValueError) as exc:
         require(False, f"manifest={cfg.manifest!r}: {exc}")
-    gen = cfg.generation
-    try:
-        rules = ManifestRules(
-            voice_library=str(Path(cfg.voices.library).resolve()) if cfg.voices.library else None,
-            max_text_chars=int(gen.max_text_chars),
-            default_response_format=str(gen.response_format),
-            defaults={k: gen[k] for k in GENERATION_DEFAULTS},
-        )
-    except ValueError as exc:
-        require(False, f"generation: {exc}")
-    runtime = cfg.runtime
-    for key in ("actors", "batch_size", "cpu_stage_workers"):
-        require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
-    require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
+    rules = manifest_rules(cfg, default_response_format=str(cfg.generation.response_format))
+    res = resources(cfg.runtime)
     roots = tuple(str(Path(p).resolve()) for p in cfg.voices.allowed_roots or ())
     return DatasetJob(
         manifest=str(cfg.manifest),
         output=run_output(cfg),
         checkpoint=checkpoint_spec(cfg.model, options),
-        engine=EngineOptions(
-            max_batch_size=int(runtime.batch_size),
-            reference_cache_size=int(gen.engine.reference_cache_size),
-            max_reference_seconds=float(gen.engine.max_reference_seconds),
-            ras_enabled=bool(gen.engine.ras_enabled),
-        ),
+        engine=engine_options(cfg),
         rules=rules,
         fetch=FetchPolicy(
             allowed_roots=roots,
@@ -78,14 +52,7 @@ def build_job(cfg: DictConfig) -> DatasetJob:
             max_bytes=int(cfg.voices.max_bytes),
             storage_options=options,
         ),
-        resources=Resources(
-            actors=int(runtime.actors),
-            gpus_per_actor=float(runtime.gpus_per_actor),
-            cpus_per_actor=float(runtime.cpus_per_actor),
-            batch_size=int(runtime.batch_size),
-            cpu_stage_workers=int(runtime.cpu_stage_workers),
-            cpu_stage_cpus=float(runtime.cpu_stage_cpus),
-        ),
+        resources=res,
         storage_options=options,
         retry_errors=bool(cfg.retry_errors),
         config_yaml=redacted_yaml(cfg),

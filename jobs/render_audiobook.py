@@ -15,19 +15,18 @@ from omegaconf import DictConfig
 from jobs.common import (
     checked,
     checkpoint_spec,
+    engine_options,
     init_ray,
+    manifest_rules,
     redacted_yaml,
     require,
+    resources,
     run_output,
     storage_options,
 )
-from jobs.generate_dataset import GENERATION_DEFAULTS
 from model.chunking import METHODS
-from model.engine import EngineOptions
 from pipeline.audiobook_job import AudiobookJob, run_audiobook_job
 from pipeline.book_stage import BookSettings, ChunkingSettings
-from pipeline.dataset_job import Resources
-from pipeline.manifest import ManifestRules
 from pipeline.master_stage import Mastering
 from pipeline.mastering import Pauses
 from pipeline.reader import iter_ids
@@ -69,15 +68,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
             pass
     except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
         require(False, f"books={cfg.books!r}: {exc}")
-    gen = cfg.generation
-    try:
-        rules = ManifestRules(
-            voice_library=str(Path(cfg.voices.library).resolve()) if cfg.voices.library else None,
-            max_text_chars=int(gen.max_text_chars),
-            defaults={k: gen[k] for k in GENERATION_DEFAULTS},
-        )
-    except ValueError as exc:
-        require(False, f"generation: {exc}")
+    rules = manifest_rules(cfg)
 
     chunking = cfg.chunking
     require(
@@ -114,10 +105,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
         f"mastering.mp3_bitrate_kbps={mastering.mp3_bitrate_kbps} is not an MP3 bit rate ({MP3_BITRATES})",
     )
 
-    runtime = cfg.runtime
-    for key in ("actors", "batch_size", "cpu_stage_workers"):
-        require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
-    require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
+    res = resources(cfg.runtime)
     return AudiobookJob(
         books=str(cfg.books),
         output=run_output(cfg),
@@ -131,21 +119,9 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
             max_book_words=_number(cfg, "max_book_words", int, 1),
             base_dir=os.getcwd(),
         ),
-        engine=EngineOptions(
-            max_batch_size=int(runtime.batch_size),
-            reference_cache_size=int(gen.engine.reference_cache_size),
-            max_reference_seconds=float(gen.engine.max_reference_seconds),
-            ras_enabled=bool(gen.engine.ras_enabled),
-        ),
+        engine=engine_options(cfg),
         mastering=mastering,
-        resources=Resources(
-            actors=int(runtime.actors),
-            gpus_per_actor=float(runtime.gpus_per_actor),
-            cpus_per_actor=float(runtime.cpus_per_actor),
-            batch_size=int(runtime.batch_size),
-            cpu_stage_workers=int(runtime.cpu_stage_workers),
-            cpu_stage_cpus=float(runtime.cpu_stage_cpus),
-        ),
+        resources=res,
         buffer_size=_number(cfg, "buffer_size", int, 0, optional=True),
         max_new_chunks=_number(cfg, "max_new_chunks", int, 1, optional=True),
         storage_options=options,
