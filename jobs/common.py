@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from model.checkpoint import CheckpointSpec, is_remote_uri
+from model.options import CheckpointSpec, is_remote_uri
 from pipeline.secrets import redact
 
 T = TypeVar("T")
@@ -142,7 +142,7 @@ def manifest_rules(cfg: DictConfig, **extra):
 
 
 def engine_options(cfg: DictConfig):
-    from model.engine import EngineOptions
+    from model.options import EngineOptions
 
     engine = cfg.generation.engine
     return EngineOptions(

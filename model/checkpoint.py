@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# The transformers-format release: generation model with its processor, and the audio tokenizer.
-DEFAULT_MODEL_ID = "eustlb/higgs-audio-v2-generation-3B-base"
-DEFAULT_AUDIO_TOKENIZER_ID = "eustlb/higgs-audio-v2-tokenizer"
-AUDIO_TOKENIZER_SUBFOLDER = "audio_tokenizer"
-DEFAULT_CACHE_DIR = Path(os.environ.get("HIGGS_BATCH_CACHE", Path.home() / ".cache" / "higgs-batch"))
-
-
-@dataclass(frozen=True)
-class CheckpointSpec:
-    source: str = DEFAULT_MODEL_ID
-    # None: the folder's own audio_tokenizer/ if present, else what processor_config.json names.
-    audio_tokenizer: str | None = None
-    device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
-    attn_implementation: str | None = None  # None: transformers' default (sdpa)
-    cache_dir: str | None = None
-    storage_options: dict | None = None
+from model.options import (
+    AUDIO_TOKENIZER_SUBFOLDER,
+    DEFAULT_AUDIO_TOKENIZER_ID,
+    DEFAULT_CACHE_DIR,
+    CheckpointSpec,
+    is_remote_uri,
+)
 
 
 @dataclass
@@ -60,10 +49,6 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
             f"model.dtype={dtype!r} is not a torch floating dtype; use bfloat16, float16 or float32"
         )
     return resolved
-
-
-def is_remote_uri(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
 
 
 def materialize(source: str, cache_dir: str | Path | None = None, storage_options: dict | None = None) -> str:

@@ -18,8 +18,9 @@ import torch
 from transformers import DynamicCache
 
 from model.batch_state import BatchState
-from model.checkpoint import CheckpointSpec, LoadedCheckpoint, load_checkpoint
+from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.lru import LRUCache
+from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, render
 from model.reference_audio import content_hash, decode_reference
 from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
@@ -42,24 +43,6 @@ def fitting_batch_size(
     activations, logits and the codec."""
     per_row = kv_bytes_per_token(config, dtype) * context_tokens
     return max(1, min(cap, int(free_bytes * (1 - headroom)) // per_row))
-
-
-@dataclass
-class EngineOptions:
-    # 0 picks the largest batch that fits in free GPU memory (see fitting_batch_size); 16 on CPU.
-    max_batch_size: int = 16
-    reference_cache_size: int = 256
-    max_reference_seconds: float = 60.0
-    ras_enabled: bool = True
-    # Benchmarks generate a fixed number of frames: stream-eos is never chosen, rows run to max_new_tokens.
-    ignore_eos: bool = False
-    # Waiting rows join a running batch as others finish (continuous batching); off = static batches.
-    refill: bool = True
-    # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
-    max_padding_waste: float = 0.15
-    # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU
-    # on CPU so the split-and-retry path can be tested.
-    max_frames_per_batch: int = 0
 
 
 @dataclass

@@ -68,17 +68,22 @@ def _sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
     """Draw from (B, C, V) logits with per-row temperature, then top-k, then top-p (transformers' warper
-    order), by inverse CDF with (B, C) uniforms. One stable sort serves the filters and the draw."""
+    order), by inverse CDF with (B, C) uniforms. One sort serves the filters and the draw: when every row
+    has a top-k, only the largest k are sorted (topk), which is most of a decode step's sampling cost."""
     scores = logits / temperature.clamp(min=1e-5)[:, None, None]
-    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
     vocab = scores.shape[-1]
-    ranks = torch.arange(vocab, device=scores.device)[None, None, :]
+    widest = vocab if bool((top_k <= 0).any()) else min(vocab, int(top_k.max().item()))
+    if widest < vocab:
+        sorted_scores, order = scores.topk(widest, dim=-1, largest=True, sorted=True)
+    else:
+        sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(widest, device=scores.device)[None, None, :]
     drop = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None, None]
     probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(dim=-1)
     drop = drop | ((probs.cumsum(dim=-1) - probs >= top_p[:, None, None]) & (ranks > 0))
     cdf = probs.masked_fill(drop, 0.0).cumsum(dim=-1)
     target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()
-    pos = torch.searchsorted(cdf.contiguous(), target).clamp(max=vocab - 1)
+    pos = torch.searchsorted(cdf.contiguous(), target).clamp(max=widest - 1)
     return order.gather(-1, pos).squeeze(-1)
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointSpec
-from model.engine import EngineOptions
+from model.options import CheckpointSpec, EngineOptions
 from pipeline.book_layout import m4b_key, qc_key
 from pipeline.book_metadata import (
     book_record,

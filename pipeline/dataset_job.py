@@ -18,8 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from model.checkpoint import CheckpointSpec
-from model.engine import EngineOptions
+from model.options import CheckpointSpec, EngineOptions
 from model.requests import RequestError
 from pipeline.manifest import ManifestRules
 from pipeline.metadata import finished_ids, totals, write_audiofolder_index
@@ -40,8 +39,9 @@ from pipeline.stages import (
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
-# Past this, blocks hold several synthesis batches: per-block scheduling would cost more than it saves.
-MAX_BLOCKS = 20_000
+# Rows per block at least this many once a manifest is large: a Ray block costs scheduling, driver memory
+# and one metadata part, which dominate below ~128 rows (scripts/bench_pipeline.py).
+MIN_BLOCK_ROWS = 128
 
 
 @dataclass
@@ -71,6 +71,10 @@ class DatasetJob:
     config_yaml: str | None = None  # the resolved config, secrets already redacted
     audio_key: str = AUDIO_DIR + "/{id}.{ext}"
     sample_rate: int | None = None  # output sample rate; None keeps the codec's 24 kHz
+    # Object-store calls (driver and writers) are tried this many times, waiting backoff_s, 2x, 4x, ...
+    # (at most 10 s) in between, before the run fails; local disks are tried once.
+    storage_retries: int = 5
+    storage_backoff_s: float = 0.2
 
 
 def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
@@ -118,7 +122,9 @@ def run_dataset_job(job: DatasetJob) -> dict:
     import ray
 
     started = time.time()
-    storage = Storage(job.output, job.storage_options)
+    storage = Storage(
+        job.output, job.storage_options, retries=job.storage_retries, backoff_s=job.storage_backoff_s
+    )
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
     duplicates, num_rows = duplicate_ids(job)
@@ -133,10 +139,12 @@ def run_dataset_job(job: DatasetJob) -> dict:
         "num_cpus": res.cpu_stage_cpus,
     }
 
-    # Blocks of one synthesis batch each, kept through the CPU stages (batch_size=None: a block per call):
-    # batches then spread over all actors, and each batch's audio and metadata part is written as soon
-    # as it is synthesised, so a killed run loses at most the batches in flight.
-    blocks = min(MAX_BLOCKS, max(1, math.ceil(num_rows / res.batch_size)))
+    # Small blocks, kept through the CPU stages (batch_size=None: a block per call), spread batches over
+    # all actors and get each block's audio and metadata part written as soon as it is synthesised, so a
+    # killed run loses at most the blocks in flight. Small manifests get one synthesis batch per block;
+    # large ones MIN_BLOCK_ROWS rows, enough blocks still to keep every actor fed.
+    per_batch = math.ceil(num_rows / res.batch_size)
+    blocks = max(1, min(per_batch, max(4 * res.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
     ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
         ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
@@ -157,6 +165,8 @@ def run_dataset_job(job: DatasetJob) -> dict:
         checkpoint=job.checkpoint.source,
         audio_key=job.audio_key,
         sample_rate=job.sample_rate,
+        retries=job.storage_retries,
+        backoff_s=job.storage_backoff_s,
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"settings": write}, **cpu_stage)
 
@@ -166,6 +176,10 @@ def run_dataset_job(job: DatasetJob) -> dict:
         run_counts.update(batch.column("status").to_pylist())
         run_audio_s += sum(batch.column("duration_s").to_pylist())
     wall = time.time() - started
+    # Every write of this run has finished; what is left in flight was left by a killed or failed run.
+    leftovers = storage.clear_tmp()
+    if leftovers:
+        log.info("removed %d in-flight objects left by an earlier run", leftovers)
 
     summary = {
         "run_id": write.run_id,

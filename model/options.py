@@ -1,0 +1,51 @@
+"""What a run asks of the model side, as plain data: which checkpoint, and how the engine batches.
+
+Kept free of torch so the Ray driver and the Hydra jobs can build them without loading torch; only the
+synthesis actors, which load the model, import model.checkpoint and model.engine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# The transformers-format release: generation model with its processor, and the audio tokenizer.
+DEFAULT_MODEL_ID = "eustlb/higgs-audio-v2-generation-3B-base"
+DEFAULT_AUDIO_TOKENIZER_ID = "eustlb/higgs-audio-v2-tokenizer"
+AUDIO_TOKENIZER_SUBFOLDER = "audio_tokenizer"
+DEFAULT_CACHE_DIR = Path(os.environ.get("HIGGS_BATCH_CACHE", Path.home() / ".cache" / "higgs-batch"))
+
+
+def is_remote_uri(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    source: str = DEFAULT_MODEL_ID
+    # None: the folder's own audio_tokenizer/ if present, else what processor_config.json names.
+    audio_tokenizer: str | None = None
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    cache_dir: str | None = None
+    storage_options: dict | None = None
+
+
+@dataclass
+class EngineOptions:
+    # 0 picks the largest batch that fits in free GPU memory (see engine.fitting_batch_size); 16 on CPU.
+    max_batch_size: int = 16
+    reference_cache_size: int = 256
+    max_reference_seconds: float = 60.0
+    ras_enabled: bool = True
+    # Benchmarks generate a fixed number of frames: stream-eos is never chosen, rows run to max_new_tokens.
+    ignore_eos: bool = False
+    # Waiting rows join a running batch as others finish (continuous batching); off = static batches.
+    refill: bool = True
+    # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
+    max_padding_waste: float = 0.15
+    # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU
+    # on CPU so the split-and-retry path can be tested.
+    max_frames_per_batch: int = 0
