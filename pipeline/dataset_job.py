@@ -54,7 +54,6 @@ class Resources:
     batch_size: int = 16  # rows per engine call
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
-    cpu_batch_size: int = 64  # unused: the CPU stages take one block (one synthesis batch) per call
 
 
 @dataclass

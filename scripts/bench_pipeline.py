@@ -294,7 +294,6 @@ def job_for(args, manifest: Path, output: Path, checkpoint: str, rules=None):
             cpus_per_actor=args.actor_cpus,
             batch_size=args.batch_size,
             cpu_stage_cpus=args.cpu_stage_cpus,
-            cpu_batch_size=args.cpu_batch_size,
         ),
     )
 
@@ -744,7 +743,6 @@ def parse_args() -> argparse.Namespace:
         help="Resources.cpus_per_actor; default 1, lowered only if the reader's ListFiles task would not fit",
     )
     parser.add_argument("--cpu-stage-cpus", type=float, default=0.2, help="Resources.cpu_stage_cpus")
-    parser.add_argument("--cpu-batch-size", type=int, default=64, help="Resources.cpu_batch_size")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     parser.add_argument("--repeats", type=int, default=1, help="engine/pipeline runs, alternating; best kept")
     parser.add_argument("--profile-rows", type=int, default=64, help="rows for the stage profile (0: off)")
