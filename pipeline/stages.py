@@ -169,6 +169,8 @@ class WriteSettings:
     # Where a row's audio goes, relative to the output; evaluation sets put "{id}.wav" at the root.
     audio_key: str = AUDIO_DIR + "/{id}.{ext}"
     sample_rate: int | None = None  # resample before encoding (e.g. 16000 for scorers); None keeps 24 kHz
+    retries: int = 5  # attempts per object-store call (see pipeline.storage.Storage)
+    backoff_s: float = 0.2
 
 
 class WriteStage:
@@ -176,7 +178,9 @@ class WriteStage:
 
     def __init__(self, settings: WriteSettings) -> None:
         self.settings = settings
-        self.storage = Storage(settings.output, settings.storage_options)
+        self.storage = Storage(
+            settings.output, settings.storage_options, retries=settings.retries, backoff_s=settings.backoff_s
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records = [self._finish(row) for row in unpack(batch)]

@@ -176,9 +176,11 @@ class Storage:
         """Store ``data`` at ``key``, replacing what was there; no temporary object is left behind."""
         path = self.key_path(key)
         payload = bytes(data)
+        # One temporary key for all attempts: when an outage leaves an upload behind (the move failed and
+        # so did the clean-up), the next attempt overwrites and moves that same object.
+        tmp = f"{self.root}/{TMP_DIR}/{uuid.uuid4().hex}"
 
         def attempt() -> None:
-            tmp = f"{self.root}/{TMP_DIR}/{uuid.uuid4().hex}"
             try:
                 if self.is_local:
                     self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
@@ -234,6 +236,31 @@ class Storage:
                 self.fs.invalidate_cache(path)
 
         self._call("delete", self.uri(key), attempt)
+
+    def clear_tmp(self) -> int:
+        """Remove every in-flight object under ``_tmp/``; returns how many there were.
+
+        Only for a moment when nothing writes under this root: a writer killed between upload and move
+        (a killed run, an outage that outlasted the retries) leaves its temporary object behind.
+        """
+        prefix = f"{self.root}/{TMP_DIR}"
+
+        def attempt() -> int:
+            self.fs.invalidate_cache(prefix)
+            try:
+                found = [self.fs._strip_protocol(p) for p in self.fs.find(prefix)]
+            except FileNotFoundError:
+                return 0
+            found = [p for p in found if p.startswith(prefix + "/")]
+            for path in found:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+            self.fs.invalidate_cache(prefix)
+            return len(found)
+
+        return self._call("clear", self.fs.unstrip_protocol(prefix), attempt)
 
     # ---- reads -------------------------------------------------------------------------------
 
