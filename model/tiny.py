@@ -49,6 +49,8 @@ SPECIAL_TOKENS = [
 SOUND_EVENT_TOKENS = ["<SE>", "</SE>", "<SE_s>", "</SE_s>", "<SE_e>", "</SE_e>"]
 
 TEXT_VOCAB_SIZE = 512
+# Large enough that the codes, not the random biases, shape the decoded waveform (audible in 16-bit).
+CODEBOOK_STD = 1000.0
 SEED = 1234
 
 
@@ -143,6 +145,15 @@ def real_model_config(tokenizer: PreTrainedTokenizerFast) -> HiggsAudioV2Config:
     return HiggsAudioV2Config(codebook_size=1026, **ids)
 
 
+def _fill_codebooks(audio_tokenizer: HiggsAudioV2TokenizerModel) -> None:
+    """Give the codebooks random entries. They are buffers that start at zero (a trained tokenizer learns
+    them), which would make every code decode to the same waveform: different seeds must sound different."""
+    with torch.no_grad():
+        for name, buffer in audio_tokenizer.named_buffers():
+            if name.endswith("codebook.embed") or name.endswith("codebook.embed_avg"):
+                buffer.normal_(std=CODEBOOK_STD)
+
+
 def build_components(
     size: str = "tiny",
 ) -> tuple[HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor]:
@@ -153,6 +164,7 @@ def build_components(
     tokenizer = build_text_tokenizer()
     tokenizer_config = tiny_audio_tokenizer_config() if size == "tiny" else real_audio_tokenizer_config()
     audio_tokenizer = HiggsAudioV2TokenizerModel(tokenizer_config).eval()
+    _fill_codebooks(audio_tokenizer)
     feature_extractor = DacFeatureExtractor(
         feature_size=1,
         hop_length=1,

@@ -6,10 +6,12 @@ with the manifest; rows stream through Ray Data from reader to writer.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections import Counter
@@ -36,7 +38,7 @@ from pipeline.stages import (
     metadata_record,
     metadata_table,
 )
-from pipeline.storage import Storage
+from pipeline.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 # Rows per block at least this many once a manifest is large: a Ray block costs scheduling, driver memory
@@ -116,6 +118,22 @@ def _write_duplicate_errors(
     return len(records)
 
 
+# How a StorageError raised in a stage reads once Ray has wrapped it in the worker's traceback.
+_STORAGE_FAILURE = re.compile(
+    r"^(?:\S+\.)?StorageError: (storage \w+ of (\S+) failed after (\d+) attempts?: .*)$", re.MULTILINE
+)
+
+
+def run_failure(exc: Exception) -> Exception:
+    """What a failed run raises: the stage's StorageError itself when storage stopped it (Ray delivers it as
+    text inside a worker traceback), else Ray's exception; either way without a driver-side traceback."""
+    match = _STORAGE_FAILURE.search(str(exc))
+    if match and not isinstance(exc, StorageError):
+        return StorageError(match.group(1), match.group(2), int(match.group(3)))
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def run_dataset_job(job: DatasetJob) -> dict:
     """Run (or resume) one dataset job and return its summary, also written to <output>/summary.json."""
     import ray
@@ -171,9 +189,20 @@ def run_dataset_job(job: DatasetJob) -> dict:
 
     run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
     run_audio_s = 0.0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        run_counts.update(batch.column("status").to_pylist())
-        run_audio_s += sum(batch.column("duration_s").to_pylist())
+    failure: Exception | None = None
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            run_counts.update(batch.column("status").to_pylist())
+            run_audio_s += sum(batch.column("duration_s").to_pylist())
+    except Exception as exc:  # noqa: BLE001 - re-raised below, once the run's actors are let go
+        failure = run_failure(exc)
+    if failure is not None:
+        # Ray stops an actor once no handle to it is left, and a failed execution is only shut down
+        # gently: the traceback's frames would keep its actors (and the writes queued on them) alive,
+        # still writing into the output under a rerun. Drop every reference before raising.
+        del ds
+        gc.collect()
+        raise failure
     wall = time.time() - started
     # Every write of this run has finished; what is left in flight was left by a killed or failed run.
     leftovers = storage.clear_tmp()

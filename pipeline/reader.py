@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,7 +72,8 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
     fs, files = manifest_files(uri, storage_options)
     kind = manifest_format(uri)
     for path in files:
-        with fs.open(path, "rb") as handle:
+        name = uri if len(files) == 1 else f"{uri} ({fs.unstrip_protocol(path)})"
+        with fs.open(path, "rb") as handle, _readable(name, kind):
             if kind == "parquet":
                 parquet = pq.ParquetFile(handle)
                 if column not in parquet.schema_arrow.names:
@@ -83,6 +85,16 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
                 if column not in table.column_names:
                     raise ValueError(f"manifest {uri!r} has no {column!r} column")
                 yield table.column(column).to_pylist()
+
+
+@contextlib.contextmanager
+def _readable(name: str, kind: str) -> Iterator[None]:
+    """Arrow's parse errors (a malformed line, invalid UTF-8, an unpaired surrogate escape in JSON) name
+    neither the manifest nor the format, and they make the whole file unreadable: say which and why."""
+    try:
+        yield
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"manifest {name!r} cannot be read as {kind}: {exc}") from None
 
 
 def _read_text_table(handle: Any, kind: str) -> pa.Table:

@@ -156,7 +156,11 @@ class SynthesizeStage:
             if result.ok:
                 row["_result"] = result
             else:
-                rows[i] = fail(row, RequestError(result.error_field or "synthesis", result.error or "failed"))
+                field_name, message = result.error_field or "synthesis", result.error or "failed"
+                # A request error the engine found already reads "<field> (value ...): <reason>".
+                if not message.startswith(field_name):
+                    message = f"{field_name}: {message}"
+                rows[i] = {**row, "status": "error", "error": message, "error_field": field_name}
         return pack(rows)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import posixpath
@@ -253,10 +254,8 @@ class Storage:
                 return 0
             found = [p for p in found if p.startswith(prefix + "/")]
             for path in found:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
             self.fs.invalidate_cache(prefix)
             return len(found)
 

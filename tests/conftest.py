@@ -1,4 +1,4 @@
-"""Shared fixtures: offline model hubs and a local moto S3 server."""
+"""Shared fixtures: offline model hubs, a local moto S3 server, the tiny checkpoint and a local Ray."""
 
 from __future__ import annotations
 
@@ -159,3 +159,42 @@ def engine(tiny_checkpoint: str):
     from model.engine import EngineOptions, SynthesisEngine
 
     return SynthesisEngine.from_spec(CheckpointSpec(source=tiny_checkpoint, device="cpu"), EngineOptions())
+
+
+# ---------------------------------------------------------------- a local Ray for the module
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- an HTTP server for reference URLs
+
+
+@pytest.fixture
+def http_server():
+    from tests.helpers import serve_audio
+
+    with serve_audio() as server:
+        yield server
+
+
+# ---------------------------------------------------------------- a working folder for CLI runs
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_checkpoint: str):
+    """A folder to run the jobs' CLI in: Hydra's files land there, and the default model=tiny finds its
+    checkpoint there as a link to the session's tiny checkpoint."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "tiny-higgs-v2").symlink_to(tiny_checkpoint)
+    return tmp_path

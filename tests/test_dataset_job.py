@@ -11,103 +11,27 @@ import hashlib
 import io
 import json
 import shutil
-from pathlib import Path
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-import soundfile as sf
 
-from model.checkpoint import CheckpointSpec
-from model.engine import EngineOptions
-from pipeline.dataset_job import DatasetJob, Resources, run_dataset_job
+from pipeline.dataset_job import run_dataset_job
 from pipeline.manifest import ManifestRules
 from pipeline.references import FetchPolicy
+from tests.helpers import (
+    REPO,
+    assert_audio_matches_metadata,
+    by_id,
+    files_under,
+    make_job,
+    read_metadata,
+    table_of,
+    text_row,
+    tmp_objects,
+    voices_copy,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET = "hb-secret-7d41c0ffee"  # an S3 secret key that must never reach the output
-
-
-# ---- a local Ray for the module ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-# ---- helpers ----------------------------------------------------------------------------------------
-
-
-def text_row(i: int, **extra) -> dict:
-    return {"id": f"row-{i}", "text": f"Row {i} is read aloud.", "seed": i, "max_new_tokens": 30, **extra}
-
-
-def table_of(rows: list[dict]) -> pa.Table:
-    """Rows as one Arrow table; every row gets every column (from_pylist only looks at the first row's keys)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    return pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
-
-
-def voices_copy(tmp_path: Path) -> Path:
-    folder = tmp_path / "voices"
-    shutil.copytree(REPO / "examples" / "voices", folder)
-    return folder
-
-
-def make_job(manifest: str, output: str, checkpoint: str, **kw) -> DatasetJob:
-    return DatasetJob(
-        manifest=manifest,
-        output=output,
-        checkpoint=CheckpointSpec(source=checkpoint, device="cpu"),
-        engine=EngineOptions(max_batch_size=2),
-        resources=Resources(batch_size=2),
-        **kw,
-    )
-
-
-def read_metadata(fs, root: str) -> pa.Table:
-    """Every metadata part of an output as one table (passthrough columns may differ between parts)."""
-    parts = sorted(p for p in fs.find(f"{root}/metadata") if p.endswith(".parquet"))
-    assert parts, f"no metadata parts under {root}/metadata"
-    return pa.concat_tables(
-        [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in parts], promote_options="default"
-    )
-
-
-def by_id(table: pa.Table) -> dict[str, dict]:
-    rows = table.to_pylist()
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)), f"ids written more than once: {sorted(ids)}"
-    return {r["id"]: r for r in rows}
-
-
-def assert_audio_matches_metadata(fs, root: str, row: dict) -> bytes:
-    """The row's audio decodes, at the stated sample rate, to the stated duration (within 1 ms)."""
-    assert row["status"] == "ok", row
-    data = fs.cat_file(f"{root}/{row['file_name']}")
-    audio, rate = sf.read(io.BytesIO(data))
-    assert rate == row["sample_rate"]
-    assert len(audio) > 0
-    assert abs(len(audio) / rate - row["duration_s"]) < 1e-3
-    return data
-
-
-def tmp_objects(fs, root: str) -> list[str]:
-    return [p for p in fs.find(f"{root}/_tmp")] if fs.exists(f"{root}/_tmp") else []
-
-
-def files_under(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file()}
 
 
 # ---- object storage ---------------------------------------------------------------------------------

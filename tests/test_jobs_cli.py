@@ -7,8 +7,6 @@ default model=tiny finds its checkpoint there as a link to the session's tiny ch
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,33 +18,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import fsspec
 import pytest
-import soundfile as sf
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import (
+    REPO,
+    assert_output_contract,
+    by_id,
+    cli_env,
+    generate_command,
+    group_members,
+    kill_all,
+    objects,
+    process_tree,
+    read_metadata,
+    wait_gone,
+    write_jsonl,
+)
+
 RAY = Path(sys.executable).parent / "ray"
+LOCAL = fsspec.filesystem("file")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, tiny_checkpoint: str) -> Path:
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "tiny-higgs-v2").symlink_to(tiny_checkpoint)
-    return tmp_path
-
-
-def generate_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.generate_dataset", *overrides, "runtime.address=local"]
 
 
 def generate(workdir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -61,8 +55,7 @@ def generate(workdir: Path, *overrides: str, timeout: float = 300) -> subprocess
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def text_rows(n: int, **extra) -> list[dict]:
@@ -74,97 +67,21 @@ def metadata_parts(out: Path) -> list[Path]:
     return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
 
 
-def read_metadata(out: Path) -> pa.Table:
-    parts = metadata_parts(out)
-    assert parts, f"no metadata parts under {out}/metadata"
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-
-
-def by_id(table: pa.Table) -> dict[str, dict]:
-    rows = table.to_pylist()
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)), f"ids written more than once: {sorted(ids)}"
-    return {r["id"]: r for r in rows}
-
-
-def assert_audio_matches_metadata(out: Path, row: dict) -> bytes:
-    """The row's audio decodes, at the stated sample rate, to the stated duration (within 1 ms)."""
-    assert row["status"] == "ok", row
-    data = (out / row["file_name"]).read_bytes()
-    audio, rate = sf.read(io.BytesIO(data))
-    assert rate == row["sample_rate"]
-    assert len(audio) > 0
-    assert abs(len(audio) / rate - row["duration_s"]) < 1e-3
-    return data
-
-
-def assert_complete_output(out: Path, ids: list[str]) -> dict[str, dict]:
-    metadata = by_id(read_metadata(out))
-    assert sorted(metadata) == sorted(ids)
-    for row in metadata.values():
-        assert_audio_matches_metadata(out, row)
-    assert pq.read_table(out / "metadata.parquet").num_rows == len(ids)
-    return metadata
+def assert_complete_output(
+    out: Path, ids: list[str], container: Path | None = None, before: set[str] = frozenset()
+) -> dict[str, dict]:
+    """The shared output contract on local disk: `before` is what `container` (a folder around `out`) held
+    before the run. Hydra's own run folder (outputs/ under the working folder) is not the job's output."""
+    container = container or out
+    return assert_output_contract(
+        LOCAL, str(out), ids, container=str(container), before=before, ignore=(str(container / "outputs"),)
+    )
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # fields from "state" on; comm may hold spaces
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def process_tree(roots: set[int]) -> set[int]:
-    """The roots and all their descendants, from /proc (no psutil in this environment)."""
-    children: dict[int, set[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
-            children.setdefault(int(fields[1]), set()).add(int(entry.name))
-    found, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return found
-
-
-def group_members(pgid: int) -> set[int]:
-    members = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and int(fields[2]) == pgid:
-            members.add(int(entry.name))
-    return members
-
-
-def wait_gone(pids: set[int], timeout: float) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
-def kill_all(pids: set[int]) -> None:
-    """SIGTERM, then SIGKILL what is left: only pids this test started (its subprocess trees)."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        pids = wait_gone(pids, grace)
-        if not pids:
-            return
 
 
 # ---- a killed driver --------------------------------------------------------------------------------
@@ -177,6 +94,7 @@ def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir:
     out = workdir / "out"
     command = generate_command(f"manifest={manifest}", f"output={out}", "runtime.batch_size=2")
     log = (workdir / "killed.log").open("w")
+    before = objects(LOCAL, str(workdir))
     # A session of its own, so the driver and the Ray it started (GCS, raylet) die together.
     driver = subprocess.Popen(
         command, cwd=workdir, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -201,7 +119,7 @@ def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir:
     kill_all(left)
     assert not left, f"processes of the killed run still alive: {sorted(left)}"
 
-    killed = by_id(read_metadata(out))
+    killed = by_id(read_metadata(LOCAL, str(out)))
     assert 0 < len(killed) < len(ids), "the kill did not land half-way"
     assert all(row["status"] == "ok" for row in killed.values())
 
@@ -212,7 +130,7 @@ def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir:
     assert summary["this_run"]["by_status"] == {"ok": len(ids) - len(killed)}
     assert summary["output_totals"]["by_status"] == {"ok": len(ids)}
     assert len(metadata_parts(out)) >= 2
-    assert_complete_output(out, ids)
+    assert_complete_output(out, ids, container=workdir, before=before)
 
 
 # ---- sweeps -----------------------------------------------------------------------------------------
@@ -252,6 +170,7 @@ def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
     ids = [f"row-{i:02d}" for i in range(4)]
     manifest = write_manifest(tmp_path / "manifest.jsonl", text_rows(4, seed=7, max_new_tokens=30))
     out = tmp_path / "out"
+    before = objects(LOCAL, str(tmp_path))
     dashboard = free_port()
     # A temp dir of its own (short: Ray's socket paths must fit in 107 bytes) keeps this head out of
     # /tmp/ray/ray_current_cluster, so no other local ray.init() on this machine joins it.
@@ -314,7 +233,7 @@ def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
 
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     assert "SUCCEEDED" in submit.stdout
-    metadata = assert_complete_output(out, ids)
+    metadata = assert_complete_output(out, ids, container=tmp_path, before=before)
     assert {row["status"] for row in metadata.values()} == {"ok"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["this_run"]["by_status"] == {"ok": len(ids)}

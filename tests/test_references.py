@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from model.requests import RequestError
 from pipeline.references import FetchPolicy, fetch_reference
+from tests.helpers import CLIP, AudioServer
 
-CLIP = b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + bytes(range(64))
 SECRET = "sekrit-Zq7-do-not-print"
 
 
@@ -216,74 +213,6 @@ def test_error_shows_at_most_60_characters_of_the_source():
 
 
 # ---- http(s) -------------------------------------------------------------------------------------------
-
-
-class AudioServer:
-    """A local HTTP server that records every request it answers."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str]] = []  # (path, Host header)
-        self.release = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                server.requests.append((self.path, self.headers.get("Host", "")))
-                if self.path == "/voice.wav":
-                    self.answer(200, CLIP)
-                elif self.path == "/big.wav":
-                    self.answer(200, bytes(4096))
-                elif self.path == "/big-unsized.wav":  # no Content-Length: read until the connection closes
-                    self.send_response(200)
-                    self.end_headers()
-                    self.wfile.write(bytes(4096))
-                elif self.path == "/slow.wav":
-                    server.release.wait(timeout=5)
-                    self.answer(200, CLIP)
-                elif self.path == "/redirect.wav":
-                    self.send_response(302)
-                    self.send_header("Location", "/voice.wav")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                else:
-                    self.answer(404, b"no such clip")
-
-            def answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def handle(self) -> None:
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up first
-                    super().handle()
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _host in self.requests]
-
-
-@pytest.fixture
-def http_server() -> Iterator[AudioServer]:
-    server = AudioServer()
-    server.thread.start()
-    try:
-        yield server
-    finally:
-        server.release.set()
-        server.httpd.shutdown()
-        server.httpd.server_close()
-        server.thread.join(timeout=5)
 
 
 PRIVATE = FetchPolicy(allow_private_urls=True)
