@@ -168,3 +168,16 @@ def resources(runtime: DictConfig):
         cpu_stage_workers=int(runtime.cpu_stage_workers),
         cpu_stage_cpus=float(runtime.cpu_stage_cpus),
     )
+
+
+def fetch_policy(section: DictConfig, options: dict | None):
+    """Where reference audio (or book sources) may be read from: a `voices`-style config section."""
+    from pipeline.references import FetchPolicy
+
+    return FetchPolicy(
+        allowed_roots=tuple(str(Path(p).resolve()) for p in section.allowed_roots or ()),
+        allow_private_urls=bool(section.allow_private_urls),
+        timeout_s=float(section.fetch_timeout_s),
+        max_bytes=int(section.max_bytes),
+        storage_options=options,
+    )

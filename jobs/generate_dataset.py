@@ -7,8 +7,6 @@ python -m jobs.generate_dataset --multirun generation.seed=1,2 output=outputs/sw
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -16,6 +14,7 @@ from jobs.common import (
     checked,
     checkpoint_spec,
     engine_options,
+    fetch_policy,
     init_ray,
     manifest_rules,
     redacted_yaml,
@@ -26,7 +25,6 @@ from jobs.common import (
 )
 from pipeline.dataset_job import DatasetJob, run_dataset_job
 from pipeline.reader import manifest_files
-from pipeline.references import FetchPolicy
 
 
 def build_job(cfg: DictConfig) -> DatasetJob:
@@ -38,20 +36,13 @@ def build_job(cfg: DictConfig) -> DatasetJob:
         require(False, f"manifest={cfg.manifest!r}: {exc}")
     rules = manifest_rules(cfg, default_response_format=str(cfg.generation.response_format))
     res = resources(cfg.runtime)
-    roots = tuple(str(Path(p).resolve()) for p in cfg.voices.allowed_roots or ())
     return DatasetJob(
         manifest=str(cfg.manifest),
         output=run_output(cfg),
         checkpoint=checkpoint_spec(cfg.model, options),
         engine=engine_options(cfg),
         rules=rules,
-        fetch=FetchPolicy(
-            allowed_roots=roots,
-            allow_private_urls=bool(cfg.voices.allow_private_urls),
-            timeout_s=float(cfg.voices.fetch_timeout_s),
-            max_bytes=int(cfg.voices.max_bytes),
-            storage_options=options,
-        ),
+        fetch=fetch_policy(cfg.voices, options),
         resources=res,
         storage_options=options,
         retry_errors=bool(cfg.retry_errors),

@@ -7,7 +7,6 @@ python -m jobs.render_audiobook model=higgs_v2 runtime=cluster storage=s3 books=
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,6 +15,7 @@ from jobs.common import (
     checked,
     checkpoint_spec,
     engine_options,
+    fetch_policy,
     init_ray,
     manifest_rules,
     redacted_yaml,
@@ -30,7 +30,6 @@ from pipeline.book_stage import BookSettings, ChunkingSettings
 from pipeline.master_stage import Mastering
 from pipeline.mastering import Pauses
 from pipeline.reader import iter_ids
-from pipeline.references import FetchPolicy
 
 # libmp3lame's constant bit rates; anything else is silently rounded by the encoder.
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -48,16 +47,6 @@ def _number(cfg: DictConfig, key: str, kind: type, low: float | None = None, opt
     require(ok, f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
     require(low is None or number >= low, f"{key}={value!r} must be at least {low}")
     return number
-
-
-def _policy(cfg: DictConfig, options: dict | None) -> FetchPolicy:
-    return FetchPolicy(
-        allowed_roots=tuple(str(Path(p).resolve()) for p in cfg.allowed_roots or ()),
-        allow_private_urls=bool(cfg.allow_private_urls),
-        timeout_s=float(cfg.fetch_timeout_s),
-        max_bytes=int(cfg.max_bytes),
-        storage_options=options,
-    )
 
 
 def build_job(cfg: DictConfig) -> AudiobookJob:
@@ -113,8 +102,8 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
         book=BookSettings(
             output="",  # the job fills in its own output
             rules=rules,
-            voices=_policy(cfg.voices, options),
-            sources=_policy(cfg.sources, options),
+            voices=fetch_policy(cfg.voices, options),
+            sources=fetch_policy(cfg.sources, options),
             chunking=chunk_settings,
             max_book_words=_number(cfg, "max_book_words", int, 1),
             base_dir=os.getcwd(),
