@@ -140,25 +140,8 @@ def book_rows(out: Path) -> dict[str, dict]:
     return rows
 
 
-# ---- a local Ray for the module ---------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def rendered(ray_cluster, tiny_checkpoint, tmp_path_factory):
+def rendered(ray_local, tiny_checkpoint, tmp_path_factory):
     """One run over a plain-text book and an EPUB; the tests below read what it wrote."""
     root = tmp_path_factory.mktemp("audiobooks")
     (root / "looking-glass.epub").write_bytes(looking_glass())
@@ -286,7 +269,7 @@ def test_the_encoded_chapters_meet_acx_and_qc_csv_says_so(rendered, book_id) -> 
 
 
 def test_bad_books_fail_with_their_reason_while_a_good_one_finishes(
-    ray_cluster, tiny_checkpoint, tmp_path
+    ray_local, tiny_checkpoint, tmp_path
 ) -> None:
     (tmp_path / "drm.epub").write_bytes(_with_files(looking_glass(), {"META-INF/rights.xml": "<rights/>"}))
     (tmp_path / "holes.txt").write_text(
@@ -330,7 +313,7 @@ def test_bad_books_fail_with_their_reason_while_a_good_one_finishes(
 
 
 def test_a_killed_run_resumes_per_chunk_and_finished_books_are_skipped(
-    ray_cluster, tiny_checkpoint, tmp_path
+    ray_local, tiny_checkpoint, tmp_path
 ) -> None:
     text = "CHAPTER I.\n\nOne word. Two words. Three words.\n\nCHAPTER II.\n\nFour words. Five words.\n"
     (tmp_path / "short.txt").write_text(text)

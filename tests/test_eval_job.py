@@ -78,20 +78,6 @@ def metadata(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def scoring_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     from pipeline.scoring import build_tiny_scoring_models
 
@@ -177,7 +163,7 @@ def test_format_scores() -> None:
 # ---- end to end -----------------------------------------------------------------------------------
 
 
-def test_seedtts_local_bad_lines_16k(ray_cluster, tiny_checkpoint: str, tmp_path: Path) -> None:
+def test_seedtts_local_bad_lines_16k(ray_local, tiny_checkpoint: str, tmp_path: Path) -> None:
     meta = seed_set(tmp_path)
     out = tmp_path / "out"
     inputs = prepare_inputs("seedtts", str(meta), str(out), language="en")
@@ -220,7 +206,7 @@ def test_seedtts_local_bad_lines_16k(ray_cluster, tiny_checkpoint: str, tmp_path
     assert "scores" not in json.loads((out / "summary.json").read_text())
 
 
-def test_seedtts_meta_on_s3(ray_cluster, tiny_checkpoint: str, s3_server, s3_bucket: str) -> None:
+def test_seedtts_meta_on_s3(ray_local, tiny_checkpoint: str, s3_server, s3_bucket: str) -> None:
     client = s3_server.client()
     meta = "a|Prompt a.|wavs/en_woman.wav|First.\nb|Prompt b.|../voices/en_man.wav|Second.\nc|Prompt c.|wavs/en_woman.wav|Third.\n"
     client.put_object(Bucket=s3_bucket, Key="seed/en/meta.lst", Body=meta.encode())
@@ -247,7 +233,7 @@ def test_seedtts_meta_on_s3(ray_cluster, tiny_checkpoint: str, s3_server, s3_buc
     assert sf.info(io.BytesIO(body)).samplerate == 24000  # the codec's rate unless configured
 
 
-def test_emergent_scored(ray_cluster, tiny_checkpoint: str, scoring_models, tmp_path: Path) -> None:
+def test_emergent_scored(ray_local, tiny_checkpoint: str, scoring_models, tmp_path: Path) -> None:
     asr, sv = scoring_models
     out = tmp_path / "out"
     inputs = prepare_inputs("emergent", str(EXAMPLES / "emergent.jsonl"), str(out), voice="en_woman")
@@ -353,10 +339,10 @@ def test_the_cli_exits_2_on_a_bad_config(tmp_path: Path) -> None:
     assert "configuration error: eval_set='librispeech'" in proc.stderr
 
 
-def test_cli_multirun_two_seeds(ray_cluster, tiny_checkpoint: str, tmp_path: Path) -> None:
+def test_cli_multirun_two_seeds(ray_local, tiny_checkpoint: str, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # Joining the module's cluster saves starting a second one (runtime.address stays out of folder names).
-    address = ray_cluster.get_runtime_context().gcs_address
+    address = ray_local.get_runtime_context().gcs_address
     command = [
         sys.executable,
         "-m",
