@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from model.chat_template import CHAT_TEMPLATE
-from model.checkpoint import AUDIO_TOKENIZER_SUBFOLDER
+from model.checkpoint import AUDIO_TOKENIZER_SUBFOLDER, LoadedCheckpoint
 
 # The special tokens the Higgs prompt layout uses, named as in the Llama-3 tokenizer it extends.
 SPECIAL_TOKENS = [
@@ -189,6 +189,22 @@ def build_components(
         ras_win_max_num_repeat=2,
     )
     return model, processor
+
+
+def random_checkpoint(size: str, device) -> LoadedCheckpoint:
+    """Model + processor of the given size with random weights, in memory on `device` (bf16 on GPU): for
+    benchmarks of the release-size model without a download."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model, processor = build_components(size)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    processor.audio_tokenizer.to(device)
+    return LoadedCheckpoint(
+        model=model.eval(), processor=processor, device=device, dtype=dtype, name=f"random-{size}"
+    )
 
 
 def build_tiny_checkpoint(out_dir: str | Path) -> Path:

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.checkpoint import CheckpointSpec, LoadedCheckpoint, load_checkpoint, resolve_device  # noqa: E402
+from model.checkpoint import CheckpointSpec, load_checkpoint, resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
-from model.tiny import build_components, build_tiny_checkpoint  # noqa: E402
+from model.tiny import build_tiny_checkpoint, random_checkpoint  # noqa: E402
 
 FRAME_RATE = 25
 
@@ -33,17 +33,7 @@ def make_engine(config: str, device: str | None, batch_size: int) -> SynthesisEn
     if config == "tiny":
         folder = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
         return SynthesisEngine(load_checkpoint(CheckpointSpec(source=str(folder), device=device)), options)
-    target = resolve_device(device)
-    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    torch.set_default_dtype(dtype)
-    with torch.device(target):
-        model, processor = build_components("real")
-    torch.set_default_dtype(torch.float32)
-    processor.audio_tokenizer.to(target)
-    loaded = LoadedCheckpoint(
-        model=model.eval(), processor=processor, device=target, dtype=dtype, name="random-real"
-    )
-    return SynthesisEngine(loaded, options)
+    return SynthesisEngine(random_checkpoint("real", resolve_device(device)), options)
 
 
 def requests(n: int, frames: int) -> list[SynthesisRequest]:

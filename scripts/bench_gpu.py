@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.checkpoint import LoadedCheckpoint, resolve_device  # noqa: E402
+from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
-from model.tiny import build_components  # noqa: E402
+from model.tiny import random_checkpoint  # noqa: E402
 
 FRAME_RATE = 25
 WORDS = [
@@ -64,17 +64,7 @@ WORDS = [
 
 
 def build_engine(config: str, device: torch.device) -> SynthesisEngine:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model, processor = build_components("real" if config == "real" else "tiny")
-    finally:
-        torch.set_default_dtype(torch.float32)
-    processor.audio_tokenizer.to(device)
-    loaded = LoadedCheckpoint(
-        model=model.eval(), processor=processor, device=device, dtype=dtype, name=config
-    )
+    loaded = random_checkpoint("real" if config == "real" else "tiny", device)
     return SynthesisEngine(loaded, EngineOptions(ignore_eos=True, refill=True))
 
 
