@@ -150,6 +150,8 @@ def engine_options(cfg: DictConfig):
         reference_cache_size=int(engine.reference_cache_size),
         max_reference_seconds=float(engine.max_reference_seconds),
         ras_enabled=bool(engine.ras_enabled),
+        static_cache=bool(engine.static_cache),
+        cuda_graphs=bool(engine.cuda_graphs),
     )
 
 

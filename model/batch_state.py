@@ -1,8 +1,10 @@
-"""The rows being decoded together: their KV cache, masks and per-row counters, with rows joining and leaving.
+"""Rows decoded together on transformers' DynamicCache: the plain path, and every prefill.
 
 Rows leave as soon as they finish, so the batch shrinks instead of decoding padding; waiting requests can
 join a running batch (continuous batching). Every row is left-padded to the batch's common length, carries
 its own position ids and its own step counter, so what a row computes does not depend on when it joined.
+The engine decodes on model.slot_batch by default and keeps this path as the reference the fast one is
+tested against (`EngineOptions(static_cache=False)`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from model.sampling import RowParams, select_next_frame
 
 
 def _pad_front(x: torch.Tensor, amount: int, dim: int, value: float = 0) -> torch.Tensor:
@@ -23,13 +27,13 @@ def _pad_front(x: torch.Tensor, amount: int, dim: int, value: float = 0) -> torc
 
 
 @dataclass
-class BatchState:
+class DynamicBatch:
     items: list  # the engine's prepared requests, one per row
     cache: DynamicCache
     attention: torch.Tensor  # (B, T) 1 for real tokens
     positions: torch.Tensor  # (B,) position id of each row's last token
     logits: torch.Tensor  # (B, C, V) for the next frame
-    params: object  # model.sampling.RowParams
+    params: RowParams
     steps: torch.Tensor  # (B,) frames generated per row
     eos_steps: torch.Tensor  # (B,) step of the row's first stream-eos, -1 before
     max_steps: torch.Tensor  # (B,)
@@ -59,7 +63,7 @@ class BatchState:
             "frames",
         ):
             setattr(self, name, getattr(self, name)[keep])
-        self.params = type(self.params)(**{k: v[keep] for k, v in vars(self.params).items()})
+        self.params = self.params.select(keep)
         self._trim()
 
     def _trim(self) -> None:
@@ -75,7 +79,7 @@ class BatchState:
         if self.frames.shape[1] > longest:
             self.frames = self.frames[:, self.frames.shape[1] - longest :]
 
-    def merge(self, other: BatchState) -> None:
+    def merge(self, other: DynamicBatch) -> None:
         """Append `other`'s rows, left-padding whichever side is shorter in cache and frame columns."""
         total = max(self.length, other.length)
         mine, theirs = total - self.length, total - other.length
@@ -102,9 +106,7 @@ class BatchState:
         self.items = self.items + other.items
         for name in ("positions", "logits", "steps", "eos_steps", "max_steps"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
-        self.params = type(self.params)(
-            **{k: torch.cat([v, getattr(other.params, k)]) for k, v in vars(self.params).items()}
-        )
+        self.params = self.params.concat(other.params)
 
     def append_frame(self, frame: torch.Tensor) -> None:
         """Record the step's frame; finished rows leave before the next one, so every row advances."""
@@ -119,3 +121,37 @@ class BatchState:
     def extend_attention(self) -> None:
         self.attention = F.pad(self.attention, (0, 1), value=1)
         self.positions = self.positions + 1
+
+    def advance(self, engine) -> list[tuple]:
+        """Choose one frame for every row, retire the finished rows, run the model for the others.
+        Returns the retired rows as (item, (steps, C) frames on the CPU)."""
+        logits = self.logits
+        if engine.options.ignore_eos:
+            logits[..., engine.stream_eos] = float("-inf")
+        frame = select_next_frame(
+            logits, self.params, self.steps, self.eos_steps, self.history, self.steps,
+            engine.stream_bos, engine.stream_eos,
+        )  # fmt: skip
+        self.append_frame(frame)
+        is_eos = frame == engine.stream_eos
+        self.eos_steps = torch.where((self.eos_steps < 0) & is_eos.any(-1), self.steps, self.eos_steps)
+        self.steps = self.steps + 1
+        finished = is_eos.all(-1) | (self.steps >= self.max_steps)
+        done_rows = finished.nonzero().flatten().tolist()
+        retired = [(self.items[r], self.row_frames(r).cpu()) for r in done_rows]
+        if done_rows:
+            keep = (~finished).nonzero().flatten()
+            frame = frame[keep]
+            self.select(keep)
+        if len(self):
+            self.extend_attention()
+            engine._guard(len(self), self.length)
+            out = engine.model(
+                audio_input_ids=frame[:, None, :],
+                attention_mask=self.attention,
+                position_ids=self.positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            self.logits = out.logits[:, -1, :].view(len(self), engine.num_codebooks, -1)
+        return retired

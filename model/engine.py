@@ -17,14 +17,17 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from model.batch_state import BatchState
+from model.batch_state import DynamicBatch
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
+from model.decode_step import DecodeStep
 from model.lru import LRUCache
 from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, render
 from model.reference_audio import content_hash, decode_reference
 from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
-from model.sampling import RowParams, select_next_frame
+from model.sampling import RowParams
+from model.slot_batch import SlotBatch
+from model.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class SynthesisEngine:
         self.max_context = config.max_position_embeddings
         self.sample_rate = int(self.processor.audio_tokenizer.config.sample_rate)
         self.reference_cache = LRUCache(self.options.reference_cache_size)
+        self._decode_step: DecodeStep | None = None
 
     @classmethod
     def from_spec(cls, spec: CheckpointSpec, options: EngineOptions | None = None) -> SynthesisEngine:
@@ -197,7 +201,7 @@ class SynthesisEngine:
         """
         waiting = deque(sorted(prepared, key=lambda p: len(p.input_ids)))
         size = size or self._batch_size(prepared)
-        state: BatchState | None = None
+        state: DynamicBatch | SlotBatch | None = None
         while waiting or state is not None:
             involved: list[_Prepared] = [] if state is None else list(state.items)
             try:
@@ -206,15 +210,18 @@ class SynthesisEngine:
                     group = self._admit(waiting, free)
                     involved += group
                     joining = self._prefill(group)
-                    if state is None:
+                    if state is None and not self.options.static_cache:
                         state = joining
                     else:
+                        if state is None:
+                            state = SlotBatch(self._slots(size, prepared))
                         state.merge(joining)
                 yield from self._step(state)
                 if not len(state):
                     state = None
             except torch.OutOfMemoryError as exc:
                 state = None
+                self._decode_step = None  # rebuilt for the smaller batch
                 self._release_memory()
                 if size == 1:
                     for item in involved:
@@ -249,11 +256,38 @@ class SynthesisEngine:
                 f"{rows} rows x {length} tokens exceeds max_frames_per_batch={limit}"
             )
 
+    def _slots(self, size: int, prepared: list[_Prepared]) -> DecodeStep:
+        """The decode step over a SlotCache of `size` slots that fits every row of `prepared`, kept from call
+        to call while it fits. Lengths are rounded up to 256 so that similar batches share one cache and its
+        graphs; a cache over twice as long as needed is rebuilt, since attention reads every column."""
+        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
+        length = min(-(-context // 256) * 256, self.max_context)
+        max_steps = -(-max(p.request.max_new_tokens for p in prepared) // 256) * 256
+        window = max(self._ras_window(p.request) for p in prepared)
+        step = self._decode_step
+        if step is not None and step.cache.fits(size, length, max_steps, window):
+            step.cache.reset()
+            return step
+        self._decode_step = None
+        self._release_memory()
+        cache = SlotCache(
+            self.model.config, size, length, self.checkpoint.dtype, self.device, max_steps, window
+        )
+        self._decode_step = DecodeStep(
+            self.model,
+            cache,
+            self.options.cuda_graphs,
+            self.stream_bos,
+            self.stream_eos,
+            self.options.ignore_eos,
+        )
+        return self._decode_step
+
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prefill(self, batch: list[_Prepared]) -> BatchState:
+    def _prefill(self, batch: list[_Prepared]) -> DynamicBatch:
         device = self.device
         rows = len(batch)
         prompt_len = max(len(p.input_ids) for p in batch)
@@ -293,7 +327,7 @@ class SynthesisEngine:
             item.timings = {"reference_encode_s": item.encode_s, "prefill_s": time.perf_counter() - started}
             item.timings["decode_s"] = 0.0
         zeros = torch.zeros(rows, dtype=torch.long, device=device)
-        return BatchState(
+        return DynamicBatch(
             items=list(batch),
             cache=cache,
             attention=inputs["attention_mask"],
@@ -307,38 +341,10 @@ class SynthesisEngine:
             frames=torch.zeros((rows, 0, self.num_codebooks), dtype=torch.long, device=device),
         )
 
-    def _step(self, state: BatchState):
-        """Choose one frame for every row, retire the finished rows, run the model for the others."""
+    def _step(self, state: DynamicBatch | SlotBatch):
+        """Advance the batch and yield the rows that finished."""
         started = time.perf_counter()
-        logits = state.logits
-        if self.options.ignore_eos:
-            logits[..., self.stream_eos] = float("-inf")
-        frame = select_next_frame(
-            logits, state.params, state.steps, state.eos_steps, state.history, state.steps,
-            self.stream_bos, self.stream_eos,
-        )  # fmt: skip
-        state.append_frame(frame)
-        is_eos = frame == self.stream_eos
-        state.eos_steps = torch.where((state.eos_steps < 0) & is_eos.any(-1), state.steps, state.eos_steps)
-        state.steps = state.steps + 1
-        finished = is_eos.all(-1) | (state.steps >= state.max_steps)
-        done_rows = finished.nonzero().flatten().tolist()
-        retired = [(state.items[r], state.row_frames(r).cpu()) for r in done_rows]
-        if done_rows:
-            keep = (~finished).nonzero().flatten()
-            frame = frame[keep]
-            state.select(keep)
-        if len(state):
-            state.extend_attention()
-            self._guard(len(state), state.length)
-            out = self.model(
-                audio_input_ids=frame[:, None, :],
-                attention_mask=state.attention,
-                position_ids=state.positions[:, None],
-                past_key_values=state.cache,
-                use_cache=True,
-            )
-            state.logits = out.logits[:, -1, :].view(len(state), self.num_codebooks, -1)
+        retired = state.advance(self)
         elapsed = time.perf_counter() - started
         for item in [*state.items, *(i for i, _ in retired)]:
             item.timings["decode_s"] += elapsed
@@ -361,11 +367,14 @@ class SynthesisEngine:
             result.generated_frames = int(codes.shape[1])
         return result
 
+    def _ras_window(self, request: SynthesisRequest) -> int:
+        return request.ras_win_len if (self.options.ras_enabled and request.ras_win_len) else 0
+
     def _row_params(self, batch: list[_Prepared]) -> RowParams:
         rows = []
         for item in batch:
             r = item.request
-            ras = r.ras_win_len if (self.options.ras_enabled and r.ras_win_len) else 0
+            ras = self._ras_window(r)
             rows.append(
                 {
                     "temperature": r.temperature,

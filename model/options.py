@@ -44,6 +44,11 @@ class EngineOptions:
     ignore_eos: bool = False
     # Waiting rows join a running batch as others finish (continuous batching); off = static batches.
     refill: bool = True
+    # Decode from a fixed-shape KV cache with one slot per row (model.slot_cache); off = transformers'
+    # DynamicCache, the plain path the fast one is tested against.
+    static_cache: bool = True
+    # On a GPU, replay each decode step from a captured CUDA graph (needs static_cache).
+    cuda_graphs: bool = True
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

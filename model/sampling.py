@@ -7,7 +7,8 @@ sits in: a request's codes depend only on the request, its seed and the checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -63,16 +64,40 @@ class RowParams:
             seeds=col("seed", torch.int64),
         )
 
+    def select(self, keep: torch.Tensor) -> RowParams:
+        return RowParams(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+    def concat(self, other: RowParams) -> RowParams:
+        return RowParams(
+            **{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)}
+        )
+
+    # Read once per batch composition rather than every step: each read waits for the GPU.
+    @cached_property
+    def widest_top_k(self) -> int:
+        """How many of the largest logits a draw must sort: the largest top-k, 0 when a row has none."""
+        return 0 if bool((self.top_k <= 0).any()) else int(self.top_k.max().item())
+
+    @cached_property
+    def any_ras(self) -> bool:
+        return bool((self.ras_win_len > 0).any())
+
 
 def _sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
+    widest_top_k: int,
 ) -> torch.Tensor:
     """Draw from (B, C, V) logits with per-row temperature, then top-k, then top-p (transformers' warper
     order), by inverse CDF with (B, C) uniforms. One sort serves the filters and the draw: when every row
-    has a top-k, only the largest k are sorted (topk), which is most of a decode step's sampling cost."""
+    has a top-k (widest_top_k > 0: the largest of them), only that many logits are sorted (topk), which is
+    most of a decode step's sampling cost."""
     scores = logits / temperature.clamp(min=1e-5)[:, None, None]
     vocab = scores.shape[-1]
-    widest = vocab if bool((top_k <= 0).any()) else min(vocab, int(top_k.max().item()))
+    widest = min(vocab, widest_top_k) if widest_top_k > 0 else vocab
     if widest < vocab:
         sorted_scores, order = scores.topk(widest, dim=-1, largest=True, sorted=True)
     else:
@@ -116,22 +141,24 @@ def select_next_frame(
 
     greedy = params.temperature <= 0
     u = counter_uniform(params.seeds, steps, 0, codebooks)
-    sampled = _sample(logits, params.temperature, params.top_k, params.top_p, u)
+    sampled = _sample(logits, params.temperature, params.top_k, params.top_p, u, params.widest_top_k)
     chosen = torch.where(greedy[:, None], logits.argmax(dim=-1), sampled)
 
     # RAS (repetition-aware sampling): a code already repeated ras_max_repeat times within the last
     # ras_win_len frames is redrawn from the untempered distribution.
     window = history.shape[1]
-    if window and bool((params.ras_win_len > 0).any()):
+    if window and params.any_ras:
         positions = torch.arange(window, device=logits.device)[None, :]
         in_window = (positions >= window - torch.minimum(history_len, params.ras_win_len)[:, None])[..., None]
         real = (history != stream_bos) & (history != stream_eos)
         repeats = ((history == chosen[:, None, :]) & real & in_window).sum(dim=1)
         redraw = (repeats >= params.ras_max_repeat[:, None]) & (params.ras_win_len > 0)[:, None]
-        if bool(redraw.any()):
+        # On a GPU the redraw is cheaper to compute for every row than to ask whether any row needs it,
+        # which would wait for the GPU every step.
+        if logits.device.type == "cuda" or bool(redraw.any()):
             ones = torch.ones_like(params.temperature)
             u = counter_uniform(params.seeds, steps, 1, codebooks)
-            redrawn = _sample(logits, ones, torch.zeros_like(params.top_k), ones, u)
+            redrawn = _sample(logits, ones, torch.zeros_like(params.top_k), ones, u, 0)
             chosen = torch.where(redraw, redrawn, chosen)
 
     chosen = torch.where(force_bos, torch.full_like(chosen, stream_bos), chosen)

@@ -191,10 +191,10 @@ def build_components(
     return model, processor
 
 
-def random_checkpoint(size: str, device) -> LoadedCheckpoint:
-    """Model + processor of the given size with random weights, in memory on `device` (bf16 on GPU): for
-    benchmarks of the release-size model without a download."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def random_checkpoint(size: str, device, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+    """Model + processor of the given size with random weights, in memory on `device` (bf16 on GPU unless
+    `dtype` says otherwise): for benchmarks of the release-size model without a download."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):

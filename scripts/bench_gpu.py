@@ -2,12 +2,16 @@
 
     python scripts/bench_gpu.py --out bench_gpu.json             # GPU: HiggsAudioV2Config defaults, random bf16
     python scripts/bench_gpu.py --config tiny --frames 40        # CPU smoke run with the tiny config
+    bash scripts/run_gpu_bench.sh $OUT                           # the whole GPU session's measurements
 
 Each row is a realistic prompt: ~300 text tokens of script plus a 10 s reference (250 frames of codes, given
 as a user/assistant turn exactly as a cloned voice is). Every row generates --frames frames, EOS ignored.
-Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size, and transformers'
-`model.generate` at batch 1 on the same prompt in the same run as the baseline. No download: weights are
-random, which changes no timing.
+Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for three decode modes
+(`graphs`: the default slot cache replayed from CUDA graphs; `static`: the same cache run eagerly;
+`dynamic`: transformers' DynamicCache run eagerly, the plain path), transformers' `model.generate` at batch 1
+on the same prompt in the same run as the baseline, and whether the fast path gives the plain path's codes
+(exactly on the tiny config in float32; how far greedy rows agree on the release config in bf16). No
+download: weights are random, which changes no timing.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,9 +69,17 @@ WORDS = [
 ]
 
 
-def build_engine(config: str, device: torch.device) -> SynthesisEngine:
-    loaded = random_checkpoint("real" if config == "real" else "tiny", device)
-    return SynthesisEngine(loaded, EngineOptions(ignore_eos=True, refill=True))
+# How the engine decodes: a fixed-shape slot cache replayed from CUDA graphs (the default), the same cache
+# run eagerly, and transformers' DynamicCache run eagerly (the plain path).
+MODES = {
+    "graphs": {"static_cache": True, "cuda_graphs": True},
+    "static": {"static_cache": True, "cuda_graphs": False},
+    "dynamic": {"static_cache": False, "cuda_graphs": False},
+}
+
+
+def engine_for(loaded, mode: str) -> SynthesisEngine:
+    return SynthesisEngine(loaded, EngineOptions(ignore_eos=True, refill=True, **MODES[mode]))
 
 
 def script(i: int, tokens: int, tokenizer) -> str:
@@ -81,27 +95,32 @@ def script(i: int, tokens: int, tokenizer) -> str:
 def requests(n: int, frames: int, text_tokens: int, ref_frames: int, tokenizer) -> list[SynthesisRequest]:
     rng = np.random.default_rng(0)
     ref = ContextTurn(text=script(99, 40, tokenizer), codes=rng.integers(0, 1024, size=(8, ref_frames)))
-    # The delay pattern takes 8 steps before the first and after the last frame of audio.
+    # The delay pattern takes 8 steps before the first frame (EOS ignored, no closing staircase).
     return [
         SynthesisRequest(
             id=f"r{i}",
             text=script(i, text_tokens, tokenizer),
             context=[ref],
             seed=i,
-            max_new_tokens=frames + 9,
+            max_new_tokens=frames + 8,
         )
         for i in range(n)
     ]
 
 
-def measure(engine: SynthesisEngine, batch: int, frames: int, rows: list[SynthesisRequest]) -> dict:
+def measure(
+    engine: SynthesisEngine, batch: int, frames: int, rows: list[SynthesisRequest], count: int = 0
+) -> dict:
     engine.options.max_batch_size = batch
-    engine.generate(rows[: min(batch, 2)])  # warm-up: kernels, allocator
+    count = count or batch
+    # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets this run visits,
+    # which only the same run captures.
+    engine.generate(rows[:count] if engine.options.static_cache else rows[: min(batch, 2)])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    results = engine.generate(rows[:batch])
+    results = engine.generate(rows[:count])
     wall = time.perf_counter() - started
     generated = sum(r.generated_frames for r in results)
     out = {
@@ -111,10 +130,27 @@ def measure(engine: SynthesisEngine, batch: int, frames: int, rows: list[Synthes
         "wall_s": round(wall, 3),
         "frames_per_s": round(generated / wall, 1),
         "x_real_time": round(generated / FRAME_RATE / wall, 2),
+        "prefill_s": round(max(r.timings["prefill_s"] for r in results), 3),
+        "vocode_s": round(sum(r.timings["vocode_s"] for r in results), 3),
     }
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if engine._decode_step is not None:
+        out["kv_slot_tokens"] = engine._decode_step.cache.length
+        out["cuda_graph_buckets"] = engine._decode_step.captured
     return out
+
+
+def measure_refill(engine: SynthesisEngine, batch: int, n: int, rows: list[SynthesisRequest]) -> dict:
+    """`n` rows of 150-349 frames through `batch` slots: rows finish at different steps and waiting rows
+    take their slots (continuous batching), as in a dataset job's actor."""
+    mixed = [
+        replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
+        for i in range(n)
+    ]
+    result = measure(engine, batch, 0, mixed, count=n)
+    result.update(rows=n, frames_per_row="150-349")
+    return result
 
 
 def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRequest) -> dict:
@@ -127,7 +163,7 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
         "attention_mask": torch.ones((1, len(input_ids)), dtype=torch.long, device=device),
         "audio_input_ids": audio[None].to(device),
         "audio_input_ids_mask": torch.ones((1, len(audio)), dtype=torch.bool, device=device),
-        "max_new_tokens": frames + 9,
+        "max_new_tokens": frames + 8,
         "do_sample": True,
         "temperature": 1.0,
         "top_k": 50,
@@ -148,8 +184,8 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
             wall = time.perf_counter() - started
     finally:
         model.generation_config.eos_token_id = saved_eos
-    steps = out.shape[1] - len(audio) if out.dim() == 3 else frames + 9
-    generated = steps - 9  # like the engine, count audio frames: not the opening bos frame, staircases, eos
+    steps = out.shape[1] - len(audio) if out.dim() == 3 else frames + 8
+    generated = steps - 8  # like the engine, count audio frames: not the opening bos frame, staircases, eos
     result = {
         "batch_size": 1,
         "steps": int(steps),
@@ -162,6 +198,42 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     return result
 
 
+def agreement(loaded, rows: list[SynthesisRequest], frames: int) -> dict:
+    """Greedy codes of the fast path against the plain path on the same rows: identical on CPU in float32
+    (tests/test_slot_cache.py); in bf16 on a GPU, masked full-length attention may round differently, and
+    with random weights near-tied logits can then flip, so this reports how far rows agree."""
+    greedy = [replace(r, temperature=0.0, max_new_tokens=frames + 8) for r in rows]
+    fast = engine_for(loaded, "graphs").generate(greedy)
+    plain = engine_for(loaded, "dynamic").generate(greedy)
+    agree = []
+    for a, b in zip(fast, plain, strict=True):
+        same = (a.audio_codes == b.audio_codes).all(axis=0)
+        agree.append(int(same.argmin()) if not same.all() else int(same.size))
+    return {"rows": len(rows), "frames": frames, "identical_rows": agree.count(frames),
+            "frames_identical_before_first_difference": agree}  # fmt: skip
+
+
+def exactness(device: torch.device) -> dict:
+    """The fast path's mechanics (slots, graphs of several buckets as rows leave, refill, rows ending on
+    stream-eos between looks) against the plain path, on the tiny config in float32, where both must give
+    the same codes (tests/test_slot_cache.py asserts it on CPU)."""
+    loaded = random_checkpoint("tiny", device, torch.float32)
+    rows = [
+        SynthesisRequest(id=f"t{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=m)
+        for i, m in enumerate([12, 19, 26, 33, 200, 200, 200, 200, 200, 200])
+    ]
+    fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["graphs"]))
+    plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
+    a, b = fast.generate(rows), plain.generate(rows)
+    same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
+    return {
+        "rows": len(rows),
+        "identical_rows": sum(same),
+        "frames": [x.generated_frames for x in a],
+        "cuda_graph_buckets": fast._decode_step.captured if fast._decode_step else [],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,6 +241,13 @@ def main() -> None:
     parser.add_argument("--config", choices=["real", "tiny"], default="real")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-sizes", default="1,8,32,64,128")
+    parser.add_argument("--modes", default="graphs,static,dynamic", help=f"any of {', '.join(MODES)}")
+    parser.add_argument(
+        "--plain-batch-sizes", default="1,32,128", help="batch sizes for the static and dynamic modes"
+    )
+    parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
+    parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
     parser.add_argument("--text-tokens", type=int, default=300)
     parser.add_argument("--ref-frames", type=int, default=250)
@@ -177,36 +256,71 @@ def main() -> None:
 
     device = resolve_device(args.device)
     started = time.perf_counter()
-    engine = build_engine(args.config, device)
+    loaded = random_checkpoint("real" if args.config == "real" else "tiny", device)
+    tokenizer = loaded.processor.tokenizer
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    rows = requests(max(sizes), args.frames, args.text_tokens, args.ref_frames, engine.processor.tokenizer)
+    rows = requests(max(sizes), args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         "benchmark": "gpu_engine",
         "config": args.config,
         "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "torch": torch.__version__,
-        "parameters_b": round(sum(p.numel() for p in engine.model.parameters()) / 1e9, 3),
+        "transformers": transformers.__version__,
+        "parameters_b": round(sum(p.numel() for p in loaded.model.parameters()) / 1e9, 3),
         "build_s": round(time.perf_counter() - started, 1),
-        "baseline_transformers_generate": baseline_generate(engine, args.frames, rows[0]),
         "engine": [],
     }
-    for size in sizes:
+
+    def save() -> None:
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    def attempt(name: str, work):
+        if time.perf_counter() - started > args.budget_s:
+            return {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
         try:
-            report["engine"].append(measure(engine, size, args.frames, rows))
-        except torch.OutOfMemoryError:
-            report["engine"].append({"batch_size": size, "error": "out of memory"})
+            return work()
+        except Exception as exc:  # noqa: BLE001 - one failed measurement must not lose the others
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        finally:
+            print(f"[{time.perf_counter() - started:6.1f} s] {name} done", file=sys.stderr, flush=True)
+
+    report["baseline_transformers_generate"] = attempt(
+        "baseline", lambda: baseline_generate(engine_for(loaded, "dynamic"), args.frames, rows[0])
+    )
+    save()
+    for mode in args.modes.split(","):
+        engine = engine_for(loaded, mode)
+        mode_sizes = sizes if mode == "graphs" else [int(s) for s in args.plain_batch_sizes.split(",")]
+        for size in mode_sizes:
+            run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
+            report["engine"].append({"mode": mode, "batch_size": size, **run})
+            print(json.dumps(report["engine"][-1]), file=sys.stderr, flush=True)
+            save()
+        del engine
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(json.dumps(report["engine"][-1]), file=sys.stderr, flush=True)
-    base = report["baseline_transformers_generate"]["frames_per_s"]
+    if args.refill_rows:
+        run = attempt(
+            "refill",
+            lambda: measure_refill(engine_for(loaded, "graphs"), max(sizes), args.refill_rows, rows),
+        )
+        report["continuous_batching"] = {"mode": "graphs", **run}
+        save()
+    report["exactness_tiny_fp32"] = attempt("exactness", lambda: exactness(device))
+    report["agreement_greedy"] = attempt(
+        "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
+    )
+    base = report["baseline_transformers_generate"].get("frames_per_s")
     for run in report["engine"]:
-        if "frames_per_s" in run:
+        if base and "frames_per_s" in run:
             run["speedup_vs_transformers_b1"] = round(run["frames_per_s"] / base, 2)
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    save()
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

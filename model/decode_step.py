@@ -1,0 +1,144 @@
+"""One decode step over the first `b` slots of a SlotCache: choose every row's next frame, record it, and run
+the model on it. Eager on CPU; on a GPU captured once per shape as a CUDA graph and replayed.
+
+A decode step of the release model is ~28 layers of small kernels plus ~50 more for sampling; at small
+batches launching them costs more than running them, and a step that asks the GPU anything (has a row
+finished?) cannot be queued ahead. Replaying a graph is one launch, and the engine only looks at which rows
+finished every few steps. Buckets are powers of two (and the cache's slot count), so a handful of graphs
+serve every batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from model.sampling import RowParams, select_next_frame
+from model.slot_cache import SlotCache
+
+log = logging.getLogger(__name__)
+
+
+def bucket_for(rows: int, slots: int) -> int:
+    """The smallest power of two holding `rows`, at most `slots`."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, slots)
+
+
+class DecodeStep:
+    def __init__(
+        self, model, cache: SlotCache, cuda_graphs: bool, stream_bos: int, stream_eos: int, ignore_eos: bool
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.cuda_graphs = cuda_graphs and cache.mask.device.type == "cuda"
+        self.stream_bos, self.stream_eos, self.ignore_eos = stream_bos, stream_eos, ignore_eos
+        self.num_codebooks = model.config.num_codebooks
+        self.dtype = next(model.parameters()).dtype
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    @property
+    def captured(self) -> list[int]:
+        """The batch buckets with a captured graph."""
+        return sorted({key[0] for key in self._graphs})
+
+    def __call__(self, rows: int, widest_top_k: int, any_ras: bool) -> None:
+        """Advance the first b >= rows slots by one frame. The sampling shape (how many logits the widest
+        top-k sorts, whether RAS runs) is fixed per graph, so it is part of the graph's key."""
+        key = (bucket_for(rows, self.cache.slots), widest_top_k, any_ras)
+        if not self.cuda_graphs:
+            return self._step(*key)
+        if key not in self._graphs:
+            try:
+                self._capture(key)
+            except RuntimeError as exc:
+                # Graphs only speed the step up; a step that cannot be captured still runs eagerly.
+                log.warning("decode step not captured as a CUDA graph (%s); running it eagerly", exc)
+                self.cuda_graphs = False
+                torch.cuda.synchronize()
+                return self._step(*key)
+        self._graphs[key].replay()
+
+    def _step(self, b: int, widest_top_k: int, any_ras: bool) -> None:
+        c = self.cache
+        rows = c.rows[:b]
+        params = RowParams(
+            temperature=c.temperature[:b],
+            top_k=c.top_k[:b],
+            top_p=c.top_p[:b],
+            ras_win_len=c.ras_win_len[:b],
+            ras_max_repeat=c.ras_max_repeat[:b],
+            seeds=c.seeds[:b],
+        )
+        params.__dict__.update(widest_top_k=widest_top_k, any_ras=any_ras)  # no GPU read inside a graph
+        logits = c.logits[:b]
+        if self.ignore_eos:
+            logits = logits.clone()
+            logits[..., self.stream_eos] = float("-inf")
+        steps = c.steps[:b]
+        eos_steps = c.eos_steps[:b]
+        frame = select_next_frame(
+            logits, params, steps, eos_steps, c.history[:b], steps, self.stream_bos, self.stream_eos
+        )
+
+        c.frames[rows, steps.clamp(max=c.max_steps)] = frame
+        if c.window:
+            c.history[:b] = torch.cat([c.history[:b, 1:], frame[:, None, :]], dim=1)
+        is_eos = frame == self.stream_eos
+        eos_steps.copy_(torch.where((eos_steps < 0) & is_eos.any(-1), steps, eos_steps))
+        steps.add_(1)
+        finished = is_eos.all(-1) | (steps >= c.step_limit[:b])
+        done_at = c.done_at[:b]
+        done_at.copy_(torch.where((done_at < 0) & finished, steps, done_at))
+
+        c.audio_in[:b, 0] = frame
+        c.position_in[:b] += 1
+        write_pos = c.write_pos[:b]
+        c.mask[:b].scatter_(1, write_pos[:, None], True)  # a scalar fill: no host-to-device copy in a graph
+        c.logits[:b] = self._forward(b)
+        # A finished row steps on until the engine looks; its writes stay inside its own slot.
+        write_pos.copy_((write_pos + 1).clamp(max=c.length - 1))
+
+    def _forward(self, b: int) -> torch.Tensor:
+        cache = self.cache
+        mask = torch.zeros((b, 1, 1, cache.length), dtype=self.dtype, device=cache.mask.device)
+        mask.masked_fill_(~cache.mask[:b, None, None, :], torch.finfo(self.dtype).min)
+        out = self.model(
+            audio_input_ids=cache.audio_in[:b],
+            attention_mask=mask,
+            position_ids=cache.position_in[:b],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].view(b, self.num_codebooks, -1)
+
+    def _capture(self, key: tuple) -> None:
+        """Record one step as a graph. The warm-up that capturing requires runs on a copy of the state, so
+        the first replay is the step's only effect."""
+        started = time.perf_counter()
+        c = self.cache
+        saved = {name: t.clone() for name, t in _state(c).items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(*key)  # cuBLAS workspaces and lazy initialisation, outside the graph
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(*key)
+        self._pool = graph.pool()
+        for name, t in _state(c).items():
+            t.copy_(saved[name])
+        self._graphs[key] = graph
+        log.info("captured the decode step for %d slots in %.2f s", key[0], time.perf_counter() - started)
+
+
+def _state(c: SlotCache) -> dict[str, torch.Tensor]:
+    """Every buffer a step changes, except the keys/values it appends (rewritten identically on replay)."""
+    names = ("logits", "steps", "eos_steps", "done_at", "history", "frames", "audio_in", "position_in")
+    return {name: getattr(c, name) for name in (*names, "mask", "write_pos")}

@@ -1,0 +1,198 @@
+"""A KV cache of fixed slots for the decode loop: every row owns one slot of fixed length, writes its next
+token at its own column and attends only to its own columns.
+
+Fixed shapes are what CUDA graphs need: the decode step's tensors stay at the same addresses step after
+step, so one captured graph per batch bucket replays the whole forward with a single launch (see
+model.decode_step). transformers' StaticCache writes every row at one shared column, which forces a common
+left-padded length on the batch; per-row write positions let rows join and leave at any step instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's keys and values, (slots, kv_heads, length, head_dim), written in place."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.write_pos = write_pos  # shared by all layers: the column each slot writes its next token to
+        self.rows = torch.arange(keys.shape[0], device=keys.device)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # allocated up front: the addresses must not change once a graph has been captured
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new token per slot of the first `b` slots, return those slots' whole keys/values."""
+        b = key_states.shape[0]
+        if key_states.shape[2] != 1:
+            raise ValueError("a SlotCache takes one token per row per step; prefill with a DynamicCache")
+        rows, cols = self.rows[:b], self.write_pos[:b]
+        self.keys[rows, :, cols] = key_states[:, :, 0]
+        self.values[rows, :, cols] = value_states[:, :, 0]
+        return self.keys[:b], self.values[:b]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return 0  # rows differ; the engine always passes position ids and a ready 4-D mask
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class SlotCache(Cache):
+    """`slots` rows of at most `length` tokens each, generating at most `max_steps` frames each, and every
+    per-row tensor the decode step reads and writes: the whole step (sampling included) works in place on
+    these buffers, so it can be captured and replayed as one CUDA graph."""
+
+    def __init__(
+        self,
+        config,
+        slots: int,
+        length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_steps: int = 0,
+        window: int = 0,
+    ) -> None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (slots, config.num_key_value_heads, length, head_dim)
+        self.slots, self.length, self.max_steps, self.window = slots, length, max_steps, window
+        codebooks = config.num_codebooks
+        self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
+        super().__init__(
+            layers=[
+                SlotLayer(
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    self.write_pos,
+                )
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        # An empty slot keeps column 0 visible so its (ignored) attention row never softmaxes over nothing.
+        self.mask = torch.zeros((slots, length), dtype=torch.bool, device=device)
+        self.mask[:, 0] = True
+        self.audio_in = torch.zeros((slots, 1, codebooks), dtype=torch.long, device=device)
+        self.position_in = torch.zeros((slots, 1), dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
+
+        def per_row(dtype: torch.dtype, *shape: int, fill: float = 0) -> torch.Tensor:
+            return torch.full((slots, *shape), fill, dtype=dtype, device=device)
+
+        self.logits = per_row(dtype, codebooks, config.codebook_size)
+        self.temperature = per_row(torch.float32)
+        self.top_k = per_row(torch.long)
+        self.top_p = per_row(torch.float32)
+        self.ras_win_len = per_row(torch.long)
+        self.ras_max_repeat = per_row(torch.long)
+        self.seeds = per_row(torch.long)
+        self.steps = per_row(torch.long)
+        self.eos_steps = per_row(torch.long, fill=-1)
+        self.step_limit = per_row(torch.long)
+        self.done_at = per_row(torch.long, fill=-1)  # the step count at which the row finished, -1 before
+        self.history = per_row(torch.long, window, codebooks, fill=-1)
+        # One spare column: a finished row keeps stepping until the engine next looks, and writes there.
+        self.frames = per_row(torch.long, max_steps + 1, codebooks)
+        self._free = list(range(slots))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """The `n` lowest free slots: keeping rows low keeps the decode bucket small."""
+        if n > len(self._free):
+            raise RuntimeError(f"{n} rows do not fit in the {len(self._free)} free slots of the KV cache")
+        self._free.sort()
+        taken, self._free = self._free[:n], self._free[n:]
+        return taken
+
+    def release(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self.mask.device)
+        self.mask[index] = False
+        self.mask[index, 0] = True
+        self.write_pos[index] = 0
+        self._free.extend(slots)
+
+    def reset(self) -> None:
+        free = set(self._free)
+        self.release([s for s in range(self.slots) if s not in free])
+
+    def move(self, sources: list[int], targets: list[int]) -> None:
+        """Move rows to free slots, keys, values and state alike: packing rows into low slots lets the
+        decode step run on a smaller bucket once rows have left."""
+        if not sources:
+            return
+        src = torch.tensor(sources, device=self.mask.device)
+        dst = torch.tensor(targets, device=self.mask.device)
+        for layer in self.layers:
+            layer.keys[dst] = layer.keys[src]
+            layer.values[dst] = layer.values[src]
+        for t in (self.mask, self.write_pos, self.audio_in, self.position_in, *self._row_state()):
+            t[dst] = t[src]
+        taken = set(targets)
+        self._free = [s for s in self._free if s not in taken]
+        self.release(sources)
+
+    def _row_state(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.logits, self.temperature, self.top_k, self.top_p, self.ras_win_len, self.ras_max_repeat,
+            self.seeds, self.steps, self.eos_steps, self.step_limit, self.done_at, self.history, self.frames,
+        )  # fmt: skip
+
+    def fits(self, slots: int, length: int, max_steps: int, window: int) -> bool:
+        return (
+            self.slots >= slots
+            and length <= self.length <= 2 * length
+            and self.max_steps >= max_steps
+            and self.window >= window
+        )
+
+    def admit(self, slots: list[int], prefill) -> list[int]:
+        """Move a prefilled group (a model.batch_state.DynamicBatch) into `slots`: its keys and values, its
+        next-frame logits and its sampling state. Returns each row's token count."""
+        index = torch.tensor(slots, device=self.mask.device)
+        counts = self.load(slots, prefill.cache, prefill.attention)
+        self.logits[index] = prefill.logits.to(self.logits.dtype)
+        for name in ("temperature", "top_k", "top_p", "ras_win_len", "ras_max_repeat", "seeds"):
+            getattr(self, name)[index] = getattr(prefill.params, name)
+        self.steps[index] = 0
+        self.eos_steps[index] = -1
+        self.done_at[index] = -1
+        self.step_limit[index] = prefill.max_steps
+        self.history[index] = -1
+        self.position_in[index, 0] = prefill.positions
+        return counts
+
+    def load(self, slots: list[int], cache, attention: torch.Tensor) -> list[int]:
+        """Copy a left-padded prefill (a DynamicCache and its (b, P) attention mask) into `slots`, each row's
+        tokens moved to the front of its slot. Returns each row's token count."""
+        rows, prompt = attention.shape
+        if prompt > self.length:
+            raise ValueError(f"a prompt of {prompt} tokens does not fit a KV slot of {self.length}")
+        index = torch.tensor(slots, device=self.mask.device)
+        counts = attention.sum(dim=1)
+        shift = (torch.arange(prompt, device=attention.device)[None, :] + (prompt - counts)[:, None]) % prompt
+        for mine, theirs in zip(self.layers, cache.layers, strict=True):
+            gather = shift[:, None, :, None].expand_as(theirs.keys)
+            mine.keys[index, :, :prompt] = theirs.keys.gather(2, gather)
+            mine.values[index, :, :prompt] = theirs.values.gather(2, gather)
+        self.mask[index] = False
+        self.mask[index, :prompt] = torch.arange(prompt, device=attention.device)[None, :] < counts[:, None]
+        self.write_pos[index] = counts
+        return counts.tolist()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the engine in one call, for a lent GPU machine (see docs/benchmarks.md):
+#   bash scripts/run_gpu_bench.sh OUT_DIR
+# The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
+# (downloaded for its Python with `pip download --no-deps`) are installed into /tmp/site first.
+set -uo pipefail
+out=${1:-${OUT:-.}}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 --batch-sizes 1,8,32,64,128,256 --plain-batch-sizes 1,128 --refill-rows 384 2>&1 | tee "$out/bench_gpu.log"

@@ -1,0 +1,114 @@
+"""The fixed-shape KV cache the decode loop runs on (and CUDA graphs replay on a GPU): same codes as the
+plain DynamicCache path, rows packed to the front of their slots, slots reused."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model.decode_step import bucket_for
+from model.engine import EngineOptions, SynthesisEngine
+from model.slot_cache import SlotCache
+from tests.test_engine import clone, requests_of_mixed_lengths, smart
+
+
+def codes(engine: SynthesisEngine, rows) -> list[np.ndarray]:
+    return [r.audio_codes for r in engine.generate(rows)]
+
+
+def rows_ending_both_ways() -> list:
+    """Rows that stop at max_new_tokens and rows that stop on stream-eos, between the engine's looks."""
+    return requests_of_mixed_lengths() + [smart(i, max_new_tokens=200) for i in range(20, 26)]
+
+
+def test_some_rows_end_on_eos_before_max_new_tokens(engine):
+    frames = [r.generated_frames for r in engine.generate(rows_ending_both_ways()[-6:])]
+    assert any(n % 8 and n < 200 - 8 for n in frames), frames
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("refill", [True, False])
+def test_the_static_cache_gives_the_same_codes_as_the_dynamic_cache(engine, temperature, refill):
+    rows = [replace(r, temperature=temperature) for r in rows_ending_both_ways()]
+    dynamic = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, static_cache=False))
+    static = SynthesisEngine(
+        engine.checkpoint, EngineOptions(max_batch_size=3, static_cache=True, refill=refill)
+    )
+    for a, b in zip(codes(dynamic, rows), codes(static, rows), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_static_cache_matches_one_request_at_a_time_on_the_dynamic_cache(engine):
+    rows = rows_ending_both_ways()
+    alone = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1, static_cache=False))
+    batched = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=8, static_cache=True))
+    for a, b in zip(codes(alone, rows), codes(batched, rows), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_prefilled_row_lands_at_the_front_of_its_slot(engine):
+    short, long = smart(1), clone(2)
+    prepared = [engine._prepare(0, short), engine._prepare(1, long)]
+    batch = engine._prefill(prepared)  # left-padded to the longer prompt
+    n_short, n_long = (len(p.input_ids) for p in prepared)
+    assert n_short < n_long
+
+    cache = SlotCache(engine.model.config, 4, 512, torch.float32, torch.device("cpu"))
+    assert cache.load([3, 1], batch.cache, batch.attention) == [n_short, n_long]
+
+    padding = n_long - n_short
+    source = batch.cache.layers[0].keys
+    torch.testing.assert_close(cache.layers[0].keys[3, :, :n_short], source[0, :, padding:])
+    torch.testing.assert_close(cache.layers[0].keys[1, :, :n_long], source[1])
+    assert cache.mask[3].sum() == n_short and cache.mask[3, :n_short].all()
+    assert cache.mask[1].sum() == n_long
+    assert cache.write_pos.tolist() == [0, n_long, 0, n_short]
+
+
+def test_released_slots_are_cleared_and_handed_out_lowest_first():
+    from transformers import HiggsAudioV2Config
+
+    config = HiggsAudioV2Config(
+        num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=1
+    )
+    cache = SlotCache(config, 4, 16, torch.float32, torch.device("cpu"))
+    assert cache.allocate(3) == [0, 1, 2]
+    cache.mask[1, :5] = True
+    cache.write_pos[1] = 5
+    cache.release([1])
+    assert cache.write_pos[1] == 0 and cache.mask[1].tolist() == [True] + [False] * 15
+    assert cache.allocate(2) == [1, 3]
+    assert cache.free == 0
+    with pytest.raises(RuntimeError, match="free slots"):
+        cache.allocate(1)
+
+
+def test_decode_buckets_are_powers_of_two_capped_by_the_slot_count():
+    assert [bucket_for(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+
+
+def test_one_cache_serves_successive_batches_of_similar_length(engine):
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4))
+    fast.generate([smart(i) for i in range(4)])
+    first = fast._decode_step
+    fast.generate([smart(i + 10) for i in range(3)])
+    assert fast._decode_step is first
+    fast.generate([smart(1, max_new_tokens=900)])  # needs a longer slot: a new cache
+    assert fast._decode_step is not first and fast._decode_step.cache.length >= 900
+
+
+def test_rows_left_behind_are_packed_into_the_lowest_slots(engine, monkeypatch):
+    from model.decode_step import DecodeStep
+
+    buckets = []
+    original = DecodeStep.__call__
+    monkeypatch.setattr(
+        DecodeStep, "__call__", lambda self, rows, *a: buckets.append(rows) or original(self, rows, *a)
+    )
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=8, ignore_eos=True))
+    rows = [smart(i, max_new_tokens=12) for i in range(6)] + [smart(i, max_new_tokens=60) for i in (6, 7)]
+    results = fast.generate(rows)
+    assert [r.generated_frames for r in results] == [4] * 6 + [52] * 2
+    # 12 steps with all eight rows, then the two long rows step on in slots 0 and 1.
+    assert buckets[:12] == [8] * 12 and set(buckets[12:]) == {2}
