@@ -40,12 +40,20 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def fitting_batch_size(
-    config, dtype: torch.dtype, free_bytes: int, context_tokens: int, headroom: float = 0.3, cap: int = 256
+    config,
+    dtype: torch.dtype,
+    free_bytes: int,
+    context_tokens: int,
+    prompt_tokens: int = 0,
+    headroom: float = 0.2,
+    cap: int = 256,
 ) -> int:
-    """The largest batch whose KV cache for `context_tokens` per row fits in free memory, less headroom for
-    activations, logits and the codec."""
-    per_row = kv_bytes_per_token(config, dtype) * context_tokens
-    return max(1, min(cap, int(free_bytes * (1 - headroom)) // per_row))
+    """The largest batch that fits in free memory. A row holds its KV slot of `context_tokens` while its
+    prefill's keys and values (`prompt_tokens`) are copied in, plus a quarter more for activations: on an H200
+    the release took 0.245 GB per row at 1,024 + 688 tokens (docs/benchmarks.md), 1.25x those keys and values.
+    `headroom` is kept free for the codec and the allocator."""
+    per_row = 1.25 * kv_bytes_per_token(config, dtype) * (context_tokens + prompt_tokens)
+    return max(1, min(cap, int(free_bytes * (1 - headroom) // per_row)))
 
 
 @dataclass
@@ -176,8 +184,11 @@ class SynthesisEngine:
         if self.device.type != "cuda" or not prepared:
             return 16
         free, _ = torch.cuda.mem_get_info(self.device)
-        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
-        return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, context)
+        if self._decode_step is not None:
+            free += self._decode_step.cache.nbytes  # replaced if it does not fit this batch
+        prompt = max(len(p.input_ids) for p in prepared)
+        length = self._slot_length(prepared)
+        return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, length, prompt)
 
     def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
         """The next prefill group: shortest prompts first, padding waste kept under max_padding_waste."""
@@ -260,8 +271,7 @@ class SynthesisEngine:
         """The decode step over a SlotCache of `size` slots that fits every row of `prepared`, kept from call
         to call while it fits. Lengths are rounded up to 256 so that similar batches share one cache and its
         graphs; a cache over twice as long as needed is rebuilt, since attention reads every column."""
-        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
-        length = min(-(-context // 256) * 256, self.max_context)
+        length = self._slot_length(prepared)
         max_steps = -(-max(p.request.max_new_tokens for p in prepared) // 256) * 256
         window = max(self._ras_window(p.request) for p in prepared)
         step = self._decode_step
@@ -282,6 +292,10 @@ class SynthesisEngine:
             self.options.ignore_eos,
         )
         return self._decode_step
+
+    def _slot_length(self, prepared: list[_Prepared]) -> int:
+        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
+        return min(-(-context // 256) * 256, self.max_context)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

@@ -109,6 +109,12 @@ class SlotCache(Cache):
         self._free = list(range(slots))
 
     @property
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        tensors += [self.mask, *self._row_state()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def free(self) -> int:
         return len(self._free)
 

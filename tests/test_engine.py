@@ -192,9 +192,10 @@ def test_the_kv_cache_of_the_release_costs_about_112_kb_per_token_in_bf16():
 
     config = HiggsAudioV2Config()
     assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 28 * 8 * 128 * 2  # 114,688 bytes
-    # 60 GB free, 1,000-token contexts: 0.7 * 60e9 / 114.7e6 = 366 rows, capped at 256
-    assert fitting_batch_size(config, torch.bfloat16, 60 * 10**9, 1000) == 256
-    assert fitting_batch_size(config, torch.bfloat16, 10 * 10**9, 1000) == 61
+    # Per row: 1.25 x 114,688 bytes x (1,024-token slot + 688-token prefill) = 245 MB, as measured on an H200.
+    assert fitting_batch_size(config, torch.bfloat16, 80 * 10**9, 1024, 688) == 256
+    assert fitting_batch_size(config, torch.bfloat16, 30 * 10**9, 1024, 688) == 97  # 0.8 x 30 GB / 245 MB
+    assert fitting_batch_size(config, torch.bfloat16, 10**8, 1024, 688) == 1
 
 
 def test_out_of_memory_splits_the_batch_and_retries_without_failing_rows(engine, caplog):
