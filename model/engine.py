@@ -126,7 +126,7 @@ class SynthesisEngine:
         delayed = []
         for kind, i in conversation.audio_order:
             if kind == "context":
-                codes = torch.as_tensor(np.asarray(request.context[i].codes), dtype=torch.long)
+                codes = self._context_codes(request.context[i].codes, i)
             else:
                 try:
                     codes = self.encode_reference(request.references[i])
@@ -161,6 +161,26 @@ class SynthesisEngine:
         return _Prepared(
             index=index, request=request, input_ids=input_ids, audio_codes=audio, encode_s=encode_s
         )
+
+    def _context_codes(self, codes, i: int) -> torch.Tensor:
+        """A context turn's codes, checked: an out-of-range code would index past the embedding table, which
+        on a GPU is a device-side assert that takes every later request on that GPU down with it."""
+        array = np.asarray(codes)
+        if (
+            array.ndim != 2
+            or array.shape[0] != self.num_codebooks
+            or not np.issubdtype(array.dtype, np.integer)
+        ):
+            raise RequestError(
+                f"context[{i}].codes",
+                f"must be integer codes of shape ({self.num_codebooks}, frames), got {array.dtype} {array.shape}",
+            )
+        if array.size and (array.min() < 0 or array.max() >= self.stream_bos):
+            raise RequestError(
+                f"context[{i}].codes",
+                f"codes must lie in [0, {self.stream_bos}), got {array.min()}..{array.max()}",
+            )
+        return torch.as_tensor(array, dtype=torch.long)
 
     # ---------------------------------------------------------------- generation
 

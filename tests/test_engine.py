@@ -222,11 +222,38 @@ def test_a_row_that_never_fits_errors_with_out_of_memory_and_the_others_succeed(
     assert "out of memory" in results["long"].error
 
 
-def test_a_request_that_breaks_generation_errors_alone(engine):
-    from model.requests import ContextTurn
+def test_a_request_that_breaks_generation_errors_alone(engine, monkeypatch):
+    from model.engine import SynthesisEngine
 
-    broken = replace(smart(5), id="broken", context=[ContextTurn("Before.", np.full((8, 4), 5000))])
-    results = {r.id: r for r in engine.generate([smart(6), broken, smart(7)])}
+    fragile = SynthesisEngine(engine.checkpoint, engine.options)
+    prefill = fragile._prefill
+
+    def failing(batch):
+        if any(p.request.id == "broken" for p in batch):
+            raise RuntimeError("a kernel failed")
+        return prefill(batch)
+
+    monkeypatch.setattr(fragile, "_prefill", failing)
+    results = {r.id: r for r in fragile.generate([smart(6), replace(smart(5), id="broken"), smart(7)])}
     assert results["smart6"].ok and results["smart7"].ok
     assert results["broken"].error_field == "synthesis"
-    assert "generation failed" in results["broken"].error
+    assert "generation failed: a kernel failed" in results["broken"].error
+
+
+@pytest.mark.parametrize(
+    "codes, reason",
+    [
+        (np.full((8, 4), 5000), "codes must lie in [0, 1024), got 5000..5000"),
+        (np.full((8, 4), -1), "got -1..-1"),
+        (np.zeros((4, 8), dtype=np.int64), "shape (8, frames)"),
+        (np.zeros((8, 4), dtype=np.float32), "must be integer codes"),
+    ],
+)
+def test_context_codes_out_of_range_are_refused_before_they_reach_the_model(engine, codes, reason):
+    from model.requests import ContextTurn
+
+    bad = replace(smart(5), id="bad", context=[ContextTurn("Before.", codes)])
+    results = {r.id: r for r in engine.generate([smart(6), bad])}
+    assert results["smart6"].ok
+    assert results["bad"].error_field == "context[0].codes"
+    assert reason in results["bad"].error
