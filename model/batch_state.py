@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from model.sampling import RowParams, select_next_frame
+from model.sampling import RowParams, advance_counters, select_next_frame
 
 
 def _pad_front(x: torch.Tensor, amount: int, dim: int, value: float = 0) -> torch.Tensor:
@@ -125,18 +125,14 @@ class DynamicBatch:
     def advance(self, engine) -> list[tuple]:
         """Choose one frame for every row, retire the finished rows, run the model for the others.
         Returns the retired rows as (item, (steps, C) frames on the CPU)."""
-        logits = self.logits
-        if engine.options.ignore_eos:
-            logits[..., engine.stream_eos] = float("-inf")
         frame = select_next_frame(
-            logits, self.params, self.steps, self.eos_steps, self.history, self.steps,
-            engine.stream_bos, engine.stream_eos,
+            self.logits, self.params, self.steps, self.eos_steps, self.history, self.steps,
+            engine.stream_bos, engine.stream_eos, engine.options.ignore_eos,
         )  # fmt: skip
         self.append_frame(frame)
-        is_eos = frame == engine.stream_eos
-        self.eos_steps = torch.where((self.eos_steps < 0) & is_eos.any(-1), self.steps, self.eos_steps)
-        self.steps = self.steps + 1
-        finished = is_eos.all(-1) | (self.steps >= self.max_steps)
+        self.eos_steps, self.steps, finished = advance_counters(
+            frame, self.steps, self.eos_steps, self.max_steps, engine.stream_eos
+        )
         done_rows = finished.nonzero().flatten().tolist()
         retired = [(self.items[r], self.row_frames(r).cpu()) for r in done_rows]
         if done_rows:

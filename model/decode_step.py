@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 
 import torch
 
-from model.sampling import RowParams, select_next_frame
+from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
@@ -67,32 +68,22 @@ class DecodeStep:
     def _step(self, b: int, widest_top_k: int, any_ras: bool) -> None:
         c = self.cache
         rows = c.rows[:b]
-        params = RowParams(
-            temperature=c.temperature[:b],
-            top_k=c.top_k[:b],
-            top_p=c.top_p[:b],
-            ras_win_len=c.ras_win_len[:b],
-            ras_max_repeat=c.ras_max_repeat[:b],
-            seeds=c.seeds[:b],
-        )
-        params.__dict__.update(widest_top_k=widest_top_k, any_ras=any_ras)  # no GPU read inside a graph
-        logits = c.logits[:b]
-        if self.ignore_eos:
-            logits = logits.clone()
-            logits[..., self.stream_eos] = float("-inf")
+        params = RowParams(**{f.name: getattr(c, f.name)[:b] for f in fields(RowParams)})
         steps = c.steps[:b]
         eos_steps = c.eos_steps[:b]
         frame = select_next_frame(
-            logits, params, steps, eos_steps, c.history[:b], steps, self.stream_bos, self.stream_eos
-        )
+            c.logits[:b], params, steps, eos_steps, c.history[:b], steps, self.stream_bos, self.stream_eos,
+            self.ignore_eos, widest_top_k, any_ras,
+        )  # fmt: skip
 
         c.frames[rows, steps.clamp(max=c.max_steps)] = frame
         if c.window:
             c.history[:b] = torch.cat([c.history[:b, 1:], frame[:, None, :]], dim=1)
-        is_eos = frame == self.stream_eos
-        eos_steps.copy_(torch.where((eos_steps < 0) & is_eos.any(-1), steps, eos_steps))
-        steps.add_(1)
-        finished = is_eos.all(-1) | (steps >= c.step_limit[:b])
+        new_eos_steps, new_steps, finished = advance_counters(
+            frame, steps, eos_steps, c.step_limit[:b], self.stream_eos
+        )
+        eos_steps.copy_(new_eos_steps)
+        steps.copy_(new_steps)
         done_at = c.done_at[:b]
         done_at.copy_(torch.where((done_at < 0) & finished, steps, done_at))
 

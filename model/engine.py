@@ -56,6 +56,11 @@ def fitting_batch_size(
     return max(1, min(cap, int(free_bytes * (1 - headroom) // per_row)))
 
 
+def _round_up(n: int, step: int = 256) -> int:
+    """Slot cache sizes come in steps of 256, so that similar batches share one cache and its graphs."""
+    return -(-n // step) * step
+
+
 @dataclass
 class _Prepared:
     index: int
@@ -289,10 +294,10 @@ class SynthesisEngine:
 
     def _slots(self, size: int, prepared: list[_Prepared]) -> DecodeStep:
         """The decode step over a SlotCache of `size` slots that fits every row of `prepared`, kept from call
-        to call while it fits. Lengths are rounded up to 256 so that similar batches share one cache and its
-        graphs; a cache over twice as long as needed is rebuilt, since attention reads every column."""
+        to call while it fits (sizes rounded up by _round_up); a cache over twice as long as needed is rebuilt,
+        since attention reads every column."""
         length = self._slot_length(prepared)
-        max_steps = -(-max(p.request.max_new_tokens for p in prepared) // 256) * 256
+        max_steps = _round_up(max(p.request.max_new_tokens for p in prepared))
         window = max(self._ras_window(p.request) for p in prepared)
         step = self._decode_step
         if step is not None and step.cache.fits(size, length, max_steps, window):
@@ -315,7 +320,7 @@ class SynthesisEngine:
 
     def _slot_length(self, prepared: list[_Prepared]) -> int:
         context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
-        return min(-(-context // 256) * 256, self.max_context)
+        return min(_round_up(context), self.max_context)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

@@ -7,6 +7,7 @@ sits in: a request's codes depend only on the request, its seed and the checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import cached_property
 
@@ -75,12 +76,32 @@ class RowParams:
     # Read once per batch composition rather than every step: each read waits for the GPU.
     @cached_property
     def widest_top_k(self) -> int:
-        """How many of the largest logits a draw must sort: the largest top-k, 0 when a row has none."""
-        return 0 if bool((self.top_k <= 0).any()) else int(self.top_k.max().item())
+        return widest_top_k(self.top_k.tolist())
 
     @cached_property
     def any_ras(self) -> bool:
         return bool((self.ras_win_len > 0).any())
+
+
+def widest_top_k(top_ks: Iterable[int]) -> int:
+    """How many of the largest logits a draw must sort: the largest top-k, 0 when a row has none."""
+    top_ks = list(top_ks)
+    return 0 if min(top_ks) <= 0 else max(top_ks)
+
+
+def advance_counters(
+    frame: torch.Tensor,
+    steps: torch.Tensor,
+    eos_steps: torch.Tensor,
+    max_steps: torch.Tensor,
+    stream_eos: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After choosing (B, C) `frame`: each row's eos step (set at its first stream-eos), its step count, and
+    whether it has finished (every codebook at stream-eos, or max_steps reached)."""
+    is_eos = frame == stream_eos
+    eos_steps = torch.where((eos_steps < 0) & is_eos.any(-1), steps, eos_steps)
+    steps = steps + 1
+    return eos_steps, steps, is_eos.all(-1) | (steps >= max_steps)
 
 
 def _sample(
@@ -121,15 +142,22 @@ def select_next_frame(
     history_len: torch.Tensor,
     stream_bos: int,
     stream_eos: int,
+    ignore_eos: bool = False,
+    widest_top_k: int | None = None,
+    any_ras: bool | None = None,
 ) -> torch.Tensor:
     """Choose the next (B, C) audio frame.
 
     logits: (B, C, V) for the C codebooks. steps: frames generated so far per row. eos_steps: the step at
     which the row first emitted a stream eos, -1 before. history: (B, W, C) last generated frames,
-    right-aligned, with history_len valid frames per row.
+    right-aligned, with history_len valid frames per row. ignore_eos: stream-eos is never chosen.
+    widest_top_k / any_ras: the batch's sampling shape, read from `params` when not given (a captured graph
+    gives them: reading them from the GPU is not allowed there).
     The delay pattern forces codebook k to stream-bos for the first k+1 steps and to stream-eos from k+1
     steps after the first eos, so codebooks end in the same staircase they started in.
     """
+    widest_top_k = params.widest_top_k if widest_top_k is None else widest_top_k
+    any_ras = params.any_ras if any_ras is None else any_ras
     batch, codebooks, _ = logits.shape
     logits = logits.float()
     cb = torch.arange(codebooks, device=logits.device)[None, :]
@@ -138,16 +166,18 @@ def select_next_frame(
     # After its opening staircase a codebook never needs stream-bos again.
     logits = logits.clone()
     logits[..., stream_bos] = float("-inf")
+    if ignore_eos:
+        logits[..., stream_eos] = float("-inf")
 
     greedy = params.temperature <= 0
     u = counter_uniform(params.seeds, steps, 0, codebooks)
-    sampled = _sample(logits, params.temperature, params.top_k, params.top_p, u, params.widest_top_k)
+    sampled = _sample(logits, params.temperature, params.top_k, params.top_p, u, widest_top_k)
     chosen = torch.where(greedy[:, None], logits.argmax(dim=-1), sampled)
 
     # RAS (repetition-aware sampling): a code already repeated ras_max_repeat times within the last
     # ras_win_len frames is redrawn from the untempered distribution.
     window = history.shape[1]
-    if window and params.any_ras:
+    if window and any_ras:
         positions = torch.arange(window, device=logits.device)[None, :]
         in_window = (positions >= window - torch.minimum(history_len, params.ras_win_len)[:, None])[..., None]
         real = (history != stream_bos) & (history != stream_eos)

@@ -9,73 +9,74 @@ same as on the plain path (tests/test_slot_cache.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model.decode_step import DecodeStep, bucket_for
+from model.sampling import widest_top_k
 
 LOOK_EVERY = 8
+
+
+@dataclass
+class _Row:
+    item: object  # the engine's prepared request
+    tokens: int  # context tokens so far
+    left: int  # steps before max_new_tokens ends the row
+    top_k: int
+    ras: bool
 
 
 class SlotBatch:
     def __init__(self, step: DecodeStep) -> None:
         self.step = step
-        self.rows: dict[int, object] = {}  # slot -> the engine's prepared request
-        self.tokens: dict[int, int] = {}  # slot -> context tokens so far
-        self.left: dict[int, int] = {}  # slot -> steps before max_new_tokens ends the row
-        self.top_k: dict[int, int] = {}
-        self.ras: dict[int, bool] = {}
+        self.rows: dict[int, _Row] = {}  # by slot
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def items(self) -> list:
-        return list(self.rows.values())
+        return [row.item for row in self.rows.values()]
 
     @property
     def length(self) -> int:
-        return max(self.tokens.values(), default=0)
+        return max((row.tokens for row in self.rows.values()), default=0)
 
     def merge(self, prefill) -> None:
         """Take in a prefilled model.batch_state.DynamicBatch."""
         cache = self.step.cache
         slots = cache.allocate(len(prefill))
         counts = cache.admit(slots, prefill)
-        for slot, item, n in zip(slots, prefill.items, counts, strict=True):
-            request = item.request
-            self.rows[slot] = item
-            self.tokens[slot] = n
-            self.left[slot] = request.max_new_tokens
-        for slot, top_k, ras in zip(
-            slots, prefill.params.top_k.tolist(), prefill.params.ras_win_len.tolist(), strict=True
-        ):
-            self.top_k[slot], self.ras[slot] = top_k, ras > 0
+        top_ks = prefill.params.top_k.tolist()
+        ras = prefill.params.ras_win_len.tolist()
+        for slot, item, n, top_k, window in zip(slots, prefill.items, counts, top_ks, ras, strict=True):
+            self.rows[slot] = _Row(item, n, item.request.max_new_tokens, top_k, window > 0)
 
     def advance(self, engine) -> list[tuple]:
         """Run up to LOOK_EVERY steps, then retire the rows that finished. Returns them as
         (item, (steps, C) frames on the CPU)."""
         cache = self.step.cache
-        top_ks = list(self.top_k.values())
-        widest = 0 if min(top_ks) <= 0 else max(top_ks)
-        any_ras = any(self.ras.values()) and cache.window > 0
-        steps = max(1, min(LOOK_EVERY, *self.left.values()))
+        rows = self.rows.values()
+        widest = widest_top_k(row.top_k for row in rows)
+        any_ras = cache.window > 0 and any(row.ras for row in rows)
+        steps = max(1, min(LOOK_EVERY, *(row.left for row in rows)))
         engine._guard(len(self), self.length + steps)
         highest = max(self.rows) + 1
         for _ in range(steps):
             self.step(highest, widest, any_ras)
-        for slot in self.rows:
-            self.tokens[slot] += steps
-            self.left[slot] -= steps
+        for row in rows:
+            row.tokens += steps
+            row.left -= steps
         slots = list(self.rows)
         done_at = cache.done_at[torch.tensor(slots, device=cache.mask.device)].tolist()
-        retired = []
-        for slot, n in zip(slots, done_at, strict=True):
-            if n >= 0:
-                # A copy: on CPU .cpu() would return a view of a slot the next row overwrites.
-                retired.append((self.rows.pop(slot), cache.frames[slot, :n].to("cpu", copy=True)))
-                for table in (self.tokens, self.left, self.top_k, self.ras):
-                    del table[slot]
-        cache.release([s for s, n in zip(slots, done_at, strict=True) if n >= 0])
+        finished = [(slot, n) for slot, n in zip(slots, done_at, strict=True) if n >= 0]
+        # A copy: on CPU .cpu() would return a view of a slot the next row overwrites.
+        retired = [
+            (self.rows.pop(slot).item, cache.frames[slot, :n].to("cpu", copy=True)) for slot, n in finished
+        ]
+        cache.release([slot for slot, _ in finished])
         self._pack()
         return retired
 
@@ -92,5 +93,4 @@ class SlotBatch:
         free = sorted(set(range(bucket)) - set(self.rows))[: len(high)]
         cache.move(high, free)
         for src, dst in zip(high, free, strict=True):
-            for table in (self.rows, self.tokens, self.left, self.top_k, self.ras):
-                table[dst] = table.pop(src)
+            self.rows[dst] = self.rows.pop(src)

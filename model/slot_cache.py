@@ -9,6 +9,8 @@ left-padded length on the batch; per-row write positions let rows join and leave
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -19,11 +21,13 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, write_pos: torch.Tensor
+    ) -> None:
         super().__init__()
         self.keys, self.values = keys, values
-        self.write_pos = write_pos  # shared by all layers: the column each slot writes its next token to
-        self.rows = torch.arange(keys.shape[0], device=keys.device)
+        # Shared by all layers: every slot's index, and the column each slot writes its next token to.
+        self.rows, self.write_pos = rows, write_pos
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -71,12 +75,14 @@ class SlotCache(Cache):
         shape = (slots, config.num_key_value_heads, length, head_dim)
         self.slots, self.length, self.max_steps, self.window = slots, length, max_steps, window
         codebooks = config.num_codebooks
+        self.rows = torch.arange(slots, device=device)
         self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
         super().__init__(
             layers=[
                 SlotLayer(
                     torch.zeros(shape, dtype=dtype, device=device),
                     torch.zeros(shape, dtype=dtype, device=device),
+                    self.rows,
                     self.write_pos,
                 )
                 for _ in range(config.num_hidden_layers)
@@ -87,7 +93,6 @@ class SlotCache(Cache):
         self.mask[:, 0] = True
         self.audio_in = torch.zeros((slots, 1, codebooks), dtype=torch.long, device=device)
         self.position_in = torch.zeros((slots, 1), dtype=torch.long, device=device)
-        self.rows = torch.arange(slots, device=device)
 
         def per_row(dtype: torch.dtype, *shape: int, fill: float = 0) -> torch.Tensor:
             return torch.full((slots, *shape), fill, dtype=dtype, device=device)
@@ -175,8 +180,8 @@ class SlotCache(Cache):
         index = torch.tensor(slots, device=self.mask.device)
         counts = self.load(slots, prefill.cache, prefill.attention)
         self.logits[index] = prefill.logits.to(self.logits.dtype)
-        for name in ("temperature", "top_k", "top_p", "ras_win_len", "ras_max_repeat", "seeds"):
-            getattr(self, name)[index] = getattr(prefill.params, name)
+        for f in fields(prefill.params):
+            getattr(self, f.name)[index] = getattr(prefill.params, f.name)
         self.steps[index] = 0
         self.eos_steps[index] = -1
         self.done_at[index] = -1
