@@ -152,6 +152,7 @@ def engine_options(cfg: DictConfig):
         ras_enabled=bool(engine.ras_enabled),
         static_cache=bool(engine.static_cache),
         cuda_graphs=bool(engine.cuda_graphs),
+        compile=bool(engine.compile),
     )
 
 
@@ -162,11 +163,17 @@ def resources(runtime: DictConfig):
     for key in ("actors", "batch_size", "cpu_stage_workers"):
         require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
     require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
+    rows_per_call = runtime.get("rows_per_call")
+    require(
+        rows_per_call is None or int(rows_per_call) >= 1,
+        f"runtime.rows_per_call must be at least 1 (or null for 4 x runtime.batch_size), got {rows_per_call}",
+    )
     return Resources(
         actors=int(runtime.actors),
         gpus_per_actor=float(runtime.gpus_per_actor),
         cpus_per_actor=float(runtime.cpus_per_actor),
         batch_size=int(runtime.batch_size),
+        rows_per_call=int(rows_per_call or 0),
         cpu_stage_workers=int(runtime.cpu_stage_workers),
         cpu_stage_cpus=float(runtime.cpu_stage_cpus),
     )

@@ -5,7 +5,8 @@ A decode step of the release model is ~28 layers of small kernels plus ~50 more 
 batches launching them costs more than running them, and a step that asks the GPU anything (has a row
 finished?) cannot be queued ahead. Replaying a graph is one launch, and the engine only looks at which rows
 finished every few steps. Buckets are powers of two (and the cache's slot count), so a handful of graphs
-serve every batch.
+serve every batch. With `compile`, torch.compile fuses the step's ~600 small kernels (norms, rotary
+embeddings, sampling) before the graph is captured; the step has no graph break, so it compiles whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
+ROW_PARAMS = tuple(f.name for f in fields(RowParams))
 
 
 def bucket_for(rows: int, slots: int) -> int:
@@ -32,11 +34,21 @@ def bucket_for(rows: int, slots: int) -> int:
 
 class DecodeStep:
     def __init__(
-        self, model, cache: SlotCache, cuda_graphs: bool, stream_bos: int, stream_eos: int, ignore_eos: bool
+        self,
+        model,
+        cache: SlotCache,
+        cuda_graphs: bool,
+        stream_bos: int,
+        stream_eos: int,
+        ignore_eos: bool,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
         self.cuda_graphs = cuda_graphs and cache.mask.device.type == "cuda"
+        # Compiled once with a symbolic batch, so every bucket shares one compilation (a graph per bucket is
+        # still captured from it); fullgraph: a graph break would split the step back into small launches.
+        self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True) if compile else None
         self.stream_bos, self.stream_eos, self.ignore_eos = stream_bos, stream_eos, ignore_eos
         self.num_codebooks = model.config.num_codebooks
         self.dtype = next(model.parameters()).dtype
@@ -53,7 +65,7 @@ class DecodeStep:
         top-k sorts, whether RAS runs) is fixed per graph, so it is part of the graph's key."""
         key = (bucket_for(rows, self.cache.slots), widest_top_k, any_ras)
         if not self.cuda_graphs:
-            return self._step(*key)
+            return self._run(*key)
         if key not in self._graphs:
             try:
                 self._capture(key)
@@ -62,13 +74,31 @@ class DecodeStep:
                 log.warning("decode step not captured as a CUDA graph (%s); running it eagerly", exc)
                 self.cuda_graphs = False
                 torch.cuda.synchronize()
-                return self._step(*key)
+                return self._run(*key)
         self._graphs[key].replay()
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _run(self, b: int, widest_top_k: int, any_ras: bool) -> None:
+        if self._compiled is not None:
+            try:
+                return self._compiled(b, widest_top_k, any_ras)
+            except Exception as exc:
+                from torch._dynamo.exc import TorchDynamoException  # imported by torch.compile already
+
+                if not isinstance(exc, TorchDynamoException):
+                    raise
+                # Raised while tracing or compiling a new shape, before the step has changed any state.
+                log.warning("decode step not compiled (%s); running it uncompiled", str(exc).splitlines()[0])
+                self._compiled = None
+        return self._step(b, widest_top_k, any_ras)
 
     def _step(self, b: int, widest_top_k: int, any_ras: bool) -> None:
         c = self.cache
         rows = c.rows[:b]
-        params = RowParams(**{f.name: getattr(c, f.name)[:b] for f in fields(RowParams)})
+        params = RowParams(**{name: getattr(c, name)[:b] for name in ROW_PARAMS})
         steps = c.steps[:b]
         eos_steps = c.eos_steps[:b]
         frame = select_next_frame(
@@ -117,11 +147,11 @@ class DecodeStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(*key)  # cuBLAS workspaces and lazy initialisation, outside the graph
+            self._run(*key)  # compilation, cuBLAS workspaces and lazy initialisation, outside the graph
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(*key)
+            self._run(*key)
         self._pool = graph.pool()
         for name, t in _state(c).items():
             t.copy_(saved[name])

@@ -315,6 +315,7 @@ class SynthesisEngine:
             self.stream_bos,
             self.stream_eos,
             self.options.ignore_eos,
+            self.options.compile,
         )
         return self._decode_step
 

@@ -49,6 +49,9 @@ class EngineOptions:
     static_cache: bool = True
     # On a GPU, replay each decode step from a captured CUDA graph (needs static_cache).
     cuda_graphs: bool = True
+    # torch.compile the decode step (needs static_cache; a C++ compiler on CPU, Triton on GPU): fewer, fused
+    # kernels per step, after a one-off compilation of about a minute per actor.
+    compile: bool = False
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

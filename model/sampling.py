@@ -31,8 +31,12 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """Uniform floats in [0, 1) of shape (B, n), a pure function of (seed, step, stream, column): splitmix64."""
-    cols = torch.arange(n, device=seeds.device, dtype=torch.int64) + stream * 1024
-    x = seeds[:, None] * _signed(_MIX1) + steps[:, None] * _signed(_GOLDEN) + cols[None, :] * _signed(_MIX2)
+    # The stream's offset is folded here, wrapped to 64 bits: a compiler folding (column + offset) * _MIX2
+    # itself would overflow its integer constants.
+    cols = torch.arange(n, device=seeds.device, dtype=torch.int64) * _signed(_MIX2) + _signed(
+        stream * 1024 * _MIX2
+    )
+    x = seeds[:, None] * _signed(_MIX1) + steps[:, None] * _signed(_GOLDEN) + cols[None, :]
     x = x + _signed(_GOLDEN)
     x = (x ^ _shr(x, 30)) * _signed(_MIX1)
     x = (x ^ _shr(x, 27)) * _signed(_MIX2)
@@ -183,9 +187,9 @@ def select_next_frame(
         real = (history != stream_bos) & (history != stream_eos)
         repeats = ((history == chosen[:, None, :]) & real & in_window).sum(dim=1)
         redraw = (repeats >= params.ras_max_repeat[:, None]) & (params.ras_win_len > 0)[:, None]
-        # On a GPU the redraw is cheaper to compute for every row than to ask whether any row needs it,
-        # which would wait for the GPU every step.
-        if logits.device.type == "cuda" or bool(redraw.any()):
+        # On a GPU (and in a compiled step) the redraw is cheaper to compute for every row than to ask
+        # whether any row needs it, which would wait for the GPU every step (and break the compiled graph).
+        if logits.device.type == "cuda" or torch.compiler.is_compiling() or bool(redraw.any()):
             ones = torch.ones_like(params.temperature)
             u = counter_uniform(params.seeds, steps, 1, codebooks)
             redrawn = _sample(logits, ones, torch.zeros_like(params.top_k), ones, u, 0)

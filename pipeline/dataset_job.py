@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # Rows per block at least this many once a manifest is large: a Ray block costs scheduling, driver memory
 # and one metadata part, which dominate below ~128 rows (scripts/bench_pipeline.py).
 MIN_BLOCK_ROWS = 128
+CALL_SLOTS = 4
 
 
 @dataclass
@@ -53,9 +54,17 @@ class Resources:
     actors: int = 1  # synthesis actors, each holding one engine
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 16  # rows per engine call
+    batch_size: int = 16  # rows decoded together: the engine's KV slots
+    # Rows per synthesis call; 0: CALL_SLOTS x batch_size. Within a call, waiting rows take the slots of rows
+    # that finish, so only a call's last rows leave slots idle: a call of exactly batch_size rows of mixed
+    # lengths would spend its second half draining.
+    rows_per_call: int = 0
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
+
+    @property
+    def call_rows(self) -> int:
+        return self.rows_per_call or CALL_SLOTS * self.batch_size
 
 
 @dataclass
@@ -158,9 +167,9 @@ def run_dataset_job(job: DatasetJob) -> dict:
 
     # Small blocks, kept through the CPU stages (batch_size=None: a block per call), spread batches over
     # all actors and get each block's audio and metadata part written as soon as it is synthesised, so a
-    # killed run loses at most the blocks in flight. Small manifests get one synthesis batch per block;
+    # killed run loses at most the blocks in flight. Small manifests get one synthesis call per block;
     # large ones MIN_BLOCK_ROWS rows, enough blocks still to keep every actor fed.
-    per_batch = math.ceil(num_rows / res.batch_size)
+    per_batch = math.ceil(num_rows / res.call_rows)
     blocks = max(1, min(per_batch, max(4 * res.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
     ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
@@ -171,7 +180,7 @@ def run_dataset_job(job: DatasetJob) -> dict:
         SynthesizeStage,
         fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine)},
         batch_format="pyarrow",
-        batch_size=res.batch_size,
+        batch_size=res.call_rows,
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,

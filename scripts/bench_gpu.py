@@ -6,9 +6,10 @@
 
 Each row is a realistic prompt: ~300 text tokens of script plus a 10 s reference (250 frames of codes, given
 as a user/assistant turn exactly as a cloned voice is). Every row generates --frames frames, EOS ignored.
-Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for three decode modes
-(`graphs`: the default slot cache replayed from CUDA graphs; `static`: the same cache run eagerly;
-`dynamic`: transformers' DynamicCache run eagerly, the plain path), transformers' `model.generate` at batch 1
+Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for four decode modes
+(`compiled`: the slot cache's step torch.compiled, then replayed from CUDA graphs; `graphs`: the default,
+the same uncompiled; `static`: the same cache run eagerly; `dynamic`: transformers' DynamicCache run
+eagerly, the plain path), transformers' `model.generate` at batch 1
 on the same prompt in the same run as the baseline, and whether the fast path gives the plain path's codes
 (exactly on the tiny config in float32; how far greedy rows agree on the release config in bf16). No
 download: weights are random, which changes no timing.
@@ -72,6 +73,7 @@ WORDS = [
 # How the engine decodes: a fixed-shape slot cache replayed from CUDA graphs (the default), the same cache
 # run eagerly, and transformers' DynamicCache run eagerly (the plain path).
 MODES = {
+    "compiled": {"static_cache": True, "cuda_graphs": True, "compile": True},
     "graphs": {"static_cache": True, "cuda_graphs": True},
     "static": {"static_cache": True, "cuda_graphs": False},
     "dynamic": {"static_cache": False, "cuda_graphs": False},
@@ -109,18 +111,30 @@ def requests(n: int, frames: int, text_tokens: int, ref_frames: int, tokenizer) 
 
 
 def measure(
-    engine: SynthesisEngine, batch: int, frames: int, rows: list[SynthesisRequest], count: int = 0
+    engine: SynthesisEngine,
+    batch: int,
+    frames: int,
+    rows: list[SynthesisRequest],
+    count: int = 0,
+    per_call: int = 0,
 ) -> dict:
+    """`count` rows (default `batch`) through `batch` slots, `per_call` rows per engine.generate call (default
+    all of them in one), as a dataset job's actor gets them."""
     engine.options.max_batch_size = batch
     count = count or batch
+    per_call = per_call or count
     # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets this run visits,
     # which only the same run captures.
+    warm = time.perf_counter()
     engine.generate(rows[:count] if engine.options.static_cache else rows[: min(batch, 2)])
+    warmup_s = time.perf_counter() - warm
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    results = engine.generate(rows[:count])
+    results = [
+        r for i in range(0, count, per_call) for r in engine.generate(rows[i : min(count, i + per_call)])
+    ]
     wall = time.perf_counter() - started
     generated = sum(r.generated_frames for r in results)
     out = {
@@ -132,6 +146,7 @@ def measure(
         "x_real_time": round(generated / FRAME_RATE / wall, 2),
         "prefill_s": round(max(r.timings["prefill_s"] for r in results), 3),
         "vocode_s": round(sum(r.timings["vocode_s"] for r in results), 3),
+        "warmup_s": round(warmup_s, 1),  # compilation and graph capture included
     }
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -141,15 +156,18 @@ def measure(
     return out
 
 
-def measure_refill(engine: SynthesisEngine, batch: int, n: int, rows: list[SynthesisRequest]) -> dict:
-    """`n` rows of 150-349 frames through `batch` slots: rows finish at different steps and waiting rows
-    take their slots (continuous batching), as in a dataset job's actor."""
+def measure_refill(
+    engine: SynthesisEngine, batch: int, n: int, rows: list[SynthesisRequest], per_call: int
+) -> dict:
+    """`n` rows of 150-349 frames through `batch` slots, `per_call` rows per call: rows finish at different
+    steps and waiting rows of the same call take their slots (continuous batching), as in a dataset job's
+    actor; each call ends draining to its longest row."""
     mixed = [
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    result = measure(engine, batch, 0, mixed, count=n)
-    result.update(rows=n, frames_per_row="150-349")
+    result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
+    result.update(rows=n, rows_per_call=per_call, frames_per_row="150-349")
     return result
 
 
@@ -213,7 +231,7 @@ def agreement(loaded, rows: list[SynthesisRequest], frames: int) -> dict:
             "frames_identical_before_first_difference": agree}  # fmt: skip
 
 
-def exactness(device: torch.device) -> dict:
+def exactness(device: torch.device, mode: str) -> dict:
     """The fast path's mechanics (slots, graphs of several buckets as rows leave, refill, rows ending on
     stream-eos between looks) against the plain path, on the tiny config in float32, where both must give
     the same codes (tests/test_slot_cache.py asserts it on CPU)."""
@@ -222,7 +240,7 @@ def exactness(device: torch.device) -> dict:
         SynthesisRequest(id=f"t{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=m)
         for i, m in enumerate([12, 19, 26, 33, 200, 200, 200, 200, 200, 200])
     ]
-    fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["graphs"]))
+    fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
     a, b = fast.generate(rows), plain.generate(rows)
     same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
@@ -241,11 +259,14 @@ def main() -> None:
     parser.add_argument("--config", choices=["real", "tiny"], default="real")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-sizes", default="1,8,32,64,128")
-    parser.add_argument("--modes", default="graphs,static,dynamic", help=f"any of {', '.join(MODES)}")
     parser.add_argument(
-        "--plain-batch-sizes", default="1,32,128", help="batch sizes for the static and dynamic modes"
+        "--modes", default="compiled,graphs,static,dynamic", help=f"any of {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--plain-batch-sizes", default="1,32,128", help="batch sizes for every mode after the first"
     )
     parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
+    parser.add_argument("--refill-slots", type=int, default=0, help="their slots (0: the largest batch)")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
@@ -293,9 +314,10 @@ def main() -> None:
         "baseline", lambda: baseline_generate(engine_for(loaded, "dynamic"), args.frames, rows[0])
     )
     save()
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    for mode in modes:
         engine = engine_for(loaded, mode)
-        mode_sizes = sizes if mode == "graphs" else [int(s) for s in args.plain_batch_sizes.split(",")]
+        mode_sizes = sizes if mode == modes[0] else [int(s) for s in args.plain_batch_sizes.split(",")]
         for size in mode_sizes:
             run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
             report["engine"].append({"mode": mode, "batch_size": size, **run})
@@ -305,13 +327,22 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.refill_rows:
-        run = attempt(
-            "refill",
-            lambda: measure_refill(engine_for(loaded, "graphs"), max(sizes), args.refill_rows, rows),
+        # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots (the old default),
+        # then the default of 4 x the slots.
+        slots = args.refill_slots or max(sizes)
+        engine = engine_for(loaded, modes[0])
+        report["continuous_batching"] = []
+        for per_call in (slots, 4 * slots):
+            run = attempt(
+                f"refill {per_call} per call",
+                lambda n=per_call: measure_refill(engine, slots, args.refill_rows, rows, n),
+            )
+            report["continuous_batching"].append({"mode": modes[0], **run})
+            save()
+    for mode in ("graphs", "compiled"):
+        report[f"exactness_tiny_fp32_{mode}"] = attempt(
+            f"exactness {mode}", lambda m=mode: exactness(device, m)
         )
-        report["continuous_batching"] = {"mode": "graphs", **run}
-        save()
-    report["exactness_tiny_fp32"] = attempt("exactness", lambda: exactness(device))
     report["agreement_greedy"] = attempt(
         "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
     )

@@ -58,8 +58,18 @@ def voices_copy(tmp_path: Path) -> Path:
     return folder
 
 
-def make_job(manifest: str, output: str, checkpoint: str, *, batch_size: int = 2, engine=None, **kw):
-    """A dataset job on the CPU with the tiny checkpoint, `batch_size` rows per engine call."""
+def make_job(
+    manifest: str,
+    output: str,
+    checkpoint: str,
+    *,
+    batch_size: int = 2,
+    rows_per_call: int | None = None,
+    engine=None,
+    **kw,
+):
+    """A dataset job on the CPU with the tiny checkpoint, `batch_size` rows decoded together and, unless
+    `rows_per_call` says otherwise (0: the job's default), as many per call: each call is a metadata part."""
     from model.options import CheckpointSpec, EngineOptions
     from pipeline.dataset_job import DatasetJob, Resources
 
@@ -68,7 +78,9 @@ def make_job(manifest: str, output: str, checkpoint: str, *, batch_size: int = 2
         output=output,
         checkpoint=CheckpointSpec(source=checkpoint, device="cpu"),
         engine=engine or EngineOptions(max_batch_size=batch_size),
-        resources=Resources(batch_size=batch_size),
+        resources=Resources(
+            batch_size=batch_size, rows_per_call=batch_size if rows_per_call is None else rows_per_call
+        ),
         **kw,
     )
 

@@ -168,6 +168,22 @@ def test_invalid_rows_become_error_rows_naming_their_field_while_good_rows_finis
 # ---- resume -----------------------------------------------------------------------------------------
 
 
+def test_a_synthesis_call_takes_four_engine_batches_of_rows_by_default(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # Slots of rows that finish early are refilled from the rest of the call: 8 rows at batch_size 2 go
+    # through one call (one metadata part), not four calls that each drain to their longest row.
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [text_row(i, max_new_tokens=20 + 15 * i) for i in range(8)]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+
+    job = make_job(str(manifest), str(out), tiny_checkpoint, batch_size=2, rows_per_call=0)
+    summary = run_dataset_job(job)
+    assert summary["this_run"]["by_status"] == {"ok": 8}
+    assert len(list((out / "metadata").iterdir())) == 1
+
+
 def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
     ray_local, tiny_checkpoint, tmp_path
 ) -> None:

@@ -92,7 +92,9 @@ def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir:
     ids = [f"row-{i:02d}" for i in range(12)]
     manifest = write_manifest(workdir / "manifest.jsonl", text_rows(12, max_new_tokens=120))
     out = workdir / "out"
-    command = generate_command(f"manifest={manifest}", f"output={out}", "runtime.batch_size=2")
+    command = generate_command(
+        f"manifest={manifest}", f"output={out}", "runtime.batch_size=2", "runtime.rows_per_call=2"
+    )
     log = (workdir / "killed.log").open("w")
     before = objects(LOCAL, str(workdir))
     # A session of its own, so the driver and the Ray it started (GCS, raylet) die together.
@@ -245,8 +247,12 @@ def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("manifest={tmp}/missing.jsonl", "manifest="), ("runtime.actors=0", "runtime.actors")],
-    ids=["missing-manifest", "zero-actors"],
+    [
+        ("manifest={tmp}/missing.jsonl", "manifest="),
+        ("runtime.actors=0", "runtime.actors"),
+        ("runtime.rows_per_call=0", "runtime.rows_per_call"),
+    ],
+    ids=["missing-manifest", "zero-actors", "zero-rows-per-call"],
 )
 def test_a_bad_configuration_exits_2_naming_the_key_before_any_model_loads(
     tmp_path: Path, override: str, named: str

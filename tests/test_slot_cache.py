@@ -112,3 +112,12 @@ def test_rows_left_behind_are_packed_into_the_lowest_slots(engine, monkeypatch):
     assert [r.generated_frames for r in results] == [4] * 6 + [52] * 2
     # 12 steps with all eight rows, then the two long rows step on in slots 0 and 1.
     assert buckets[:12] == [8] * 12 and set(buckets[12:]) == {2}
+
+
+def test_a_compiled_decode_step_gives_the_same_codes(engine):
+    rows = [replace(r, temperature=0.9) for r in rows_ending_both_ways()]
+    eager = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3))
+    compiled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, compile=True))
+    for a, b in zip(codes(eager, rows), codes(compiled, rows), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
