@@ -153,6 +153,7 @@ def engine_options(cfg: DictConfig):
         static_cache=bool(engine.static_cache),
         cuda_graphs=bool(engine.cuda_graphs),
         compile=bool(engine.compile),
+        share_prefix=bool(engine.share_prefix),
     )
 
 

@@ -56,6 +56,10 @@ def fitting_batch_size(
     return max(1, min(cap, int(free_bytes * (1 - headroom) // per_row)))
 
 
+# Shorter shared prompt prefixes are prefilled with each row: a separate forward would cost more than it saves.
+MIN_SHARED_PREFIX = 64
+
+
 def _round_up(n: int, step: int = 256) -> int:
     """Slot cache sizes come in steps of 256, so that similar batches share one cache and its graphs."""
     return -(-n // step) * step
@@ -328,39 +332,42 @@ class SynthesisEngine:
             torch.cuda.empty_cache()
 
     def _prefill(self, batch: list[_Prepared]) -> DynamicBatch:
+        """Run the prompts of `batch` through the model: the tokens every row shares (system prompt, reference
+        voice) once, when they are long enough to be worth it, then each row's own tokens, left-padded."""
         device = self.device
         rows = len(batch)
-        prompt_len = max(len(p.input_ids) for p in batch)
-        input_ids = torch.full((rows, prompt_len), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, prompt_len), dtype=torch.long)
+        shared = self._shared_prefix(batch)
+        suffix_len = max(len(p.input_ids) for p in batch) - shared
+        input_ids = torch.full((rows, suffix_len), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((rows, suffix_len), dtype=torch.long)
         for r, item in enumerate(batch):
-            n = len(item.input_ids)
-            input_ids[r, prompt_len - n :] = torch.tensor(item.input_ids)
-            attention[r, prompt_len - n :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        inputs = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention.to(device),
-            "position_ids": positions.to(device),
-        }
-        audio_lengths = [0 if p.audio_codes is None else len(p.audio_codes) for p in batch]
+            n = len(item.input_ids) - shared
+            input_ids[r, suffix_len - n :] = torch.tensor(item.input_ids[shared:])
+            attention[r, suffix_len - n :] = 1
+        positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids.to(device), "position_ids": positions.to(device)}
+        audio = [None if shared else p.audio_codes for p in batch]
+        audio_lengths = [0 if a is None else len(a) for a in audio]
         if any(audio_lengths):
-            audio = torch.full(
+            audio_in = torch.full(
                 (rows, max(audio_lengths), self.num_codebooks), self.stream_eos, dtype=torch.long
             )
-            for r, item in enumerate(batch):
-                if item.audio_codes is not None:
-                    audio[r, : audio_lengths[r]] = item.audio_codes
-            mask = torch.arange(audio.shape[1])[None, :] < torch.tensor(audio_lengths)[:, None]
-            inputs["audio_input_ids"] = audio.to(device)
+            for r, codes in enumerate(audio):
+                if codes is not None:
+                    audio_in[r, : audio_lengths[r]] = codes
+            mask = torch.arange(audio_in.shape[1])[None, :] < torch.tensor(audio_lengths)[:, None]
+            inputs["audio_input_ids"] = audio_in.to(device)
             inputs["audio_input_ids_mask"] = mask.to(device)
-
+        prompt_len = shared + suffix_len
         self._guard(rows, prompt_len)
         params = self._row_params(batch)
         window = int(params.ras_win_len.max().item())
-        cache = DynamicCache(config=self.model.config)
         started = time.perf_counter()
-        out = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = self._prefix_cache(batch[0], shared, rows)
+        attention = torch.cat([torch.ones((rows, shared), dtype=torch.long), attention], dim=1).to(device)
+        out = self.model(
+            **inputs, attention_mask=attention, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         logits = out.logits[:, -1, :].view(rows, self.num_codebooks, -1)
         self._sync()
         for item in batch:
@@ -370,7 +377,7 @@ class SynthesisEngine:
         return DynamicBatch(
             items=list(batch),
             cache=cache,
-            attention=inputs["attention_mask"],
+            attention=attention,
             positions=inputs["position_ids"][:, -1],
             logits=logits,
             params=params,
@@ -380,6 +387,48 @@ class SynthesisEngine:
             history=torch.full((rows, window, self.num_codebooks), -1, dtype=torch.long, device=device),
             frames=torch.zeros((rows, 0, self.num_codebooks), dtype=torch.long, device=device),
         )
+
+    def _shared_prefix(self, batch: list[_Prepared]) -> int:
+        """How many leading prompt tokens every row of `batch` shares, when the rows also share their audio
+        (the same reference clip or context) and it all lies in those tokens; 0 when under MIN_SHARED_PREFIX.
+        A dataset voiced from a voice library repeats one reference turn, often most of each prompt."""
+        if len(batch) < 2 or not self.options.share_prefix:
+            return 0
+        first = batch[0]
+        for item in batch[1:]:
+            if (item.audio_codes is None) != (first.audio_codes is None) or (
+                item.audio_codes is not None and not torch.equal(item.audio_codes, first.audio_codes)
+            ):
+                return 0
+        # Each row keeps at least its last token: its logits are the first frame's.
+        limit = min(len(p.input_ids) for p in batch) - 1
+        shared = 0
+        while shared < limit and all(p.input_ids[shared] == first.input_ids[shared] for p in batch[1:]):
+            shared += 1
+        if shared < MIN_SHARED_PREFIX:
+            return 0
+        config = self.model.config
+        placeholders = {config.audio_token_id, config.audio_delay_token_id}
+        if any(not placeholders.isdisjoint(p.input_ids[shared:]) for p in batch):
+            return 0  # audio after the shared tokens: not shared after all
+        return shared
+
+    def _prefix_cache(self, item: _Prepared, shared: int, rows: int) -> DynamicCache:
+        """A DynamicCache holding the keys and values of `item`'s first `shared` tokens for each of `rows`
+        rows (empty when `shared` is 0)."""
+        cache = DynamicCache(config=self.model.config)
+        if not shared:
+            return cache
+        device = self.device
+        inputs = {
+            "input_ids": torch.tensor([item.input_ids[:shared]], device=device),
+            "position_ids": torch.arange(shared, device=device)[None, :],
+        }
+        if item.audio_codes is not None:
+            inputs["audio_input_ids"] = item.audio_codes[None].to(device)
+        self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _step(self, state: DynamicBatch | SlotBatch):
         """Advance the batch and yield the rows that finished."""

@@ -52,6 +52,9 @@ class EngineOptions:
     # torch.compile the decode step (needs static_cache; a C++ compiler on CPU, Triton on GPU): fewer, fused
     # kernels per step, after a one-off compilation of about a minute per actor.
     compile: bool = False
+    # Rows of a prefill group that share their leading prompt tokens and audio (one reference voice) run
+    # those tokens through the model once; off = every row prefills its whole prompt.
+    share_prefix: bool = True
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

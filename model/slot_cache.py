@@ -191,16 +191,18 @@ class SlotCache(Cache):
         return counts
 
     def load(self, slots: list[int], cache, attention: torch.Tensor) -> list[int]:
-        """Copy a left-padded prefill (a DynamicCache and its (b, P) attention mask) into `slots`, each row's
-        tokens moved to the front of its slot. Returns each row's token count."""
+        """Copy a prefill (a DynamicCache and its (b, P) attention mask, padding anywhere: left, or between a
+        shared prefix and a row's own tokens) into `slots`, each row's tokens moved in order to the front of
+        its slot. Returns each row's token count."""
         rows, prompt = attention.shape
         if prompt > self.length:
             raise ValueError(f"a prompt of {prompt} tokens does not fit a KV slot of {self.length}")
         index = torch.tensor(slots, device=self.mask.device)
         counts = attention.sum(dim=1)
-        shift = (torch.arange(prompt, device=attention.device)[None, :] + (prompt - counts)[:, None]) % prompt
+        # A stable sort of "is padding" lists each row's real columns first, in their order.
+        order = torch.sort((attention == 0).to(torch.int8), dim=1, stable=True).indices
         for mine, theirs in zip(self.layers, cache.layers, strict=True):
-            gather = shift[:, None, :, None].expand_as(theirs.keys)
+            gather = order[:, None, :, None].expand_as(theirs.keys)
             mine.keys[index, :, :prompt] = theirs.keys.gather(2, gather)
             mine.values[index, :, :prompt] = theirs.values.gather(2, gather)
         self.mask[index] = False

@@ -6,10 +6,11 @@
 
 Each row is a realistic prompt: ~300 text tokens of script plus a 10 s reference (250 frames of codes, given
 as a user/assistant turn exactly as a cloned voice is). Every row generates --frames frames, EOS ignored.
-Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for four decode modes
+Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for the decode modes
 (`compiled`: the slot cache's step torch.compiled, then replayed from CUDA graphs; `graphs`: the default,
-the same uncompiled; `static`: the same cache run eagerly; `dynamic`: transformers' DynamicCache run
-eagerly, the plain path), transformers' `model.generate` at batch 1
+the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
+one reference turn; `static`: the slot cache run eagerly; `dynamic`: the plain path, transformers'
+DynamicCache run eagerly after a whole-prompt prefill per row), transformers' `model.generate` at batch 1
 on the same prompt in the same run as the baseline, and whether the fast path gives the plain path's codes
 (exactly on the tiny config in float32; how far greedy rows agree on the release config in bf16). No
 download: weights are random, which changes no timing.
@@ -76,7 +77,9 @@ MODES = {
     "compiled": {"static_cache": True, "cuda_graphs": True, "compile": True},
     "graphs": {"static_cache": True, "cuda_graphs": True},
     "static": {"static_cache": True, "cuda_graphs": False},
-    "dynamic": {"static_cache": False, "cuda_graphs": False},
+    "dynamic": {"static_cache": False, "cuda_graphs": False, "share_prefix": False},
+    # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
+    "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
 }
 
 
@@ -233,11 +236,20 @@ def agreement(loaded, rows: list[SynthesisRequest], frames: int) -> dict:
 
 def exactness(device: torch.device, mode: str) -> dict:
     """The fast path's mechanics (slots, graphs of several buckets as rows leave, refill, rows ending on
-    stream-eos between looks) against the plain path, on the tiny config in float32, where both must give
-    the same codes (tests/test_slot_cache.py asserts it on CPU)."""
+    stream-eos between looks, a reference turn prefilled once for the rows sharing it) against the plain
+    path, on the tiny config in float32, where both must give the same codes (tests/test_slot_cache.py
+    asserts it on CPU)."""
     loaded = random_checkpoint("tiny", device, torch.float32)
+    codes = np.random.default_rng(0).integers(0, 64, size=(loaded.model.config.num_codebooks, 60))
+    voice = [ContextTurn(text="A reference sentence in the shared voice.", codes=codes)]
     rows = [
-        SynthesisRequest(id=f"t{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=m)
+        SynthesisRequest(
+            id=f"t{i}",
+            text=f"Sentence number {i} is spoken here.",
+            seed=i,
+            max_new_tokens=m,
+            context=voice if i % 2 else [],
+        )
         for i, m in enumerate([12, 19, 26, 33, 200, 200, 200, 200, 200, 200])
     ]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))

@@ -13,8 +13,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# The compiled step first, at every batch size; the uncompiled graphs beside it at 1 and 128 for the ratio;
-# then 512 mixed-length rows through 128 slots (runtime=cluster) in calls of 128 and of 512 rows.
-timeout 450 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 360 --modes compiled,graphs \
+# The compiled step first, at every batch size; the uncompiled graphs, and the graphs with whole-prompt
+# prefills (unshared), at 1 and 128 beside it for the ratios; then 512 mixed-length rows through 128 slots
+# (runtime=cluster) in calls of 128 and of 512 rows.
+timeout 450 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 360 --modes compiled,graphs,unshared \
   --batch-sizes 1,8,32,64,128,256 --plain-batch-sizes 1,128 --refill-rows 512 --refill-slots 128 \
   2>&1 | tee "$out/bench_gpu.log"

@@ -257,3 +257,22 @@ def test_context_codes_out_of_range_are_refused_before_they_reach_the_model(engi
     assert results["smart6"].ok
     assert results["bad"].error_field == "context[0].codes"
     assert reason in results["bad"].error
+
+
+def test_rows_sharing_a_reference_voice_run_it_through_the_model_once_and_keep_their_codes(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    rows = [clone(i) for i in range(3)]
+    prompt = len(engine.prepare(rows[0])[0])
+    embedded: list[int] = []
+    hook = engine.model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: embedded.append(args[0].numel())
+    )
+    try:
+        batched = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3)).generate(rows)
+    finally:
+        hook.remove()
+    assert sum(embedded) < 1.2 * prompt  # not 3x: the shared system prompt and reference turn ran once
+    alone = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
+    for a, b in zip(alone, batched, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)

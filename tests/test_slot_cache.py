@@ -121,3 +121,22 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine):
     for a, b in zip(codes(eager, rows), codes(compiled, rows), strict=True):
         np.testing.assert_array_equal(a, b)
     assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
+
+
+def test_rows_after_a_shared_prefix_land_in_order_at_the_front_of_their_slots(engine):
+    prepared = [
+        engine._prepare(0, clone(1)),
+        engine._prepare(1, replace(clone(2), text="A longer clone text.")),
+    ]
+    batch = engine._prefill(prepared)  # the shared prefix, then padding, then each row's own tokens
+    shared = engine._shared_prefix(prepared)
+    assert shared > 0 and not batch.attention[0].all()
+
+    cache = SlotCache(engine.model.config, 2, 512, torch.float32, torch.device("cpu"))
+    counts = cache.load([0, 1], batch.cache, batch.attention)
+    assert counts == [len(p.input_ids) for p in prepared]
+    for row in range(2):
+        real = batch.attention[row].bool()
+        torch.testing.assert_close(
+            cache.layers[0].keys[row, :, : counts[row]], batch.cache.layers[0].keys[row][:, real]
+        )
