@@ -17,6 +17,7 @@ from dataclasses import fields
 
 import torch
 
+from model.attention import use_packed_sdpa
 from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
 
@@ -48,7 +49,10 @@ class DecodeStep:
         self.cuda_graphs = cuda_graphs and cache.mask.device.type == "cuda"
         # Compiled once with a symbolic batch, so every bucket shares one compilation (a graph per bucket is
         # still captured from it); fullgraph: a graph break would split the step back into small launches.
-        self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True) if compile else None
+        self._compiled = None
+        if compile:
+            use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
+            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True)
         self.stream_bos, self.stream_eos, self.ignore_eos = stream_bos, stream_eos, ignore_eos
         self.num_codebooks = model.config.num_codebooks
         self.dtype = next(model.parameters()).dtype
@@ -60,10 +64,11 @@ class DecodeStep:
         """The batch buckets with a captured graph."""
         return sorted({key[0] for key in self._graphs})
 
-    def __call__(self, rows: int, widest_top_k: int, any_ras: bool) -> None:
-        """Advance the first b >= rows slots by one frame. The sampling shape (how many logits the widest
-        top-k sorts, whether RAS runs) is fixed per graph, so it is part of the graph's key."""
-        key = (bucket_for(rows, self.cache.slots), widest_top_k, any_ras)
+    def __call__(self, rows: int, span: int, widest_top_k: int, any_ras: bool) -> None:
+        """Advance the first b >= rows slots by one frame, attending to their first `span` columns (every
+        column a row writes before the engine next looks must lie below it). The span and the sampling shape
+        (how many logits the widest top-k sorts, whether RAS runs) are fixed per graph: part of its key."""
+        key = (bucket_for(rows, self.cache.slots), span, widest_top_k, any_ras)
         if not self.cuda_graphs:
             return self._run(*key)
         if key not in self._graphs:
@@ -81,10 +86,10 @@ class DecodeStep:
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def _run(self, b: int, widest_top_k: int, any_ras: bool) -> None:
+    def _run(self, b: int, span: int, widest_top_k: int, any_ras: bool) -> None:
         if self._compiled is not None:
             try:
-                return self._compiled(b, widest_top_k, any_ras)
+                return self._compiled(b, span, widest_top_k, any_ras)
             except Exception as exc:
                 from torch._dynamo.exc import TorchDynamoException  # imported by torch.compile already
 
@@ -93,10 +98,12 @@ class DecodeStep:
                 # Raised while tracing or compiling a new shape, before the step has changed any state.
                 log.warning("decode step not compiled (%s); running it uncompiled", str(exc).splitlines()[0])
                 self._compiled = None
-        return self._step(b, widest_top_k, any_ras)
+        return self._step(b, span, widest_top_k, any_ras)
 
-    def _step(self, b: int, widest_top_k: int, any_ras: bool) -> None:
+    def _step(self, b: int, span: int, widest_top_k: int, any_ras: bool) -> None:
         c = self.cache
+        for layer in c.layers:
+            layer.span = span
         rows = c.rows[:b]
         params = RowParams(**{name: getattr(c, name)[:b] for name in ROW_PARAMS})
         steps = c.steps[:b]
@@ -121,14 +128,14 @@ class DecodeStep:
         c.position_in[:b] += 1
         write_pos = c.write_pos[:b]
         c.mask[:b].scatter_(1, write_pos[:, None], True)  # a scalar fill: no host-to-device copy in a graph
-        c.logits[:b] = self._forward(b)
+        c.logits[:b] = self._forward(b, span)
         # A finished row steps on until the engine looks; its writes stay inside its own slot.
         write_pos.copy_((write_pos + 1).clamp(max=c.length - 1))
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, span: int) -> torch.Tensor:
         cache = self.cache
-        mask = torch.zeros((b, 1, 1, cache.length), dtype=self.dtype, device=cache.mask.device)
-        mask.masked_fill_(~cache.mask[:b, None, None, :], torch.finfo(self.dtype).min)
+        mask = torch.zeros((b, 1, 1, span), dtype=self.dtype, device=cache.mask.device)
+        mask.masked_fill_(~cache.mask[:b, None, None, :span], torch.finfo(self.dtype).min)
         out = self.model(
             audio_input_ids=cache.audio_in[:b],
             attention_mask=mask,

@@ -27,7 +27,7 @@ from model.reference_audio import content_hash, decode_reference
 from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
 from model.sampling import RowParams
 from model.slot_batch import SlotBatch
-from model.slot_cache import SlotCache
+from model.slot_cache import SlotCache, round_up
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def fitting_batch_size(
 
 # Shorter shared prompt prefixes are prefilled with each row: a separate forward would cost more than it saves.
 MIN_SHARED_PREFIX = 64
-
-
-def _round_up(n: int, step: int = 256) -> int:
-    """Slot cache sizes come in steps of 256, so that similar batches share one cache and its graphs."""
-    return -(-n // step) * step
 
 
 @dataclass
@@ -298,10 +293,10 @@ class SynthesisEngine:
 
     def _slots(self, size: int, prepared: list[_Prepared]) -> DecodeStep:
         """The decode step over a SlotCache of `size` slots that fits every row of `prepared`, kept from call
-        to call while it fits (sizes rounded up by _round_up); a cache over twice as long as needed is rebuilt,
-        since attention reads every column."""
+        to call while it fits (sizes rounded up by round_up); a cache over twice as long as needed is rebuilt:
+        its memory could hold a larger batch."""
         length = self._slot_length(prepared)
-        max_steps = _round_up(max(p.request.max_new_tokens for p in prepared))
+        max_steps = round_up(max(p.request.max_new_tokens for p in prepared))
         window = max(self._ras_window(p.request) for p in prepared)
         step = self._decode_step
         if step is not None and step.cache.fits(size, length, max_steps, window):
@@ -325,7 +320,7 @@ class SynthesisEngine:
 
     def _slot_length(self, prepared: list[_Prepared]) -> int:
         context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
-        return min(_round_up(context), self.max_context)
+        return min(round_up(context), self.max_context)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":

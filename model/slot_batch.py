@@ -15,6 +15,7 @@ import torch
 
 from model.decode_step import DecodeStep, bucket_for
 from model.sampling import widest_top_k
+from model.slot_cache import round_up
 
 LOOK_EVERY = 8
 
@@ -64,8 +65,11 @@ class SlotBatch:
         steps = max(1, min(LOOK_EVERY, *(row.left for row in rows)))
         engine._guard(len(self), self.length + steps)
         highest = max(self.rows) + 1
+        # Columns up to the longest row's last write before the next look; a slot sized for max_new_tokens
+        # (2,048 frames by default) is mostly unused while rows stop on their own far sooner.
+        span = min(cache.length, round_up(self.length + steps))
         for _ in range(steps):
-            self.step(highest, widest, any_ras)
+            self.step(highest, span, widest, any_ras)
         for row in rows:
             row.tokens += steps
             row.left -= steps

@@ -15,8 +15,16 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def round_up(n: int, step: int = 256) -> int:
+    """Slot sizes and attention spans come in steps of 256, so that similar batches share one cache and the
+    decode step's graphs."""
+    return -(-n // step) * step
+
+
 class SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys and values, (slots, kv_heads, length, head_dim), written in place."""
+    """One decoder layer's keys and values, (slots, kv_heads, length, head_dim), written in place. A step
+    attends to the first `span` columns only: the ones in use, rounded up, rather than the whole slot that
+    max_new_tokens reserved."""
 
     is_compileable = True
     is_sliding = False
@@ -28,6 +36,7 @@ class SlotLayer(CacheLayerMixin):
         self.keys, self.values = keys, values
         # Shared by all layers: every slot's index, and the column each slot writes its next token to.
         self.rows, self.write_pos = rows, write_pos
+        self.span = keys.shape[2]
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -37,17 +46,17 @@ class SlotLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new token per slot of the first `b` slots, return those slots' whole keys/values."""
+        """Store one new token per slot of the first `b` slots, return those slots' keys/values up to span."""
         b = key_states.shape[0]
         if key_states.shape[2] != 1:
             raise ValueError("a SlotCache takes one token per row per step; prefill with a DynamicCache")
         rows, cols = self.rows[:b], self.write_pos[:b]
         self.keys[rows, :, cols] = key_states[:, :, 0]
         self.values[rows, :, cols] = value_states[:, :, 0]
-        return self.keys[:b], self.values[:b]
+        return self.keys[:b, :, : self.span], self.values[:b, :, : self.span]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self.span, 0
 
     def get_seq_length(self) -> int:
         return 0  # rows differ; the engine always passes position ids and a ready 4-D mask

@@ -140,3 +140,26 @@ def test_rows_after_a_shared_prefix_land_in_order_at_the_front_of_their_slots(en
         torch.testing.assert_close(
             cache.layers[0].keys[row, :, : counts[row]], batch.cache.layers[0].keys[row][:, real]
         )
+
+
+def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
+    # max_new_tokens=2048 reserves slots of 2,304 columns; rows that stop on their own use a few hundred.
+    rows = [replace(smart(i), max_new_tokens=2048) for i in range(3)]
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3))
+    spans: list[int] = []
+    original = fast._slots
+
+    def watched(size, prepared):
+        step = original(size, prepared)
+        real = step._step
+        step._step = lambda b, span, *rest: (spans.append(span), real(b, span, *rest))[1]
+        return step
+
+    fast._slots = watched
+    got = codes(fast, rows)
+    assert fast._decode_step.cache.length >= 2048
+    assert spans and max(spans) <= 512 and set(spans) <= {256, 512}
+
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, static_cache=False))
+    for a, b in zip(codes(plain, rows), got, strict=True):
+        np.testing.assert_array_equal(a, b)
