@@ -219,6 +219,45 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     return result
 
 
+def step_time_by_span(
+    engine: SynthesisEngine, batch: int, rows: list[SynthesisRequest], steps: int = 48
+) -> dict:
+    """Milliseconds per decode step of `batch` rows in slots reserved for max_new_tokens=2048, attending to
+    the columns in use (the prompt plus a few hundred frames, rounded up) against the whole slot, which is
+    what every step read before spans. Rows stopping on stream-eos long before max_new_tokens are the
+    common case that the fixed-length rows of the other measurements do not show."""
+    from model.sampling import widest_top_k
+    from model.slot_batch import SlotBatch
+    from model.slot_cache import round_up
+
+    engine.options.max_batch_size = batch
+    prepared = [engine._prepare(i, replace(r, max_new_tokens=2048)) for i, r in enumerate(rows[:batch])]
+    step = engine._slots(batch, prepared)
+    state = SlotBatch(step)
+    state.merge(engine._prefill(prepared))
+    widest = widest_top_k(row.top_k for row in state.rows.values())
+    any_ras = any(row.ras for row in state.rows.values())
+
+    def step_ms(span: int) -> float:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(batch, span, widest, any_ras)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - started) / steps * 1e3, 3)
+
+    in_use = round_up(state.length + 256)  # after ~10 s of audio
+    out = {"batch_size": batch, "slot_columns": step.cache.length}
+    for name, span in (("span", in_use), ("whole_slot", step.cache.length)):
+        step_ms(span)  # captures the graph
+        out[name] = {"columns": span, "step_ms": step_ms(span)}
+    out["ratio"] = round(out["whole_slot"]["step_ms"] / out["span"]["step_ms"], 2)
+    engine._decode_step = None  # its state is spent
+    return out
+
+
 def agreement(loaded, rows: list[SynthesisRequest], frames: int) -> dict:
     """Greedy codes of the fast path against the plain path on the same rows: identical on CPU in float32
     (tests/test_slot_cache.py); in bf16 on a GPU, masked full-length attention may round differently, and
@@ -279,6 +318,7 @@ def main() -> None:
     )
     parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
     parser.add_argument("--refill-slots", type=int, default=0, help="their slots (0: the largest batch)")
+    parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
@@ -338,6 +378,10 @@ def main() -> None:
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    report["step_time_by_span"] = attempt(
+        "span", lambda: step_time_by_span(engine_for(loaded, modes[0]), args.span_batch, rows)
+    )
+    save()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots (the old default),
         # then the default of 4 x the slots.

@@ -14,7 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The compiled step first, at every batch size; the uncompiled graphs, and the graphs with whole-prompt
-# prefills (unshared), at 1 and 128 beside it for the ratios; then 512 mixed-length rows through 128 slots
+# prefills (unshared), at 1 and 128 beside it for the ratios; a step of 128 rows attending to the columns in
+# use vs a whole slot reserved for 2,048 frames; then 512 mixed-length rows through 128 slots
 # (runtime=cluster) in calls of 128 and of 512 rows.
 timeout 450 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 360 --modes compiled,graphs,unshared \
   --batch-sizes 1,8,32,64,128,256 --plain-batch-sizes 1,128 --refill-rows 512 --refill-slots 128 \
