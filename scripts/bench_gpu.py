@@ -151,6 +151,9 @@ def measure(
         "vocode_s": round(sum(r.timings["vocode_s"] for r in results), 3),
         "warmup_s": round(warmup_s, 1),  # compilation and graph capture included
     }
+    # Decoding alone, when all rows decode side by side (no refill): the longest row's decode time is the batch's.
+    decode_s = max(r.timings["decode_s"] for r in results)
+    out["decode_frames_per_s"] = round(generated / decode_s, 1) if decode_s > 0 and count <= batch else None
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if engine._decode_step is not None:
