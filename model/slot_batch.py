@@ -55,13 +55,20 @@ class SlotBatch:
         for slot, item, n, top_k, window in zip(slots, prefill.items, counts, top_ks, ras, strict=True):
             self.rows[slot] = _Row(item, n, item.request.max_new_tokens, top_k, window > 0)
 
+    @property
+    def sampling_shape(self) -> tuple[int, bool]:
+        """What the decode step's sampling needs of the batch: the widest top-k, and whether RAS runs."""
+        rows = self.rows.values()
+        return widest_top_k(row.top_k for row in rows), self.step.cache.window > 0 and any(
+            r.ras for r in rows
+        )
+
     def advance(self, engine) -> list[tuple]:
         """Run up to LOOK_EVERY steps, then retire the rows that finished. Returns them as
         (item, (steps, C) frames on the CPU)."""
         cache = self.step.cache
         rows = self.rows.values()
-        widest = widest_top_k(row.top_k for row in rows)
-        any_ras = cache.window > 0 and any(row.ras for row in rows)
+        widest, any_ras = self.sampling_shape
         steps = max(1, min(LOOK_EVERY, *(row.left for row in rows)))
         engine._guard(len(self), self.length + steps)
         highest = max(self.rows) + 1

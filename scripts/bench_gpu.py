@@ -229,7 +229,6 @@ def step_time_by_span(
     the columns in use (the prompt plus a few hundred frames, rounded up) against the whole slot, which is
     what every step read before spans. Rows stopping on stream-eos long before max_new_tokens are the
     common case that the fixed-length rows of the other measurements do not show."""
-    from model.sampling import widest_top_k
     from model.slot_batch import SlotBatch
     from model.slot_cache import round_up
 
@@ -238,8 +237,7 @@ def step_time_by_span(
     step = engine._slots(batch, prepared)
     state = SlotBatch(step)
     state.merge(engine._prefill(prepared))
-    widest = widest_top_k(row.top_k for row in state.rows.values())
-    any_ras = any(row.ras for row in state.rows.values())
+    widest, any_ras = state.sampling_shape
 
     def step_ms(span: int) -> float:
         if engine.device.type == "cuda":
