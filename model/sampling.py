@@ -31,12 +31,11 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, stream: int, n: int) -> torch.Tensor:
     """Uniform floats in [0, 1) of shape (B, n), a pure function of (seed, step, stream, column): splitmix64."""
-    # The stream's offset is folded here, wrapped to 64 bits: a compiler folding (column + offset) * _MIX2
-    # itself would overflow its integer constants.
-    cols = torch.arange(n, device=seeds.device, dtype=torch.int64) * _signed(_MIX2) + _signed(
-        stream * 1024 * _MIX2
-    )
-    x = seeds[:, None] * _signed(_MIX1) + steps[:, None] * _signed(_GOLDEN) + cols[None, :]
+    # `| 0` makes the column a value: Inductor would otherwise fold (column * _MIX2) into the kernel's index
+    # arithmetic, and Triton indexes small tensors in int32, where _MIX2 does not fit (a compiled step failed
+    # to build on an H200 so).
+    cols = (torch.arange(n, device=seeds.device, dtype=torch.int64) + stream * 1024) | 0
+    x = seeds[:, None] * _signed(_MIX1) + steps[:, None] * _signed(_GOLDEN) + cols[None, :] * _signed(_MIX2)
     x = x + _signed(_GOLDEN)
     x = (x ^ _shr(x, 30)) * _signed(_MIX1)
     x = (x ^ _shr(x, 27)) * _signed(_MIX2)

@@ -35,6 +35,41 @@ def test_counter_uniforms_look_uniform():
     assert torch.histc(u, bins=10, min=0, max=1).min().item() > 1300
 
 
+def splitmix64_uniform(seed: int, step: int, stream: int, column: int) -> float:
+    mask = (1 << 64) - 1
+    z = seed * 0xBF58476D1CE4E5B9 + step * 0x9E3779B97F4A7C15 + (stream * 1024 + column) * 0x94D049BB133111EB
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return (z >> 40) / float(1 << 24)
+
+
+def test_counter_uniforms_are_splitmix64_of_seed_step_stream_and_column():
+    seeds, steps = torch.tensor([0, 7, 2**40 + 3]), torch.tensor([0, 5, 1999])
+    for stream in (0, 1):
+        u = counter_uniform(seeds, steps, stream, C)
+        expected = [
+            [splitmix64_uniform(seed, step, stream, col) for col in range(C)]
+            for seed, step in zip(seeds.tolist(), steps.tolist(), strict=True)
+        ]
+        assert u.tolist() == expected
+
+
+def test_compiled_counter_uniforms_keep_64_bit_constants_out_of_index_arithmetic():
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    seeds, steps = torch.tensor([5, 6, 7]), torch.tensor([3, 4, 5])
+    compiled = torch.compile(lambda a, b: counter_uniform(a, b, 1, C), fullgraph=True, dynamic=True)
+    u, code = run_and_get_code(compiled, seeds, steps)
+    assert torch.equal(u, counter_uniform(seeds, steps, 1, C))
+    # Triton indexes small tensors in int32: an index times such a constant does not build on a GPU.
+    index_times_big = re.compile(r"\d{10,}L?\)?\s*\*\s*\(?x\d|x\d\)?\s*\*\s*\(?-?\d{10,}")
+    assert not index_times_big.findall("\n".join(code))
+
+
 def test_the_first_steps_force_stream_bos_in_a_staircase():
     logits = torch.randn(1, C, V)
     for step in range(C + 1):  # step 0 is the all-bos frame that opens every audio stream
