@@ -9,6 +9,7 @@ forward in a left-padded batch and selects every row's next frame with its own p
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ def fitting_batch_size(
 
 # Shorter shared prompt prefixes are prefilled with each row: a separate forward would cost more than it saves.
 MIN_SHARED_PREFIX = 64
+# Waiting rows join a running batch once this share of its slots is free (or all of them fit). A prefill
+# forward has a fixed cost: on an H200 one row's took 48 ms against 7 ms a row at 128 rows, so refilling
+# each slot as its row finished made 512 rows through 128 slots slower (132x real time) than not refilling
+# at all (155x). Idle slots cost less: a step of 112 rows is not much faster than one of 128.
+REFILL_SHARE = 1 / 8
 
 
 @dataclass
@@ -241,7 +247,7 @@ class SynthesisEngine:
             involved: list[_Prepared] = [] if state is None else list(state.items)
             try:
                 free = size - len(involved)
-                if waiting and free > 0 and (state is None or self.options.refill):
+                if waiting and free > 0 and (state is None or self._refills(size, free, len(waiting))):
                     group = self._admit(waiting, free)
                     involved += group
                     joining = self._prefill(group)
@@ -277,6 +283,10 @@ class SynthesisEngine:
                     continue
                 for item in involved:
                     yield from self._decode_all([item], size=1)
+
+    def _refills(self, size: int, free: int, waiting: int) -> bool:
+        """Whether waiting rows join the running batch now, as one prefill group (see REFILL_SHARE)."""
+        return self.options.refill and free >= min(waiting, math.ceil(size * REFILL_SHARE))
 
     def _failure(self, item: _Prepared, field_name: str, message: str) -> SynthesisResult:
         return SynthesisResult(

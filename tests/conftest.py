@@ -161,6 +161,19 @@ def engine(tiny_checkpoint: str):
     return SynthesisEngine.from_spec(CheckpointSpec(source=tiny_checkpoint, device="cpu"), EngineOptions())
 
 
+@pytest.fixture(scope="session")
+def engine64(tiny_checkpoint: str):
+    """The tiny engine in float64. Batching rows differently changes float32 results in the last bits (the
+    CPU's matrix kernels block by the number of rows), which flips a sampled code where two are near-tied
+    (with the tiny model's random weights, one code of 24 rows refilled at batch 16). In float64 such ties vanish, so a test that
+    two decode paths give identical codes checks their logic, not their rounding."""
+    from model.checkpoint import CheckpointSpec
+    from model.engine import EngineOptions, SynthesisEngine
+
+    spec = CheckpointSpec(source=tiny_checkpoint, device="cpu", dtype="float64")
+    return SynthesisEngine.from_spec(spec, EngineOptions())
+
+
 # ---------------------------------------------------------------- a local Ray for the module
 
 

@@ -158,6 +158,33 @@ def test_static_batches_give_the_same_codes_as_refilled_ones(engine):
         np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
 
 
+def rows_finishing_one_by_one(n: int) -> list[SynthesisRequest]:
+    return [smart(i, max_new_tokens=12 + (i * 7) % 41) for i in range(n)]
+
+
+def test_waiting_rows_join_a_running_batch_in_groups_not_slot_by_slot(engine, monkeypatch):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, refill=True))
+    groups = []
+    original = refilled._prefill
+    monkeypatch.setattr(refilled, "_prefill", lambda batch: groups.append(len(batch)) or original(batch))
+    refilled.generate(rows_finishing_one_by_one(40))
+    assert sum(groups) == 40 and groups[0] == 16 and len(groups) > 2
+    # A refill waits for 2 of the 16 slots (REFILL_SHARE), except the one that takes the last waiting row.
+    assert all(n >= 2 for n in groups[1:-1]), groups
+
+
+def test_refilling_in_groups_gives_the_same_codes_as_static_batches(engine64):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    static = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=16, refill=False))
+    refilled = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=16, refill=True))
+    rows = rows_finishing_one_by_one(24)
+    for a, b in zip(static.generate(rows), refilled.generate(rows), strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
 def test_prefill_groups_keep_left_padding_under_the_waste_bound(engine, monkeypatch):
     from model.engine import EngineOptions, SynthesisEngine
 
