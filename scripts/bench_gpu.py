@@ -31,6 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
@@ -126,19 +127,21 @@ def measure(
     engine.options.max_batch_size = batch
     count = count or batch
     per_call = per_call or count
-    # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets this run visits,
-    # which only the same run captures.
+    # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets and spans this run
+    # visits (two batches' worth of rows pass through most of them; a later one is captured when first met).
     warm = time.perf_counter()
-    engine.generate(rows[:count] if engine.options.static_cache else rows[: min(batch, 2)])
+    engine.generate(rows[: min(count, 2 * batch)] if engine.options.static_cache else rows[: min(batch, 2)])
     warmup_s = time.perf_counter() - warm
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    prefills = watch_prefills(engine)
     started = time.perf_counter()
     results = [
         r for i in range(0, count, per_call) for r in engine.generate(rows[i : min(count, i + per_call)])
     ]
     wall = time.perf_counter() - started
+    del engine._prefill  # the instance attribute watch_prefills set; the method shows through again
     generated = sum(r.generated_frames for r in results)
     out = {
         "batch_size": batch,
@@ -148,6 +151,9 @@ def measure(
         "frames_per_s": round(generated / wall, 1),
         "x_real_time": round(generated / FRAME_RATE / wall, 2),
         "prefill_s": round(max(r.timings["prefill_s"] for r in results), 3),
+        # Every prefill forward of the timed calls, refills included: how many, and their time together.
+        "prefill_calls": len(prefills),
+        "prefill_total_s": round(sum(prefills), 3),
         "vocode_s": round(sum(r.timings["vocode_s"] for r in results), 3),
         "warmup_s": round(warmup_s, 1),  # compilation and graph capture included
     }
@@ -162,18 +168,43 @@ def measure(
     return out
 
 
+def watch_prefills(engine: SynthesisEngine) -> list[float]:
+    """The seconds of each prefill forward `engine` runs from now on (an instance attribute over the method)."""
+    seconds: list[float] = []
+    prefill = engine._prefill
+
+    def timed(batch):
+        started = time.perf_counter()
+        state = prefill(batch)
+        seconds.append(time.perf_counter() - started)
+        return state
+
+    engine._prefill = timed
+    return seconds
+
+
 def measure_refill(
-    engine: SynthesisEngine, batch: int, n: int, rows: list[SynthesisRequest], per_call: int
+    engine: SynthesisEngine,
+    batch: int,
+    n: int,
+    rows: list[SynthesisRequest],
+    per_call: int,
+    share: float = engine_module.REFILL_SHARE,
 ) -> dict:
     """`n` rows of 150-349 frames through `batch` slots, `per_call` rows per call: rows finish at different
     steps and waiting rows of the same call take their slots (continuous batching), as in a dataset job's
-    actor; each call ends draining to its longest row."""
+    actor; each call ends draining to its longest row. `share`: the engine's REFILL_SHARE (0: a slot is
+    refilled as soon as its row finishes, one prefill per look)."""
     mixed = [
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
-    result.update(rows=n, rows_per_call=per_call, frames_per_row="150-349")
+    default, engine_module.REFILL_SHARE = engine_module.REFILL_SHARE, share
+    try:
+        result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
+    finally:
+        engine_module.REFILL_SHARE = default
+    result.update(rows=n, rows_per_call=per_call, refill_share=share, frames_per_row="150-349")
     return result
 
 
@@ -225,15 +256,18 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
 def step_time_by_span(
     engine: SynthesisEngine, batch: int, rows: list[SynthesisRequest], steps: int = 48
 ) -> dict:
-    """Milliseconds per decode step of `batch` rows in slots reserved for max_new_tokens=2048, attending to
-    the columns in use (the prompt plus a few hundred frames, rounded up) against the whole slot, which is
-    what every step read before spans. Rows stopping on stream-eos long before max_new_tokens are the
+    """Milliseconds per decode step of `batch` rows in slots reserved for max_new_tokens=2048 (or what the
+    model's context leaves: 1,360 frames after a 688-token prompt in HiggsAudioV2Config's 2,048), attending
+    to the columns in use (the prompt plus a few hundred frames, rounded up) against the whole slot, which
+    is what every step read before spans. Rows stopping on stream-eos long before max_new_tokens are the
     common case that the fixed-length rows of the other measurements do not show."""
     from model.slot_batch import SlotBatch
     from model.slot_cache import round_up
 
     engine.options.max_batch_size = batch
-    prepared = [engine._prepare(i, replace(r, max_new_tokens=2048)) for i, r in enumerate(rows[:batch])]
+    prompt = max(len(engine._prepare(i, r).input_ids) for i, r in enumerate(rows[:batch]))
+    frames = min(2048, engine.max_context - prompt)
+    prepared = [engine._prepare(i, replace(r, max_new_tokens=frames)) for i, r in enumerate(rows[:batch])]
     step = engine._slots(batch, prepared)
     state = SlotBatch(step)
     state.merge(engine._prefill(prepared))
@@ -389,10 +423,12 @@ def main() -> None:
         slots = args.refill_slots or max(sizes)
         engine = engine_for(loaded, modes[0])
         report["continuous_batching"] = []
-        for per_call in (slots, 4 * slots):
+        # Calls of the slots alone (no refill within a call), then of 4 x the slots with refills in groups
+        # (the default) and slot by slot (REFILL_SHARE 0).
+        for per_call, share in ((slots, 0.0), (4 * slots, engine_module.REFILL_SHARE), (4 * slots, 0.0)):
             run = attempt(
-                f"refill {per_call} per call",
-                lambda n=per_call: measure_refill(engine, slots, args.refill_rows, rows, n),
+                f"refill {per_call} per call, share {share:g}",
+                lambda n=per_call, s=share: measure_refill(engine, slots, args.refill_rows, rows, n, s),
             )
             report["continuous_batching"].append({"mode": modes[0], **run})
             save()
