@@ -154,6 +154,7 @@ def engine_options(cfg: DictConfig):
         cuda_graphs=bool(engine.cuda_graphs),
         compile=bool(engine.compile),
         share_prefix=bool(engine.share_prefix),
+        vocode_windows=bool(engine.vocode_windows),
     )
 
 

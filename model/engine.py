@@ -13,6 +13,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from model.requests import Reference, RequestError, SynthesisRequest, SynthesisR
 from model.sampling import RowParams
 from model.slot_batch import SlotBatch
 from model.slot_cache import SlotCache, round_up
+from model.vocoding import probe_reach, vocode_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ def fitting_batch_size(
 
 # Shorter shared prompt prefixes are prefilled with each row: a separate forward would cost more than it saves.
 MIN_SHARED_PREFIX = 64
+# Frames per row of the batch size that one vocoding call takes (windows of all rows together).
+VOCODE_FRAMES_PER_ROW = 256
 # Waiting rows join a running batch once this share of its slots is free (or all of them fit). A prefill
 # forward has a fixed cost: on an H200 one row's took 48 ms against 7 ms a row at 128 rows, so refilling
 # each slot as its row finished made 512 rows through 128 slots slower (132x real time) than not refilling
@@ -481,25 +485,26 @@ class SynthesisEngine:
             )
         return RowParams.stack(rows, self.device)
 
-    def _vocode_results(self, results: list[SynthesisResult]) -> None:
-        """Decode codes to waveforms, one codec call per group of equal length.
+    @cached_property
+    def _vocode_margin(self) -> int | None:
+        """Frames of overlap each vocoding window needs on either side (model.vocoding), probed once."""
+        reach = probe_reach(self.vocode, self.num_codebooks)
+        return None if reach is None else reach + 1
 
-        Equal lengths need no padding, so a row's waveform never depends on its batch mates (the codec's
-        convolutions would otherwise see a padded neighbour's frames at the end of a shorter row).
-        """
-        groups: dict[int, list[SynthesisResult]] = {}
-        for result in results:
-            groups.setdefault(result.generated_frames, []).append(result)
-        size = max(1, self.options.max_batch_size or 16)
-        for group in groups.values():
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                started = time.perf_counter()
-                waveforms = self.vocode(torch.from_numpy(np.stack([r.audio_codes for r in chunk])))
-                elapsed = (time.perf_counter() - started) / len(chunk)
-                for result, waveform in zip(chunk, waveforms, strict=True):
-                    result.waveform = waveform
-                    result.timings["vocode_s"] = elapsed
+    def _vocode_results(self, results: list[SynthesisResult]) -> None:
+        """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the batch size frames: rows of
+        one length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
+        Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
+        row's windows are the same whichever rows it is vocoded with."""
+        if not results:
+            return
+        budget = max(1, self.options.max_batch_size or 16) * VOCODE_FRAMES_PER_ROW
+        margin = self._vocode_margin if self.options.vocode_windows else None
+        codes = [r.audio_codes for r in results]
+        waveforms, seconds = vocode_rows(self.vocode, codes, margin, budget)
+        for result, waveform, spent in zip(results, waveforms, seconds, strict=True):
+            result.waveform = waveform
+            result.timings["vocode_s"] = spent
 
     def _strip(self, frames: torch.Tensor) -> torch.Tensor:
         """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos."""

@@ -55,6 +55,10 @@ class EngineOptions:
     # Rows of a prefill group that share their leading prompt tokens and audio (one reference voice) run
     # those tokens through the model once; off = every row prefills its whole prompt.
     share_prefix: bool = True
+    # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
+    # codec call per distinct row length. Off until a GPU measures it: on a CPU the codec is compute-bound
+    # and the windows' overlap only adds work (bench_vocoding.py: 0.3-0.6x for the release's codec).
+    vocode_windows: bool = False
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

@@ -1,0 +1,112 @@
+"""Vocoding rows of many lengths: windows of one size batched (model.vocoding) vs one codec call per
+distinct length, on the audio tokenizer alone (random weights; no download), as JSON.
+
+    python scripts/bench_vocoding.py --config tiny --rows 128            # CPU: the tests' and demo's codec
+    python scripts/bench_vocoding.py --config real --rows 256 --out v.json   # GPU: the release's codec sizes
+
+Rows get distinct lengths spread over --min-frames..--max-frames, as rows stopping on their own do. Also
+reports how far windowed waveforms stray from decoding each row whole (max |difference| / max |sample|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.checkpoint import resolve_device  # noqa: E402
+from model.tiny import (  # noqa: E402
+    _fill_codebooks,
+    real_audio_tokenizer_config,
+    tiny_audio_tokenizer_config,
+)
+from model.vocoding import WINDOW_CORE, probe_reach, vocode_rows  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=["real", "tiny"], default="tiny")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--min-frames", type=int, default=150)
+    parser.add_argument("--max-frames", type=int, default=349)
+    parser.add_argument("--frames-per-call", type=int, default=16 * 256, help="the engine's budget")
+    parser.add_argument("--check-rows", type=int, default=4, help="rows compared with whole decoding")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from transformers import HiggsAudioV2TokenizerModel
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    config = real_audio_tokenizer_config() if args.config == "real" else tiny_audio_tokenizer_config()
+    codec = HiggsAudioV2TokenizerModel(config).eval().to(device)
+    _fill_codebooks(codec)
+
+    @torch.inference_mode()
+    def decode(codes: torch.Tensor) -> np.ndarray:
+        audio = codec.decode(codes.to(device)).audio_values[:, 0].float().cpu().numpy()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return audio
+
+    span = args.max_frames - args.min_frames + 1
+    lengths = [args.min_frames + (i * 37) % span for i in range(args.rows)]
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 1024, (8, n), generator=gen).numpy() for n in lengths]
+    reach = probe_reach(decode, 8)
+    margin = None if reach is None else reach + 1
+    report = {
+        "benchmark": "vocoding",
+        "config": args.config,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "rows": args.rows,
+        "distinct_lengths": len(set(lengths)),
+        "frames": sum(lengths),
+        "reach_frames": reach,
+        "window_frames": None if margin is None else WINDOW_CORE + 2 * margin,
+    }
+    vocode_rows(decode, rows[:8], margin, args.frames_per_call)  # warm-up: kernels, allocator
+    vocode_rows(decode, rows[:8], None, args.frames_per_call)
+    for name, m in (("per_length", None), ("windowed", margin)):
+        calls = []
+
+        def counted(codes: torch.Tensor, calls=calls) -> np.ndarray:
+            calls.append(codes.shape[0])
+            return decode(codes)
+
+        started = time.perf_counter()
+        waveforms, _ = vocode_rows(counted, rows, m, args.frames_per_call)
+        wall = time.perf_counter() - started
+        audio_s = sum(len(w) for w in waveforms) / 24000
+        report[name] = {
+            "wall_s": round(wall, 3),
+            "codec_calls": len(calls),
+            "x_real_time": round(audio_s / wall, 1),
+        }
+        report[f"{name}_waveforms"] = waveforms[: args.check_rows]
+    report["speedup"] = round(report["per_length"]["wall_s"] / report["windowed"]["wall_s"], 2)
+    stray = [
+        float(np.abs(w - whole).max() / np.abs(whole).max())
+        for w, whole in zip(report.pop("windowed_waveforms"), report.pop("per_length_waveforms"), strict=True)
+    ]
+    report["windowed_max_stray"] = max(stray)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

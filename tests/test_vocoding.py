@@ -1,0 +1,79 @@
+"""Vocoding rows of any length in windows of one size: the same waveform as decoding each row whole, in a
+few codec calls."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.engine import EngineOptions, SynthesisEngine
+from model.requests import SynthesisResult
+from model.vocoding import PROBE_FRAMES, cut
+
+
+@pytest.mark.parametrize("frames", [1, 88, 89, 150, 151, 216, 333])
+def test_windows_tile_the_row_and_keep_only_frames_the_reach_fully_covers(frames):
+    margin, core = 12, 64
+    pieces = cut(0, frames, margin, core)
+    assert pieces[0].keep_from == 0 and pieces[-1].keep_to == frames
+    for before, after in zip(pieces, pieces[1:], strict=False):
+        assert before.keep_to == after.keep_from
+    for p in pieces:
+        assert p.length == (frames if frames <= core + 2 * margin else core + 2 * margin)
+        assert p.start >= 0 and p.start + p.length <= frames
+        assert p.keep_from == 0 or p.keep_from >= p.start + margin
+        assert p.keep_to == frames or p.keep_to <= p.start + p.length - margin
+
+
+def test_an_unknown_reach_decodes_the_row_whole():
+    assert [(p.start, p.length) for p in cut(3, 500, None)] == [(0, 500)]
+
+
+def test_the_probe_finds_a_reach_inside_the_probe(engine):
+    assert 0 < engine._vocode_margin < PROBE_FRAMES // 2
+
+
+@pytest.fixture
+def windowed(engine) -> SynthesisEngine:
+    return SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, vocode_windows=True))
+
+
+def counted_calls(engine: SynthesisEngine, monkeypatch) -> list:
+    calls = []
+    original = engine.vocode
+    monkeypatch.setattr(engine, "vocode", lambda codes: calls.append(codes.shape) or original(codes))
+    return calls
+
+
+def random_results(lengths: list[int], seed: int = 0) -> list[SynthesisResult]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        SynthesisResult(
+            id=f"r{i}",
+            audio_codes=torch.randint(0, 1024, (8, n), generator=gen).numpy(),
+            generated_frames=n,
+        )
+        for i, n in enumerate(lengths)
+    ]
+
+
+def test_windowed_vocoding_gives_each_row_its_whole_decoded_waveform(windowed):
+    results = random_results([40, 150, 233, 97])
+    windowed._vocode_results(results)
+    for r in results:
+        whole = windowed.vocode(torch.from_numpy(r.audio_codes))
+        assert r.waveform.shape == whole.shape == (r.generated_frames * 960,)
+        np.testing.assert_allclose(r.waveform, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_rows_of_many_lengths_vocode_in_a_few_windowed_codec_calls(windowed, monkeypatch):
+    assert windowed._vocode_margin  # probed before counting
+    calls = counted_calls(windowed, monkeypatch)
+    windowed._vocode_results(random_results([150 + 13 * i for i in range(16)]))
+    assert len(calls) <= 2 and len({shape[-1] for shape in calls}) == 1, calls
+
+
+def test_by_default_rows_vocode_whole_one_call_per_length(engine, monkeypatch):
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    calls = counted_calls(plain, monkeypatch)
+    plain._vocode_results(random_results([150, 163, 150, 176]))
+    assert sorted(shape[-1] for shape in calls) == [150, 163, 176]
