@@ -50,6 +50,7 @@ class DecodeStep:
         # Compiled once with a symbolic batch, so every bucket shares one compilation (a graph per bucket is
         # still captured from it); fullgraph: a graph break would split the step back into small launches.
         self._compiled = None
+        self.compile_failed = False
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True)
@@ -98,6 +99,7 @@ class DecodeStep:
                 # Raised while tracing or compiling a new shape, before the step has changed any state.
                 log.warning("decode step not compiled (%s); running it uncompiled", str(exc).splitlines()[0])
                 self._compiled = None
+                self.compile_failed = True
         return self._step(b, span, widest_top_k, any_ras)
 
     def _step(self, b: int, span: int, widest_top_k: int, any_ras: bool) -> None:

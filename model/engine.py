@@ -98,6 +98,7 @@ class SynthesisEngine:
         self.sample_rate = int(self.processor.audio_tokenizer.config.sample_rate)
         self.reference_cache = LRUCache(self.options.reference_cache_size)
         self._decode_step: DecodeStep | None = None
+        self._compile = self.options.compile  # off once a step has failed to compile: the next would too
 
     @classmethod
     def from_spec(cls, spec: CheckpointSpec, options: EngineOptions | None = None) -> SynthesisEngine:
@@ -266,7 +267,7 @@ class SynthesisEngine:
                     state = None
             except torch.OutOfMemoryError as exc:
                 state = None
-                self._decode_step = None  # rebuilt for the smaller batch
+                self._drop_step()  # rebuilt for the smaller batch
                 self._release_memory()
                 if size == 1:
                     for item in involved:
@@ -316,7 +317,7 @@ class SynthesisEngine:
         if step is not None and step.cache.fits(size, length, max_steps, window):
             step.cache.reset()
             return step
-        self._decode_step = None
+        self._drop_step()
         self._release_memory()
         cache = SlotCache(
             self.model.config, size, length, self.checkpoint.dtype, self.device, max_steps, window
@@ -328,9 +329,16 @@ class SynthesisEngine:
             self.stream_bos,
             self.stream_eos,
             self.options.ignore_eos,
-            self.options.compile,
+            self._compile,
         )
         return self._decode_step
+
+    def _drop_step(self) -> None:
+        """Forget the decode step; a new one is built for the next batch, uncompiled if this one's compilation
+        failed (on an H200 a failing compile spent 54-90 s before falling back)."""
+        if self._decode_step is not None and self._decode_step.compile_failed:
+            self._compile = False
+        self._decode_step = None
 
     def _slot_length(self, prepared: list[_Prepared]) -> int:
         context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)

@@ -123,6 +123,29 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine):
     assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
 
 
+def test_a_step_that_failed_to_compile_is_rebuilt_without_compiling_again(engine, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    compiles = []
+
+    def failing_compile(fn, **options):
+        compiles.append(fn)
+
+        def step(*args):
+            raise TorchDynamoException("Triton rejected a kernel")
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=2, compile=True))
+    first = fast.generate([smart(0)])
+    assert first[0].ok and fast._decode_step.compile_failed  # fell back to the uncompiled step
+    failed = fast._decode_step
+    fast.generate([smart(1, max_new_tokens=600)])  # a longer slot: a new decode step
+    assert fast._decode_step is not failed
+    assert len(compiles) == 1 and not fast._decode_step.compiled
+
+
 def test_rows_after_a_shared_prefix_land_in_order_at_the_front_of_their_slots(engine):
     prepared = [
         engine._prepare(0, clone(1)),
