@@ -146,7 +146,7 @@ def engine_options(cfg: DictConfig):
 
     engine = cfg.generation.engine
     return EngineOptions(
-        max_batch_size=int(cfg.runtime.batch_size),
+        max_batch_size=batch_size(cfg.runtime),
         reference_cache_size=int(engine.reference_cache_size),
         max_reference_seconds=float(engine.max_reference_seconds),
         ras_enabled=bool(engine.ras_enabled),
@@ -158,11 +158,25 @@ def engine_options(cfg: DictConfig):
     )
 
 
-def resources(runtime: DictConfig):
+def batch_size(runtime: DictConfig, auto: bool = True) -> int:
+    """runtime.batch_size as the engine takes it: a count, or 0 for `auto` (the largest batch that fits)."""
+    value = runtime.batch_size
+    if auto and value == "auto":
+        return 0
+    hint = "a count of rows, or auto" if auto else "a count of rows (this job has no auto)"
+    require(
+        not isinstance(value, bool) and isinstance(value, int) and value >= 1,
+        f"runtime.batch_size must be {hint}, got {value!r}",
+    )
+    return value
+
+
+def resources(runtime: DictConfig, auto_batch: bool = True):
     """How the graph spreads over the cluster, checked: counts at least 1, GPUs not negative."""
     from pipeline.dataset_job import Resources
 
-    for key in ("actors", "batch_size", "cpu_stage_workers"):
+    size = batch_size(runtime, auto_batch)
+    for key in ("actors", "cpu_stage_workers"):
         require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
     require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
     rows_per_call = runtime.get("rows_per_call")
@@ -174,7 +188,7 @@ def resources(runtime: DictConfig):
         actors=int(runtime.actors),
         gpus_per_actor=float(runtime.gpus_per_actor),
         cpus_per_actor=float(runtime.cpus_per_actor),
-        batch_size=int(runtime.batch_size),
+        batch_size=size,
         rows_per_call=int(rows_per_call or 0),
         cpu_stage_workers=int(runtime.cpu_stage_workers),
         cpu_stage_cpus=float(runtime.cpu_stage_cpus),

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # and one metadata part, which dominate below ~128 rows (scripts/bench_pipeline.py).
 MIN_BLOCK_ROWS = 128
 CALL_SLOTS = 4
+# Rows per synthesis call when the engine sizes its batch from free GPU memory (batch_size 0): CALL_SLOTS x
+# the 128 rows an 80 GB card holds for 2,048-frame rows; a larger batch then still has waiting rows to refill.
+AUTO_CALL_ROWS = CALL_SLOTS * 128
 
 
 @dataclass
@@ -54,8 +57,10 @@ class Resources:
     actors: int = 1  # synthesis actors, each holding one engine
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 16  # rows decoded together: the engine's KV slots
-    # Rows per synthesis call; 0: CALL_SLOTS x batch_size. Within a call, waiting rows take the slots of rows
+    # Rows decoded together: the engine's KV slots; 0: the largest batch that fits the GPU's free memory for
+    # each call's rows (model.engine.fitting_batch_size; 16 on a CPU).
+    batch_size: int = 16
+    # Rows per synthesis call; 0: CALL_SLOTS x batch_size (AUTO_CALL_ROWS for batch_size 0). Within a call, waiting rows take the slots of rows
     # that finish, so only a call's last rows leave slots idle: a call of exactly batch_size rows of mixed
     # lengths would spend its second half draining.
     rows_per_call: int = 0
@@ -64,7 +69,7 @@ class Resources:
 
     @property
     def call_rows(self) -> int:
-        return self.rows_per_call or CALL_SLOTS * self.batch_size
+        return self.rows_per_call or (CALL_SLOTS * self.batch_size if self.batch_size else AUTO_CALL_ROWS)
 
 
 @dataclass

@@ -558,6 +558,7 @@ def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint) -> None:
         ("mastering.target_rms_db=-70", "noise_floor_db < target_rms_db"),
         ("pauses.sentence_s=-1", "sentence_s=-1 must be at least 0.0"),
         ("books=missing.jsonl", "books='missing.jsonl'"),
+        ("runtime.batch_size=auto", "runtime.batch_size must be a count of rows (this job has no auto)"),
     ],
 )
 def test_bad_config_fails_fast_with_exit_code_2(monkeypatch, tiny_checkpoint, override, message) -> None:

@@ -14,6 +14,7 @@ import shutil
 
 import fsspec
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.dataset_job import run_dataset_job
 from pipeline.manifest import ManifestRules
@@ -163,6 +164,37 @@ def test_invalid_rows_become_error_rows_naming_their_field_while_good_rows_finis
     # The traversal id wrote nothing anywhere; every new file is under the output folder.
     assert all(out in p.parents for p in files_under(tmp_path) - before)
     assert not tmp_objects(fs, str(out))
+
+
+# ---- configuration ----------------------------------------------------------------------------------
+
+
+def dataset_job_of(tiny_checkpoint: str, tmp_path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from jobs.generate_dataset import build_job
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(text_row(0)) + "\n")
+    base = [f"manifest={manifest}", f"output={tmp_path / 'out'}", f"model.source={tiny_checkpoint}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return build_job(compose(config_name="generate_dataset", overrides=[*base, *overrides]))
+
+
+def test_batch_size_auto_lets_each_engine_size_its_batch_from_free_memory(tiny_checkpoint, tmp_path):
+    from pipeline.dataset_job import AUTO_CALL_ROWS
+
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "runtime.batch_size=auto")
+    assert job.engine.max_batch_size == 0  # model.engine.fitting_batch_size on a GPU, 16 rows on a CPU
+    assert job.resources.call_rows == AUTO_CALL_ROWS
+
+
+@pytest.mark.parametrize("value", ["0", "many", "true"])
+def test_a_batch_size_neither_a_count_nor_auto_is_a_configuration_error(tiny_checkpoint, tmp_path, value):
+    from jobs.common import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime.batch_size must be a count of rows, or auto"):
+        dataset_job_of(tiny_checkpoint, tmp_path, f"runtime.batch_size={value}")
 
 
 # ---- resume -----------------------------------------------------------------------------------------
