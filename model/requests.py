@@ -36,6 +36,19 @@ def _preview(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# The audio tokenizer's rate: reference clips decoded ahead of the engine are resampled to it.
+CODEC_SAMPLE_RATE = 24000
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    """A reference clip decoded ahead of the engine (mono float32 at `sample_rate`), as the dataset job's
+    fetch stage hands it on: the synthesis actor then only hashes and encodes it."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
 @dataclass
 class Reference:
     """One voice: a reference clip with its transcript, or a text voice profile.

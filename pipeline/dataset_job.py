@@ -180,7 +180,8 @@ def run_dataset_job(job: DatasetJob) -> dict:
     ds = ds.map_batches(
         ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
     )
-    ds = ds.map_batches(FetchStage, fn_constructor_kwargs={"policy": job.fetch}, **cpu_stage)
+    fetch = {"policy": job.fetch, "max_seconds": job.engine.max_reference_seconds}
+    ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(
         SynthesizeStage,
         fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine)},

@@ -21,7 +21,7 @@ import yaml
 from model import requests as rq
 from model.normalize import normalize_transcript
 from model.prompts import load_profiles
-from model.requests import Reference, RequestError, SynthesisRequest
+from model.requests import DecodedClip, Reference, RequestError, SynthesisRequest
 
 TEXT_ALIASES: tuple[str, ...] = ("text", "script", "prompt", "transcript")
 MAX_ID_CHARS = 128
@@ -138,7 +138,7 @@ def mark_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def to_request(
-    row: dict, audio_by_index: Sequence[bytes | np.ndarray | None] | None = None
+    row: dict, audio_by_index: Sequence[bytes | DecodedClip | None] | None = None
 ) -> SynthesisRequest:
     """A SynthesisRequest from a pending canonical row; clip audio comes fetched, one entry per reference."""
     if row.get("status") != "pending":
@@ -152,7 +152,14 @@ def to_request(
         audio = audio_by_index[i] if audio_by_index is not None and i < len(audio_by_index) else None
         if audio is None:
             raise RequestError("references", f"reference {i} audio has not been fetched", ref.get("audio"))
-        refs.append(Reference(audio=audio, transcript=transcript, speaker_tag=tag))
+        if isinstance(audio, DecodedClip):
+            refs.append(
+                Reference(
+                    audio=audio.samples, sample_rate=audio.sample_rate, transcript=transcript, speaker_tag=tag
+                )
+            )
+        else:
+            refs.append(Reference(audio=audio, transcript=transcript, speaker_tag=tag))
     # A row-level speaker_tag names the row's single voice when that voice carries no tag of its own.
     if row.get("speaker_tag") and len(refs) == 1 and refs[0].speaker_tag is None:
         refs[0].speaker_tag = row["speaker_tag"]

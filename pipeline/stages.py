@@ -1,7 +1,7 @@
 """The Ray Data stages of a synthesis run, one callable class each.
 
 Between stages a row travels as three columns: `id`, `status` and `payload`, the pickled canonical row
-(passthrough columns, fetched reference bytes, the synthesis result). Arrow would otherwise have to agree on
+(passthrough columns, decoded reference clips, the synthesis result). Arrow would otherwise have to agree on
 one schema for every user's passthrough columns in every block.
 """
 
@@ -20,13 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from model.requests import RequestError
+from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
 
 AUDIO_DIR = "audio"
 METADATA_DIR = "metadata"
+# Decoded reference clips a fetch actor keeps (~1 MB per 10 s).
+CLIP_CACHE_SIZE = 64
 TIMING_FIELDS = ("reference_encode_s", "prefill_s", "decode_s", "vocode_s")
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
@@ -101,10 +103,17 @@ class ValidateStage:
 
 
 class FetchStage:
-    """Reference audio sources -> encoded bytes (CPU, I/O); a source that cannot be read errors its row."""
+    """Reference audio sources -> clips decoded and resampled to the codec's rate, in CPU actors beside the
+    GPU ones: resampling a 10 s clip from 16 or 48 kHz takes 2-4 ms (scripts/bench_references.py), which a
+    synthesis actor spent with its GPU idle for every distinct clip of an eval set. A source that cannot be
+    read or decoded errors its row, naming the reference."""
 
-    def __init__(self, policy: FetchPolicy) -> None:
+    def __init__(self, policy: FetchPolicy, max_seconds: float = 60.0) -> None:
+        from model.lru import LRUCache
+
         self.policy = policy
+        self.max_seconds = max_seconds
+        self.clips = LRUCache(CLIP_CACHE_SIZE)  # a voice library repeats a few clips in every block
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
@@ -116,12 +125,28 @@ class FetchStage:
                 for j, ref in enumerate(row.get("references") or []):
                     source = ref.get("audio")
                     field_name = f"references[{j}].audio"
-                    audio.append(None if source is None else fetch_reference(source, self.policy, field_name))
+                    if source is None:
+                        audio.append(None)
+                    else:
+                        audio.append(self._clip(fetch_reference(source, self.policy, field_name), field_name))
             except RequestError as exc:
                 rows[i] = fail(row, exc)
                 continue
             row["_audio"] = audio
         return pack(rows)
+
+    def _clip(self, data: bytes, field_name: str) -> DecodedClip:
+        from model.reference_audio import content_hash, decode_reference
+
+        key = content_hash(data)
+        clip = self.clips.get(key)
+        if clip is None:
+            samples = decode_reference(
+                data, CODEC_SAMPLE_RATE, max_seconds=self.max_seconds, field=field_name
+            )
+            clip = DecodedClip(samples, CODEC_SAMPLE_RATE)
+            self.clips.put(key, clip)
+        return clip
 
 
 @dataclass
