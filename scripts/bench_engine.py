@@ -10,7 +10,6 @@ and generated frames/s per batch size and the speed-up over batch 1 measured in 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from model.checkpoint import CheckpointSpec, load_checkpoint, resolve_device  # 
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.tiny import build_tiny_checkpoint, random_checkpoint  # noqa: E402
+from scripts.bench_report import emit  # noqa: E402
 
 FRAME_RATE = 25
 
@@ -91,10 +91,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "runs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_report import emit  # noqa: E402
+
 # Similar lengths (83-86 characters): prompts pad little and every row costs about the same.
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the narrator keeps a steady voice.",
@@ -828,10 +830,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["bench_wall_s"] = round(time.perf_counter() - begun, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

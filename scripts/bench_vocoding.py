@@ -11,7 +11,6 @@ reports how far windowed waveforms stray from decoding each row whole (max |diff
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from model.tiny import (  # noqa: E402
     tiny_audio_tokenizer_config,
 )
 from model.vocoding import WINDOW_CORE, probe_reach, vocode_rows  # noqa: E402
+from scripts.bench_report import emit  # noqa: E402
 
 
 def main() -> None:
@@ -102,10 +102,7 @@ def main() -> None:
         for w, whole in zip(report.pop("windowed_waveforms"), report.pop("per_length_waveforms"), strict=True)
     ]
     report["windowed_max_stray"] = max(stray)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
