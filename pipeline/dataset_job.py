@@ -60,9 +60,9 @@ class Resources:
     # Rows decoded together: the engine's KV slots; 0: the largest batch that fits the GPU's free memory for
     # each call's rows (model.engine.fitting_batch_size; 16 on a CPU).
     batch_size: int = 16
-    # Rows per synthesis call; 0: CALL_SLOTS x batch_size (AUTO_CALL_ROWS for batch_size 0). Within a call, waiting rows take the slots of rows
-    # that finish, so only a call's last rows leave slots idle: a call of exactly batch_size rows of mixed
-    # lengths would spend its second half draining.
+    # Rows per synthesis call; 0: CALL_SLOTS x batch_size (AUTO_CALL_ROWS for batch_size 0). Within a call,
+    # waiting rows take the slots of rows that finish, so only a call's last rows leave slots idle: a call of
+    # exactly batch_size rows of mixed lengths would spend its second half draining.
     rows_per_call: int = 0
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis

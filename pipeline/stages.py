@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
+from model.lru import LRUCache
 from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
@@ -109,8 +110,6 @@ class FetchStage:
     read or decoded errors its row, naming the reference."""
 
     def __init__(self, policy: FetchPolicy, max_seconds: float = 60.0) -> None:
-        from model.lru import LRUCache
-
         self.policy = policy
         self.max_seconds = max_seconds
         self.clips = LRUCache(CLIP_CACHE_SIZE)  # a voice library repeats a few clips in every block
