@@ -122,15 +122,17 @@ def measure(
     count: int = 0,
     per_call: int = 0,
 ) -> dict:
-    """`count` rows (default `batch`) through `batch` slots, `per_call` rows per engine.generate call (default
-    all of them in one), as a dataset job's actor gets them."""
+    """`count` rows (default `batch`) through `batch` slots (0: as many as fit free memory, the engine's
+    choice), `per_call` rows per engine.generate call (default all of them in one), as a dataset job's actor
+    gets them."""
     engine.options.max_batch_size = batch
     count = count or batch
     per_call = per_call or count
     # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets and spans this run
     # visits (two batches' worth of rows pass through most of them; a later one is captured when first met).
     warm = time.perf_counter()
-    engine.generate(rows[: min(count, 2 * batch)] if engine.options.static_cache else rows[: min(batch, 2)])
+    warm_rows = min(count, 2 * batch) if batch else per_call
+    engine.generate(rows[:warm_rows] if engine.options.static_cache else rows[: min(count, 2)])
     warmup_s = time.perf_counter() - warm
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -163,6 +165,7 @@ def measure(
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if engine._decode_step is not None:
+        out["kv_slots"] = engine._decode_step.cache.slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
     return out
@@ -353,6 +356,8 @@ def main() -> None:
     )
     parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
     parser.add_argument("--refill-slots", type=int, default=0, help="their slots (0: the largest batch)")
+    # pipeline.dataset_job.AUTO_CALL_ROWS; not imported: the GPU machine lacks the pipeline's dependencies.
+    parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
@@ -367,7 +372,7 @@ def main() -> None:
     loaded = random_checkpoint("real" if args.config == "real" else "tiny", device)
     tokenizer = loaded.processor.tokenizer
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    rows = requests(max(sizes), args.frames, args.text_tokens, args.ref_frames, tokenizer)
+    rows = requests(max(*sizes, args.check_rows), args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         "benchmark": "gpu_engine",
         "config": args.config,
@@ -418,17 +423,23 @@ def main() -> None:
     )
     save()
     if args.refill_rows:
-        # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots (the old default),
-        # then the default of 4 x the slots.
+        # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within
+        # a call), then 4 x the slots (the default) with refills in groups and slot by slot (REFILL_SHARE 0);
+        # then runtime.batch_size=auto: the slots that fit free memory, in calls of --auto-call-rows.
         slots = args.refill_slots or max(sizes)
         engine = engine_for(loaded, modes[0])
         report["continuous_batching"] = []
-        # Calls of the slots alone (no refill within a call), then of 4 x the slots with refills in groups
-        # (the default) and slot by slot (REFILL_SHARE 0).
-        for per_call, share in ((slots, 0.0), (4 * slots, engine_module.REFILL_SHARE), (4 * slots, 0.0)):
+        grouped = engine_module.REFILL_SHARE
+        runs = [
+            (slots, slots, 0.0),
+            (slots, 4 * slots, grouped),
+            (slots, 4 * slots, 0.0),
+            (0, args.auto_call_rows, grouped),
+        ]
+        for batch, per_call, share in runs:
             run = attempt(
-                f"refill {per_call} per call, share {share:g}",
-                lambda n=per_call, s=share: measure_refill(engine, slots, args.refill_rows, rows, n, s),
+                f"refill {batch or 'auto'} slots, {per_call} per call, share {share:g}",
+                lambda b=batch, n=per_call, s=share: measure_refill(engine, b, args.refill_rows, rows, n, s),
             )
             report["continuous_batching"].append({"mode": modes[0], **run})
             save()
