@@ -356,6 +356,7 @@ def main() -> None:
     )
     parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
     parser.add_argument("--refill-slots", type=int, default=0, help="their slots (0: the largest batch)")
+    parser.add_argument("--refill-slot-by-slot", action="store_true", help="also refill without grouping")
     # pipeline.dataset_job.AUTO_CALL_ROWS; not imported: the GPU machine lacks the pipeline's dependencies.
     parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
@@ -424,18 +425,16 @@ def main() -> None:
     save()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within
-        # a call), then 4 x the slots (the default) with refills in groups and slot by slot (REFILL_SHARE 0);
-        # then runtime.batch_size=auto: the slots that fit free memory, in calls of --auto-call-rows.
+        # a call), then 4 x the slots (the default) with refills in groups (slot by slot, REFILL_SHARE 0, with
+        # --refill-slot-by-slot); then runtime.batch_size=auto: the slots that fit free memory, in calls of
+        # --auto-call-rows.
         slots = args.refill_slots or max(sizes)
         engine = engine_for(loaded, modes[0])
         report["continuous_batching"] = []
         grouped = engine_module.REFILL_SHARE
-        runs = [
-            (slots, slots, 0.0),
-            (slots, 4 * slots, grouped),
-            (slots, 4 * slots, 0.0),
-            (0, args.auto_call_rows, grouped),
-        ]
+        runs = [(slots, slots, 0.0), (slots, 4 * slots, grouped)]
+        runs += [(slots, 4 * slots, 0.0)] if args.refill_slot_by_slot else []
+        runs += [(0, args.auto_call_rows, grouped)]
         for batch, per_call, share in runs:
             run = attempt(
                 f"refill {batch or 'auto'} slots, {per_call} per call, share {share:g}",

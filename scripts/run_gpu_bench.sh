@@ -20,8 +20,8 @@ timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-
 # 8-64 and the whole-prompt prefills from 2026-11-26); the compiled step at 1 and 128 beside it (its warm-up
 # on the release model is the unknown, so it must not eat the default path's numbers); a step of 128 rows
 # attending to the columns in use vs a whole slot; then 512 mixed-length rows through 128 slots
-# (runtime=cluster) in calls of 128 rows, of 512 rows refilled in groups and slot by slot, and with the
-# slots that fit free memory (runtime.batch_size=auto) in calls of 512.
+# (runtime=cluster) in calls of 128 rows, of 512 rows refilled in groups, and with the slots that fit free
+# memory (runtime.batch_size=auto) in calls of 512.
 timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 --modes graphs,compiled \
   --batch-sizes 1,128,256 --plain-batch-sizes 1,128 --refill-rows 512 --refill-slots 128 \
   2>&1 | tee "$out/bench_gpu.log"
