@@ -112,7 +112,7 @@ class SynthesisEngine:
 
     def encode_reference(self, ref: Reference) -> torch.Tensor:
         """(codebooks, frames) codes of a reference clip, encoded once per distinct content."""
-        key = content_hash(ref.audio, ref.sample_rate)
+        key = ref.cache_key or content_hash(ref.audio, ref.sample_rate)
         cached = self.reference_cache.get(key)
         if cached is not None:
             return cached

@@ -43,10 +43,12 @@ CODEC_SAMPLE_RATE = 24000
 @dataclass(frozen=True)
 class DecodedClip:
     """A reference clip decoded ahead of the engine (mono float32 at `sample_rate`), as the dataset job's
-    fetch stage hands it on: the synthesis actor then only hashes and encodes it."""
+    fetch stage hands it on: the synthesis actor then only encodes it. `source_hash` is the content hash of
+    the encoded file it came from, so later rows that carry that file hit the engine's cache of codes."""
 
     samples: np.ndarray
     sample_rate: int
+    source_hash: str
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Reference:
     speaker_tag: str | None = None
     sample_rate: int | None = None
     profile: str | None = None
+    # Key of the clip's codes in the engine's cache when not the hash of `audio` (see DecodedClip).
+    cache_key: str | None = None
 
     def __post_init__(self) -> None:
         if (self.audio is None) == (self.profile is None):

@@ -155,7 +155,11 @@ def to_request(
         if isinstance(audio, DecodedClip):
             refs.append(
                 Reference(
-                    audio=audio.samples, sample_rate=audio.sample_rate, transcript=transcript, speaker_tag=tag
+                    audio=audio.samples,
+                    sample_rate=audio.sample_rate,
+                    cache_key=audio.source_hash,
+                    transcript=transcript,
+                    speaker_tag=tag,
                 )
             )
         else:

@@ -28,8 +28,8 @@ from pipeline.storage import Storage
 
 AUDIO_DIR = "audio"
 METADATA_DIR = "metadata"
-# Decoded reference clips a fetch actor keeps (~1 MB per 10 s).
-CLIP_CACHE_SIZE = 64
+# Clips a fetch actor remembers having sent decoded (see FetchStage).
+SEEN_CLIPS = 4096
 TIMING_FIELDS = ("reference_encode_s", "prefill_s", "decode_s", "vocode_s")
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
@@ -104,15 +104,19 @@ class ValidateStage:
 
 
 class FetchStage:
-    """Reference audio sources -> clips decoded and resampled to the codec's rate, in CPU actors beside the
-    GPU ones: resampling a 10 s clip from 16 or 48 kHz takes 2-4 ms (scripts/bench_references.py), which a
-    synthesis actor spent with its GPU idle for every distinct clip of an eval set. A source that cannot be
-    read or decoded errors its row, naming the reference."""
+    """Reference audio sources -> the clips to voice rows with; a source that cannot be read or decoded
+    errors its row, naming the reference.
+
+    The first time a fetch actor meets a clip it decodes and resamples it to the codec's rate here, in a CPU
+    actor beside the GPU ones: that takes 2-4 ms for a 10 s clip at 16 or 48 kHz
+    (scripts/bench_references.py), which a synthesis actor spent with its GPU idle for every distinct clip of
+    an eval set. Later rows with the same clip (a voice library) carry its encoded bytes, as small as the
+    file, and find its codes in the synthesis actor's cache; an actor that has not met it decodes it once."""
 
     def __init__(self, policy: FetchPolicy, max_seconds: float = 60.0) -> None:
         self.policy = policy
         self.max_seconds = max_seconds
-        self.clips = LRUCache(CLIP_CACHE_SIZE)  # a voice library repeats a few clips in every block
+        self.decoded = LRUCache(SEEN_CLIPS)  # content hashes of the clips sent decoded
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
@@ -134,18 +138,15 @@ class FetchStage:
             row["_audio"] = audio
         return pack(rows)
 
-    def _clip(self, data: bytes, field_name: str) -> DecodedClip:
+    def _clip(self, data: bytes, field_name: str) -> bytes | DecodedClip:
         from model.reference_audio import content_hash, decode_reference
 
         key = content_hash(data)
-        clip = self.clips.get(key)
-        if clip is None:
-            samples = decode_reference(
-                data, CODEC_SAMPLE_RATE, max_seconds=self.max_seconds, field=field_name
-            )
-            clip = DecodedClip(samples, CODEC_SAMPLE_RATE)
-            self.clips.put(key, clip)
-        return clip
+        if self.decoded.get(key):
+            return data
+        samples = decode_reference(data, CODEC_SAMPLE_RATE, max_seconds=self.max_seconds, field=field_name)
+        self.decoded.put(key, True)
+        return DecodedClip(samples, CODEC_SAMPLE_RATE, key)
 
 
 @dataclass

@@ -1,48 +1,66 @@
-"""The dataset job's fetch stage decodes reference clips ahead of the synthesis actors, which then get the
-waveform (and so the codes) they would have decoded themselves."""
+"""The dataset job's fetch stage decodes each reference clip ahead of the synthesis actors the first time it
+meets it; they get the waveform (and so the codes) they would have decoded themselves."""
 
 import numpy as np
 import torch
 
-from model.reference_audio import decode_reference
+from model.reference_audio import content_hash, decode_reference
 from model.requests import DecodedClip, Reference
 from pipeline.manifest import ManifestRules, validate_row
 from pipeline.references import FetchPolicy
 from pipeline.stages import FetchStage, pack, unpack
 from tests.helpers import REPO, text_row, voices_copy
 
+BELINDA = REPO / "examples" / "voices" / "belinda.wav"  # 44.1 kHz
 
-def fetch(tmp_path, references: list[dict], extra: dict[str, bytes] | None = None) -> dict:
+
+def fetch(tmp_path, rows_refs: list[list[dict]], extra: dict[str, bytes] | None = None) -> list[dict]:
     voices = voices_copy(tmp_path)
     for name, data in (extra or {}).items():
         (voices / name).write_bytes(data)
-    refs = [{**ref, "audio": str(voices / ref["audio"])} for ref in references]
-    row = validate_row(text_row(0, references=refs), ManifestRules(voice_library=str(voices)))
+    rules = ManifestRules(voice_library=str(voices))
+    rows = [
+        validate_row(text_row(i, references=[{**r, "audio": str(voices / r["audio"])} for r in refs]), rules)
+        for i, refs in enumerate(rows_refs)
+    ]
     stage = FetchStage(FetchPolicy(allowed_roots=(str(voices),)), max_seconds=60.0)
-    [out] = unpack(stage(pack([row])))
-    return out
+    return unpack(stage(pack(rows)))
 
 
 def test_a_44_1_khz_reference_arrives_decoded_at_the_codec_rate(tmp_path):
-    out = fetch(tmp_path, [{"audio": "belinda.wav", "transcript": "Hi."}])
+    [out] = fetch(tmp_path, [[{"audio": "belinda.wav", "transcript": "Hi."}]])
     [clip] = out["_audio"]
     assert isinstance(clip, DecodedClip) and clip.sample_rate == 24000
-    expected = decode_reference((REPO / "examples" / "voices" / "belinda.wav").read_bytes(), 24000)
-    np.testing.assert_array_equal(clip.samples, expected)
+    np.testing.assert_array_equal(clip.samples, decode_reference(BELINDA.read_bytes(), 24000))
+    assert clip.source_hash == content_hash(BELINDA.read_bytes())
+
+
+def test_a_clip_met_again_travels_as_its_file_not_decoded_again(tmp_path):
+    ref = {"audio": "belinda.wav", "transcript": "Hi."}
+    first, second, third = fetch(tmp_path, [[ref], [ref], [ref]])
+    assert isinstance(first["_audio"][0], DecodedClip)
+    assert second["_audio"][0] == third["_audio"][0] == BELINDA.read_bytes()
 
 
 def test_a_reference_that_does_not_decode_errors_its_row_naming_the_reference(tmp_path):
     refs = [{"audio": "en_man.wav", "transcript": "A."}, {"audio": "noise.wav", "transcript": "B."}]
-    out = fetch(tmp_path, refs, extra={"noise.wav": b"RIFF but not audio"})
+    [out] = fetch(tmp_path, [refs], extra={"noise.wav": b"RIFF but not audio"})
     assert out["status"] == "error" and out["error_field"] == "references[1].audio"
     assert out["error"].startswith("references[1].audio: not a decodable audio file")
 
 
-def test_the_engine_encodes_a_decoded_clip_to_the_codes_of_its_file(engine):
-    data = (REPO / "examples" / "voices" / "belinda.wav").read_bytes()
-    clip = DecodedClip(decode_reference(data, 24000), 24000)
-    from_file = engine.encode_reference(Reference(audio=data, transcript="Hi."))
-    from_clip = engine.encode_reference(
-        Reference(audio=clip.samples, sample_rate=clip.sample_rate, transcript="Hi.")
+def test_a_decoded_clip_gets_its_files_codes_and_the_file_then_hits_the_cache(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    fresh = SynthesisEngine(engine.checkpoint, EngineOptions())
+    data = BELINDA.read_bytes()
+    clip = DecodedClip(decode_reference(data, 24000), 24000, content_hash(data))
+    from_clip = fresh.encode_reference(
+        Reference(
+            audio=clip.samples, sample_rate=clip.sample_rate, cache_key=clip.source_hash, transcript="Hi."
+        )
     )
-    assert torch.equal(from_file, from_clip)
+    hits = fresh.reference_cache.hits
+    assert torch.equal(fresh.encode_reference(Reference(audio=data, transcript="Hi.")), from_clip)
+    assert fresh.reference_cache.hits == hits + 1
+    assert torch.equal(from_clip, engine.encode_reference(Reference(audio=data, transcript="Hi.")))
