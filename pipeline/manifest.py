@@ -153,17 +153,10 @@ def to_request(
         if audio is None:
             raise RequestError("references", f"reference {i} audio has not been fetched", ref.get("audio"))
         if isinstance(audio, DecodedClip):
-            refs.append(
-                Reference(
-                    audio=audio.samples,
-                    sample_rate=audio.sample_rate,
-                    cache_key=audio.source_hash,
-                    transcript=transcript,
-                    speaker_tag=tag,
-                )
-            )
+            clip = {"audio": audio.samples, "sample_rate": audio.sample_rate, "cache_key": audio.source_hash}
         else:
-            refs.append(Reference(audio=audio, transcript=transcript, speaker_tag=tag))
+            clip = {"audio": audio}
+        refs.append(Reference(**clip, transcript=transcript, speaker_tag=tag))
     # A row-level speaker_tag names the row's single voice when that voice carries no tag of its own.
     if row.get("speaker_tag") and len(refs) == 1 and refs[0].speaker_tag is None:
         refs[0].speaker_tag = row["speaker_tag"]

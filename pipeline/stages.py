@@ -113,7 +113,7 @@ class FetchStage:
     an eval set. Later rows with the same clip (a voice library) carry its encoded bytes, as small as the
     file, and find its codes in the synthesis actor's cache; an actor that has not met it decodes it once."""
 
-    def __init__(self, policy: FetchPolicy, max_seconds: float = 60.0) -> None:
+    def __init__(self, policy: FetchPolicy, max_seconds: float) -> None:
         self.policy = policy
         self.max_seconds = max_seconds
         self.decoded = LRUCache(SEEN_CLIPS)  # content hashes of the clips sent decoded
@@ -128,19 +128,18 @@ class FetchStage:
                 for j, ref in enumerate(row.get("references") or []):
                     source = ref.get("audio")
                     field_name = f"references[{j}].audio"
-                    if source is None:
-                        audio.append(None)
-                    else:
-                        audio.append(self._clip(fetch_reference(source, self.policy, field_name), field_name))
+                    audio.append(None if source is None else self._fetch(source, field_name))
             except RequestError as exc:
                 rows[i] = fail(row, exc)
                 continue
             row["_audio"] = audio
         return pack(rows)
 
-    def _clip(self, data: bytes, field_name: str) -> bytes | DecodedClip:
+    def _fetch(self, source: str, field_name: str) -> bytes | DecodedClip:
+        # Imported here: the driver imports this module, and model.reference_audio brings torch.
         from model.reference_audio import content_hash, decode_reference
 
+        data = fetch_reference(source, self.policy, field_name)
         key = content_hash(data)
         if self.decoded.get(key):
             return data

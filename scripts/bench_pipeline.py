@@ -513,7 +513,7 @@ def stage_profile(args, checkpoint: str, manifest: Path, workdir: Path, rows: in
         return out, time.perf_counter() - started
 
     validated, validate_s = timed(ValidateStage(ManifestRules(), frozenset()), batches)
-    fetched, fetch_s = timed(FetchStage(FetchPolicy()), validated)
+    fetched, fetch_s = timed(FetchStage(FetchPolicy(), EngineOptions().max_reference_seconds), validated)
     synth = SynthesizeStage(
         SynthesisSettings(
             CheckpointSpec(source=checkpoint, device="cpu"), EngineOptions(max_batch_size=bs, ignore_eos=True)

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.checkpoint import resolve_device  # noqa: E402
+from model.engine import VOCODE_FRAMES_PER_ROW  # noqa: E402
 from model.tiny import (  # noqa: E402
     _fill_codebooks,
     real_audio_tokenizer_config,
@@ -39,7 +40,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--min-frames", type=int, default=150)
     parser.add_argument("--max-frames", type=int, default=349)
-    parser.add_argument("--frames-per-call", type=int, default=16 * 256, help="the engine's budget")
+    parser.add_argument(
+        "--frames-per-call", type=int, default=16 * VOCODE_FRAMES_PER_ROW, help="the engine's at batch 16"
+    )
     parser.add_argument("--check-rows", type=int, default=4, help="rows compared with whole decoding")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
