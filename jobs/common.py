@@ -153,7 +153,9 @@ def engine_options(cfg: DictConfig):
         static_cache=bool(engine.static_cache),
         cuda_graphs=bool(engine.cuda_graphs),
         compile=bool(engine.compile),
+        fused_norms=bool(engine.fused_norms),
         share_prefix=bool(engine.share_prefix),
+        shared_prefix_cache=bool(engine.shared_prefix_cache),
         vocode_windows=bool(engine.vocode_windows),
     )
 

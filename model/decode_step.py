@@ -51,6 +51,8 @@ class DecodeStep:
         # still captured from it); fullgraph: a graph break would split the step back into small launches.
         self._compiled = None
         self.compile_failed = False
+        if cache.prefix_capacity and not use_packed_sdpa(model):
+            raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True)
@@ -68,8 +70,9 @@ class DecodeStep:
     def __call__(self, rows: int, span: int, widest_top_k: int, any_ras: bool) -> None:
         """Advance the first b >= rows slots by one frame, attending to their first `span` columns (every
         column a row writes before the engine next looks must lie below it). The span and the sampling shape
-        (how many logits the widest top-k sorts, whether RAS runs) are fixed per graph: part of its key."""
-        key = (bucket_for(rows, self.cache.slots), span, widest_top_k, any_ras)
+        (how many logits the widest top-k sorts, whether RAS runs) are fixed per graph: part of its key, with
+        the shared prefix's span."""
+        key = (bucket_for(rows, self.cache.slots), span, widest_top_k, any_ras, self.cache.prefix_span)
         if not self.cuda_graphs:
             return self._run(*key)
         if key not in self._graphs:
@@ -87,10 +90,10 @@ class DecodeStep:
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def _run(self, b: int, span: int, widest_top_k: int, any_ras: bool) -> None:
+    def _run(self, b: int, span: int, widest_top_k: int, any_ras: bool, prefix_span: int) -> None:
         if self._compiled is not None:
             try:
-                return self._compiled(b, span, widest_top_k, any_ras)
+                return self._compiled(b, span, widest_top_k, any_ras, prefix_span)
             except Exception as exc:
                 from torch._dynamo.exc import TorchDynamoException  # imported by torch.compile already
 
@@ -100,9 +103,9 @@ class DecodeStep:
                 log.warning("decode step not compiled (%s); running it uncompiled", str(exc).splitlines()[0])
                 self._compiled = None
                 self.compile_failed = True
-        return self._step(b, span, widest_top_k, any_ras)
+        return self._step(b, span, widest_top_k, any_ras, prefix_span)
 
-    def _step(self, b: int, span: int, widest_top_k: int, any_ras: bool) -> None:
+    def _step(self, b: int, span: int, widest_top_k: int, any_ras: bool, prefix_span: int) -> None:
         c = self.cache
         for layer in c.layers:
             layer.span = span
@@ -130,20 +133,23 @@ class DecodeStep:
         c.position_in[:b] += 1
         write_pos = c.write_pos[:b]
         c.mask[:b].scatter_(1, write_pos[:, None], True)  # a scalar fill: no host-to-device copy in a graph
-        c.logits[:b] = self._forward(b, span)
+        c.logits[:b] = self._forward(b, span, prefix_span)
         # A finished row steps on until the engine looks; its writes stay inside its own slot.
         write_pos.copy_((write_pos + 1).clamp(max=c.length - 1))
 
-    def _forward(self, b: int, span: int) -> torch.Tensor:
+    def _forward(self, b: int, span: int, prefix_span: int) -> torch.Tensor:
         cache = self.cache
         mask = torch.zeros((b, 1, 1, span), dtype=self.dtype, device=cache.mask.device)
         mask.masked_fill_(~cache.mask[:b, None, None, :span], torch.finfo(self.dtype).min)
+        # The shared prefix reaches model.attention through the model's keyword arguments.
+        shared = {"slot_prefix": cache} if prefix_span else {}
         out = self.model(
             audio_input_ids=cache.audio_in[:b],
             attention_mask=mask,
             position_ids=cache.position_in[:b],
             past_key_values=cache,
             use_cache=True,
+            **shared,
         )
         return out.logits[:, -1, :].view(b, self.num_codebooks, -1)
 

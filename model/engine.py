@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from model.attention import use_packed_sdpa
 from model.batch_state import DynamicBatch
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.decode_step import DecodeStep
@@ -27,6 +28,7 @@ from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, render
 from model.reference_audio import content_hash, decode_reference
 from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
+from model.rms_norm import use_fused_rms_norms
 from model.sampling import RowParams
 from model.slot_batch import SlotBatch
 from model.slot_cache import SlotCache, round_up
@@ -68,6 +70,22 @@ VOCODE_FRAMES_PER_ROW = 256
 # each slot as its row finished made 512 rows through 128 slots slower (132x real time) than not refilling
 # at all (155x). Idle slots cost less: a step of 112 rows is not much faster than one of 128.
 REFILL_SHARE = 1 / 8
+
+
+@dataclass
+class _Prefix:
+    """The prompt tokens every row of a call shares, run through the model once: a one-row DynamicCache."""
+
+    tokens: int
+    cache: DynamicCache
+
+    def for_rows(self, rows: int, config) -> DynamicCache:
+        """A DynamicCache holding these keys and values for each of `rows` rows (a prefill's starting point)."""
+        cache = DynamicCache(config=config)
+        for i, layer in enumerate(self.cache.layers):
+            shape = (rows, *layer.keys.shape[1:])
+            cache.update(layer.keys.expand(shape).clone(), layer.values.expand(shape).clone(), i)
+        return cache
 
 
 @dataclass
@@ -201,6 +219,7 @@ class SynthesisEngine:
 
     def generate(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
         """One result per request, in order. A bad request yields an error result; the others go on."""
+        use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
@@ -213,7 +232,17 @@ class SynthesisEngine:
         self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
         return [r for r in results if r is not None]
 
-    def _batch_size(self, prepared: list[_Prepared]) -> int:
+    def _call_prefix(self, prepared: list[_Prepared]) -> _Prefix | None:
+        """With `shared_prefix_cache`, the prefix all rows of the call share (see _shared_prefix), run
+        through the model once for the whole call; the KV cache then holds it once (model.slot_cache)."""
+        if not (self.options.shared_prefix_cache and self.options.static_cache):
+            return None
+        shared = self._shared_prefix(prepared)
+        if not shared or not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
+            return None
+        return _Prefix(shared, self._prefix_cache(prepared[0], shared, 1))
+
+    def _batch_size(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
         if self.options.max_batch_size > 0:
             return self.options.max_batch_size
         if self.device.type != "cuda" or not prepared:
@@ -222,7 +251,7 @@ class SynthesisEngine:
         if self._decode_step is not None:
             free += self._decode_step.cache.nbytes  # replaced if it does not fit this batch
         prompt = max(len(p.input_ids) for p in prepared)
-        length = self._slot_length(prepared)
+        length = self._slot_length(prepared, prefix)
         return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, length, prompt)
 
     def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
@@ -246,7 +275,8 @@ class SynthesisEngine:
         narrowed down to the row that causes it by running the rows in flight one at a time.
         """
         waiting = deque(sorted(prepared, key=lambda p: len(p.input_ids)))
-        size = size or self._batch_size(prepared)
+        prefix = self._call_prefix(prepared)
+        size = size or self._batch_size(prepared, prefix)
         state: DynamicBatch | SlotBatch | None = None
         while waiting or state is not None:
             involved: list[_Prepared] = [] if state is None else list(state.items)
@@ -255,12 +285,12 @@ class SynthesisEngine:
                 if waiting and free > 0 and (state is None or self._refills(size, free, len(waiting))):
                     group = self._admit(waiting, free)
                     involved += group
-                    joining = self._prefill(group)
+                    joining = self._prefill(group, prefix)
                     if state is None and not self.options.static_cache:
                         state = joining
                     else:
                         if state is None:
-                            state = SlotBatch(self._slots(size, prepared))
+                            state = SlotBatch(self._slots(size, prepared, prefix))
                         state.merge(joining)
                 yield from self._step(state)
                 if not len(state):
@@ -306,23 +336,29 @@ class SynthesisEngine:
                 f"{rows} rows x {length} tokens exceeds max_frames_per_batch={limit}"
             )
 
-    def _slots(self, size: int, prepared: list[_Prepared]) -> DecodeStep:
-        """The decode step over a SlotCache of `size` slots that fits every row of `prepared`, kept from call
-        to call while it fits (sizes rounded up by round_up); a cache over twice as long as needed is rebuilt:
-        its memory could hold a larger batch."""
-        length = self._slot_length(prepared)
+    def _slots(self, size: int, prepared: list[_Prepared], prefix: _Prefix | None = None) -> DecodeStep:
+        """The decode step over a SlotCache of `size` slots that fits every row of `prepared` (and holds the
+        call's shared `prefix`), kept from call to call while it fits (sizes rounded up by round_up); a cache
+        over twice as long as needed is rebuilt: its memory could hold a larger batch."""
+        length = self._slot_length(prepared, prefix)
         max_steps = round_up(max(p.request.max_new_tokens for p in prepared))
         window = max(self._ras_window(p.request) for p in prepared)
+        needed = round_up(prefix.tokens) if prefix else 0
         step = self._decode_step
-        if step is not None and step.cache.fits(size, length, max_steps, window):
-            step.cache.reset()
-            return step
-        self._drop_step()
-        self._release_memory()
+        if step is None or not step.cache.fits(size, length, max_steps, window, needed):
+            self._drop_step()
+            self._release_memory()
+            step = self._decode_step = self._new_step(size, length, max_steps, window, needed)
+        step.cache.reset()
+        if prefix:
+            step.cache.set_prefix(prefix.cache)
+        return step
+
+    def _new_step(self, size: int, length: int, max_steps: int, window: int, prefix: int) -> DecodeStep:
         cache = SlotCache(
-            self.model.config, size, length, self.checkpoint.dtype, self.device, max_steps, window
+            self.model.config, size, length, self.checkpoint.dtype, self.device, max_steps, window, prefix
         )
-        self._decode_step = DecodeStep(
+        return DecodeStep(
             self.model,
             cache,
             self.options.cuda_graphs,
@@ -331,7 +367,6 @@ class SynthesisEngine:
             self.options.ignore_eos,
             self._compile,
         )
-        return self._decode_step
 
     def _drop_step(self) -> None:
         """Forget the decode step; a new one is built for the next batch, uncompiled if this one's compilation
@@ -340,20 +375,23 @@ class SynthesisEngine:
             self._compile = False
         self._decode_step = None
 
-    def _slot_length(self, prepared: list[_Prepared]) -> int:
-        context = max(len(p.input_ids) + p.request.max_new_tokens for p in prepared)
+    def _slot_length(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
+        """Columns a slot needs: a row's prompt, less the prefix the cache holds once, plus max_new_tokens."""
+        skip = prefix.tokens if prefix else 0
+        context = max(len(p.input_ids) - skip + p.request.max_new_tokens for p in prepared)
         return min(round_up(context), self.max_context)
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prefill(self, batch: list[_Prepared]) -> DynamicBatch:
+    def _prefill(self, batch: list[_Prepared], prefix: _Prefix | None = None) -> DynamicBatch:
         """Run the prompts of `batch` through the model: the tokens every row shares (system prompt, reference
-        voice) once, when they are long enough to be worth it, then each row's own tokens, left-padded."""
+        voice) once, when they are long enough to be worth it, then each row's own tokens, left-padded. A
+        call's `prefix`, already run, stands for the shared tokens."""
         device = self.device
         rows = len(batch)
-        shared = self._shared_prefix(batch)
+        shared = prefix.tokens if prefix else self._shared_prefix(batch)
         suffix_len = max(len(p.input_ids) for p in batch) - shared
         input_ids = torch.full((rows, suffix_len), self.pad_id, dtype=torch.long)
         attention = torch.zeros((rows, suffix_len), dtype=torch.long)
@@ -380,7 +418,9 @@ class SynthesisEngine:
         params = self._row_params(batch)
         window = int(params.ras_win_len.max().item())
         started = time.perf_counter()
-        cache = self._prefix_cache(batch[0], shared, rows)
+        cache = (
+            prefix.for_rows(rows, self.model.config) if prefix else self._prefix_cache(batch[0], shared, rows)
+        )
         attention = torch.cat([torch.ones((rows, shared), dtype=torch.long), attention], dim=1).to(device)
         out = self.model(
             **inputs, attention_mask=attention, past_key_values=cache, use_cache=True, logits_to_keep=1

@@ -55,6 +55,13 @@ class EngineOptions:
     # Rows of a prefill group that share their leading prompt tokens and audio (one reference voice) run
     # those tokens through the model once; off = every row prefills its whole prompt.
     share_prefix: bool = True
+    # When every row of a call shares that prefix, keep its keys and values once beside the KV slots, which
+    # then hold only each row's own tokens: a decode step reads the prefix once, not once per row, and a row
+    # takes less memory. Off until a GPU measures it (model.attention.prefix_attention replaces sdpa there).
+    shared_prefix_cache: bool = False
+    # RMSNorm as torch's fused kernel (model.rms_norm): ~450 fewer kernels per decode step on a GPU, the same
+    # numbers on a CPU. Set on the model object at each generate call (engines may share one model).
+    fused_norms: bool = True
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. Off until a GPU measures it: on a CPU the codec is compute-bound
     # and the windows' overlap only adds work (bench_vocoding.py: 0.3-0.6x for the release's codec).

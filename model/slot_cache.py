@@ -5,6 +5,10 @@ Fixed shapes are what CUDA graphs need: the decode step's tensors stay at the sa
 step, so one captured graph per batch bucket replays the whole forward with a single launch (see
 model.decode_step). transformers' StaticCache writes every row at one shared column, which forces a common
 left-padded length on the batch; per-row write positions let rows join and leave at any step instead.
+
+A call whose rows all share a prompt prefix (one reference voice) can keep that prefix once, outside the
+slots (`prefix` capacity, `set_prefix`): the slots then hold only each row's own tokens, and the decode step
+attends to both (model.attention.prefix_attention).
 """
 
 from __future__ import annotations
@@ -30,10 +34,17 @@ class SlotLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, write_pos: torch.Tensor
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        write_pos: torch.Tensor,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
     ) -> None:
         super().__init__()
         self.keys, self.values = keys, values
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values  # (kv_heads, capacity, head_dim)
         # Shared by all layers: every slot's index, and the column each slot writes its next token to.
         self.rows, self.write_pos = rows, write_pos
         self.span = keys.shape[2]
@@ -79,10 +90,13 @@ class SlotCache(Cache):
         device: torch.device,
         max_steps: int = 0,
         window: int = 0,
+        prefix: int = 0,
     ) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (slots, config.num_key_value_heads, length, head_dim)
         self.slots, self.length, self.max_steps, self.window = slots, length, max_steps, window
+        self.prefix_capacity, self.prefix_tokens = prefix, 0
+        prefix_shape = (config.num_key_value_heads, prefix, head_dim)
         codebooks = config.num_codebooks
         self.rows = torch.arange(slots, device=device)
         self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
@@ -93,10 +107,14 @@ class SlotCache(Cache):
                     torch.zeros(shape, dtype=dtype, device=device),
                     self.rows,
                     self.write_pos,
+                    torch.zeros(prefix_shape, dtype=dtype, device=device),
+                    torch.zeros(prefix_shape, dtype=dtype, device=device),
                 )
                 for _ in range(config.num_hidden_layers)
             ]
         )
+        # Added to the prefix's attention scores: 0 over its tokens, the dtype's minimum past them.
+        self.prefix_bias = torch.zeros(prefix, dtype=torch.float32, device=device)
         # An empty slot keeps column 0 visible so its (ignored) attention row never softmaxes over nothing.
         self.mask = torch.zeros((slots, length), dtype=torch.bool, device=device)
         self.mask[:, 0] = True
@@ -125,6 +143,7 @@ class SlotCache(Cache):
     @property
     def nbytes(self) -> int:
         tensors = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        tensors += [t for layer in self.layers for t in (layer.prefix_keys, layer.prefix_values)]
         tensors += [self.mask, *self._row_state()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -152,6 +171,33 @@ class SlotCache(Cache):
     def reset(self) -> None:
         free = set(self._free)
         self.release([s for s in range(self.slots) if s not in free])
+        self.prefix_tokens = 0
+
+    @property
+    def prefix_span(self) -> int:
+        """Prefix columns a step attends to (0: no shared prefix), rounded up like the slots' span."""
+        return min(self.prefix_capacity, round_up(self.prefix_tokens)) if self.prefix_tokens else 0
+
+    def set_prefix(self, cache) -> None:
+        """Hold the shared prefix of the rows to come: a one-row DynamicCache of its keys and values. Set
+        while no row is in a slot: the rows' slots then hold only what follows it."""
+        if len(self._free) != self.slots:
+            raise RuntimeError("the shared prefix changes only while every slot is free")
+        tokens = cache.layers[0].keys.shape[2]
+        if tokens > self.prefix_capacity:
+            raise ValueError(f"a prefix of {tokens} tokens exceeds the cache's {self.prefix_capacity}")
+        for mine, theirs in zip(self.layers, cache.layers, strict=True):
+            mine.prefix_keys[:, :tokens] = theirs.keys[0]
+            mine.prefix_values[:, :tokens] = theirs.values[0]
+        self.prefix_bias.fill_(torch.finfo(torch.float32).min)
+        self.prefix_bias[:tokens] = 0
+        self.prefix_tokens = tokens
+
+    def prefix_for(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's prefix keys and values, (kv_heads, span, head_dim), and their (span,) score bias."""
+        span = self.prefix_span
+        mine = self.layers[layer]
+        return mine.prefix_keys[:, :span], mine.prefix_values[:, :span], self.prefix_bias[:span]
 
     def move(self, sources: list[int], targets: list[int]) -> None:
         """Move rows to free slots, keys, values and state alike: packing rows into low slots lets the
@@ -175,19 +221,20 @@ class SlotCache(Cache):
             self.seeds, self.steps, self.eos_steps, self.step_limit, self.done_at, self.history, self.frames,
         )  # fmt: skip
 
-    def fits(self, slots: int, length: int, max_steps: int, window: int) -> bool:
+    def fits(self, slots: int, length: int, max_steps: int, window: int, prefix: int = 0) -> bool:
         return (
             self.slots >= slots
             and length <= self.length <= 2 * length
             and self.max_steps >= max_steps
             and self.window >= window
+            and self.prefix_capacity >= prefix
         )
 
     def admit(self, slots: list[int], prefill) -> list[int]:
         """Move a prefilled group (a model.batch_state.DynamicBatch) into `slots`: its keys and values, its
         next-frame logits and its sampling state. Returns each row's token count."""
         index = torch.tensor(slots, device=self.mask.device)
-        counts = self.load(slots, prefill.cache, prefill.attention)
+        counts = self.load(slots, prefill.cache, prefill.attention, skip=self.prefix_tokens)
         self.logits[index] = prefill.logits.to(self.logits.dtype)
         for f in fields(prefill.params):
             getattr(self, f.name)[index] = getattr(prefill.params, f.name)
@@ -199,10 +246,12 @@ class SlotCache(Cache):
         self.position_in[index, 0] = prefill.positions
         return counts
 
-    def load(self, slots: list[int], cache, attention: torch.Tensor) -> list[int]:
+    def load(self, slots: list[int], cache, attention: torch.Tensor, skip: int = 0) -> list[int]:
         """Copy a prefill (a DynamicCache and its (b, P) attention mask, padding anywhere: left, or between a
         shared prefix and a row's own tokens) into `slots`, each row's tokens moved in order to the front of
-        its slot. Returns each row's token count."""
+        its slot; the first `skip` columns (the prefix this cache holds once) stay out. Returns each row's
+        token count in its slot."""
+        attention = attention[:, skip:]
         rows, prompt = attention.shape
         if prompt > self.length:
             raise ValueError(f"a prompt of {prompt} tokens does not fit a KV slot of {self.length}")
@@ -211,9 +260,10 @@ class SlotCache(Cache):
         # A stable sort of "is padding" lists each row's real columns first, in their order.
         order = torch.sort((attention == 0).to(torch.int8), dim=1, stable=True).indices
         for mine, theirs in zip(self.layers, cache.layers, strict=True):
-            gather = order[:, None, :, None].expand_as(theirs.keys)
-            mine.keys[index, :, :prompt] = theirs.keys.gather(2, gather)
-            mine.values[index, :, :prompt] = theirs.values.gather(2, gather)
+            keys, values = theirs.keys[:, :, skip:], theirs.values[:, :, skip:]
+            gather = order[:, None, :, None].expand_as(keys)
+            mine.keys[index, :, :prompt] = keys.gather(2, gather)
+            mine.values[index, :, :prompt] = values.gather(2, gather)
         self.mask[index] = False
         self.mask[index, :prompt] = torch.arange(prompt, device=attention.device)[None, :] < counts[:, None]
         self.write_pos[index] = counts

@@ -9,11 +9,13 @@ as a user/assistant turn exactly as a cloned voice is). Every row generates --fr
 Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for the decode modes
 (`compiled`: the slot cache's step torch.compiled, then replayed from CUDA graphs; `graphs`: the default,
 the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
-one reference turn; `static`: the slot cache run eagerly; `dynamic`: the plain path, transformers'
-DynamicCache run eagerly after a whole-prompt prefill per row), transformers' `model.generate` at batch 1
-on the same prompt in the same run as the baseline, and whether the fast path gives the plain path's codes
-(exactly on the tiny config in float32; how far greedy rows agree on the release config in bf16). No
-download: weights are random, which changes no timing.
+one reference turn; `prefix_once`: `graphs` with that shared turn kept once beside the slots; `unfused`:
+`graphs` with transformers' RMSNorm instead of the fused kernel; `static`: the slot cache run eagerly;
+`dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after a whole-prompt prefill
+per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
+`model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
+gives the plain path's codes (exactly on the tiny config in float32; how far greedy rows agree on the
+release config in bf16). No download: weights are random, which changes no timing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
+from model.rms_norm import use_fused_rms_norms  # noqa: E402
 from model.tiny import random_checkpoint  # noqa: E402
 
 FRAME_RATE = 25
@@ -78,9 +81,14 @@ MODES = {
     "compiled": {"static_cache": True, "cuda_graphs": True, "compile": True},
     "graphs": {"static_cache": True, "cuda_graphs": True},
     "static": {"static_cache": True, "cuda_graphs": False},
-    "dynamic": {"static_cache": False, "cuda_graphs": False, "share_prefix": False},
+    # Also transformers' own RMSNorm: the plain path, and the engine behind the transformers baseline.
+    "dynamic": {"static_cache": False, "cuda_graphs": False, "share_prefix": False, "fused_norms": False},
+    # The default with transformers' eight-kernel RMSNorm instead of the fused one.
+    "unfused": {"static_cache": True, "cuda_graphs": True, "fused_norms": False},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
+    # The default with the rows' shared reference turn kept once beside the slots (shared_prefix_cache).
+    "prefix_once": {"static_cache": True, "cuda_graphs": True, "shared_prefix_cache": True},
 }
 
 
@@ -176,9 +184,9 @@ def watch_prefills(engine: SynthesisEngine) -> list[float]:
     seconds: list[float] = []
     prefill = engine._prefill
 
-    def timed(batch):
+    def timed(*args):
         started = time.perf_counter()
-        state = prefill(batch)
+        state = prefill(*args)
         seconds.append(time.perf_counter() - started)
         return state
 
@@ -216,6 +224,7 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     input_ids, audio = engine.prepare(request)
     device = engine.device
     model = engine.model
+    use_fused_rms_norms(model, fused=False)  # transformers as it comes
     kwargs = {
         "input_ids": torch.tensor([input_ids], device=device),
         "attention_mask": torch.ones((1, len(input_ids)), dtype=torch.long, device=device),
@@ -329,6 +338,8 @@ def exactness(device: torch.device, mode: str) -> dict:
         )
         for i, m in enumerate([12, 19, 26, 33, 200, 200, 200, 200, 200, 200])
     ]
+    if mode == "prefix_once":  # one voice for all rows, or there is no call-wide prefix to keep
+        rows = [replace(r, context=voice) for r in rows]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
     a, b = fast.generate(rows), plain.generate(rows)
@@ -339,6 +350,69 @@ def exactness(device: torch.device, mode: str) -> dict:
         "frames": [x.generated_frames for x in a],
         "cuda_graph_buckets": fast._decode_step.captured if fast._decode_step else [],
     }
+
+
+def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], steps: int = 8) -> dict:
+    """Where a decode step's time goes: `steps` steps of `batch` rows (prompts prefilled, a call-wide prefix
+    kept once for `prefix_once`) run eagerly under torch.profiler, whose kernels are the ones a CUDA graph
+    replays. Returns the GPU time per step and the top operators by their own GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.slot_batch import SlotBatch
+    from model.slot_cache import round_up
+
+    options = {**MODES[mode], "cuda_graphs": False, "compile": False}
+    engine = SynthesisEngine(loaded, EngineOptions(ignore_eos=True, max_batch_size=batch, **options))
+    prepared = [engine._prepare(i, r) for i, r in enumerate(rows[:batch])]
+    prefix = engine._call_prefix(prepared)
+    step = engine._slots(batch, prepared, prefix)
+    state = SlotBatch(step)
+    state.merge(engine._prefill(prepared, prefix))
+    widest, any_ras = state.sampling_shape
+    span = round_up(state.length + steps + 1)
+    cuda = engine.device.type == "cuda"
+    step(batch, span, widest, any_ras)  # lazy initialisation outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch, span, widest, any_ras)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def own_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    top = sorted(events, key=own_us, reverse=True)[:20]
+    return {
+        "mode": mode,
+        "batch_size": batch,
+        "span": span,
+        "prefix_span": step.cache.prefix_span,
+        "clock": "gpu" if cuda else "cpu",
+        "step_ms": round(sum(own_us(e) for e in events) / steps / 1e3, 3),
+        "top": [
+            {
+                "op": e.key[:80],
+                "ms_per_step": round(own_us(e) / steps / 1e3, 3),
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ],
+    }
+
+
+def parse_modes(text: str, first_sizes: str, later_sizes: str) -> list[tuple[str, list[int]]]:
+    """`graphs,static` (the first mode at --batch-sizes, later ones at --plain-batch-sizes) or
+    `graphs=1/128/256,compiled=1` (each mode its own sizes)."""
+    modes = []
+    for i, item in enumerate(text.split(",")):
+        name, _, sizes = item.partition("=")
+        sizes = sizes.replace("/", ",") or (first_sizes if i == 0 else later_sizes)
+        if name not in MODES:
+            raise SystemExit(f"unknown mode {name!r}; modes: {', '.join(MODES)}")
+        modes.append((name, [int(n) for n in sizes.split(",")]))
+    return modes
 
 
 def main() -> None:
@@ -360,6 +434,7 @@ def main() -> None:
     # pipeline.dataset_job.AUTO_CALL_ROWS; not imported: the GPU machine lacks the pipeline's dependencies.
     parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
+    parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
@@ -372,8 +447,11 @@ def main() -> None:
     started = time.perf_counter()
     loaded = random_checkpoint("real" if args.config == "real" else "tiny", device)
     tokenizer = loaded.processor.tokenizer
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
-    rows = requests(max(*sizes, args.check_rows), args.frames, args.text_tokens, args.ref_frames, tokenizer)
+    modes = parse_modes(args.modes, args.batch_sizes, args.plain_batch_sizes)
+    sizes = sorted({n for _, mode_sizes in modes for n in mode_sizes})
+    profiled = [int(n) for n in args.profile.split(",") if n]
+    most = max(*sizes, *profiled, args.check_rows)
+    rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         "benchmark": "gpu_engine",
         "config": args.config,
@@ -407,10 +485,8 @@ def main() -> None:
         "baseline", lambda: baseline_generate(engine_for(loaded, "dynamic"), args.frames, rows[0])
     )
     save()
-    modes = args.modes.split(",")
-    for mode in modes:
+    for mode, mode_sizes in modes:
         engine = engine_for(loaded, mode)
-        mode_sizes = sizes if mode == modes[0] else [int(s) for s in args.plain_batch_sizes.split(",")]
         for size in mode_sizes:
             run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
             report["engine"].append({"mode": mode, "batch_size": size, **run})
@@ -419,17 +495,23 @@ def main() -> None:
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report["step_time_by_span"] = attempt(
-        "span", lambda: step_time_by_span(engine_for(loaded, modes[0]), args.span_batch, rows)
-    )
-    save()
+    first = modes[0][0]
+    report["profile"] = []
+    for size in profiled:
+        # A lone row shares no prefix with anything: prefix_once's step is the default one there.
+        for mode in dict.fromkeys([first, *(m for m, _ in modes if m == "prefix_once" and size > 1)]):
+            run = attempt(f"profile {mode} b{size}", lambda m=mode, n=size: profile_steps(loaded, m, n, rows))
+            report["profile"].append({"mode": mode, "batch_size": size, **run})
+            save()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within
         # a call), then 4 x the slots (the default) with refills in groups (slot by slot, REFILL_SHARE 0, with
         # --refill-slot-by-slot); then runtime.batch_size=auto: the slots that fit free memory, in calls of
         # --auto-call-rows.
         slots = args.refill_slots or max(sizes)
-        engine = engine_for(loaded, modes[0])
+        engine = engine_for(loaded, first)
         report["continuous_batching"] = []
         grouped = engine_module.REFILL_SHARE
         runs = [(slots, slots, 0.0), (slots, 4 * slots, grouped)]
@@ -440,9 +522,13 @@ def main() -> None:
                 f"refill {batch or 'auto'} slots, {per_call} per call, share {share:g}",
                 lambda b=batch, n=per_call, s=share: measure_refill(engine, b, args.refill_rows, rows, n, s),
             )
-            report["continuous_batching"].append({"mode": modes[0], **run})
+            report["continuous_batching"].append({"mode": first, **run})
             save()
-    for mode in ("graphs", "compiled"):
+    report["step_time_by_span"] = attempt(
+        "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
+    )
+    save()
+    for mode in ("graphs", "prefix_once", "compiled"):
         report[f"exactness_tiny_fp32_{mode}"] = attempt(
             f"exactness {mode}", lambda m=mode: exactness(device, m)
         )

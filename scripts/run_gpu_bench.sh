@@ -13,15 +13,20 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# One layer's decode attention at the release's head shapes: whole prompts in the slots vs a shared prefix
+# kept once (generation.engine.shared_prefix_cache), ~10 s.
+timeout 60 python3 scripts/bench_attention.py --device cuda --out "$out/bench_attention.json" \
+  2>&1 | tee "$out/bench_attention.log"
 # Vocoding 512 rows of distinct lengths with the release's codec: one call per length vs windows (~20 s).
 timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-per-call 32768 \
   --out "$out/bench_vocoding.json" 2>&1 | tee "$out/bench_vocoding.log"
-# The default path (CUDA graphs of the uncompiled step) first, at 1, 128 and 256 rows (docs/benchmarks.md has
-# 8-64 and the whole-prompt prefills from 2026-11-26); the compiled step at 1 and 128 beside it (its warm-up
-# on the release model is the unknown, so it must not eat the default path's numbers); a step of 128 rows
-# attending to the columns in use vs a whole slot; then 512 mixed-length rows through 128 slots
-# (runtime=cluster) in calls of 128 rows, of 512 rows refilled in groups, and with the slots that fit free
-# memory (runtime.batch_size=auto) in calls of 512.
-timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 --modes graphs,compiled \
-  --batch-sizes 1,128,256 --plain-batch-sizes 1,128 --refill-rows 512 --refill-slots 128 \
-  2>&1 | tee "$out/bench_gpu.log"
+# The default path (CUDA graphs of the uncompiled step) at 1, 128 and 256 rows (docs/benchmarks.md has 8-64
+# from 2026-11-26); transformers' RMSNorm instead of the fused one at 1 row; the shared prefix kept once at
+# 128 and 256; the compiled step at 1 row (its warm-up on the release model is the unknown, so it comes
+# after them); where a step's GPU time goes at 1 and 256 rows (torch.profiler, both cache layouts); then 512
+# mixed-length rows through 128 slots (runtime=cluster) in calls of 128 rows, of 512 rows refilled in
+# groups, and with the slots that fit free memory (runtime.batch_size=auto) in calls of 512; last, a step
+# attending to the columns in use vs a whole slot.
+timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 \
+  --modes graphs=1/128/256,unfused=1,prefix_once=128/256,compiled=1 --profile 1,256 \
+  --refill-rows 512 --refill-slots 128 2>&1 | tee "$out/bench_gpu.log"

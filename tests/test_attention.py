@@ -3,9 +3,10 @@
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model.attention import packed_sdpa_attention
+from model.attention import packed_sdpa_attention, prefix_attention
 
 
 def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
@@ -21,3 +22,51 @@ def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert packed.shape == (4, 1, 6, 16)
     torch.testing.assert_close(packed, expected)
+
+
+def test_attention_over_a_shared_prefix_and_each_rows_own_keys_is_one_softmax_over_both():
+    torch.manual_seed(0)
+    rows, kv_heads, groups, dim = 4, 2, 3, 16
+    query = torch.randn(rows, kv_heads * groups, 1, dim, dtype=torch.float64)
+    key, value = (torch.randn(rows, kv_heads, 40, dim, dtype=torch.float64) for _ in range(2))
+    prefix_keys, prefix_values = (torch.randn(kv_heads, 24, dim, dtype=torch.float64) for _ in range(2))
+    lowest = torch.finfo(torch.float64).min
+    mask = torch.zeros(rows, 1, 1, 40, dtype=torch.float64)
+    mask[:, :, :, 30:] = lowest  # slot columns not in use yet
+    mask[1, :, :, 12:] = lowest  # a row with fewer tokens of its own
+    prefix_mask = torch.zeros(24, dtype=torch.float32)
+    prefix_mask[20:] = torch.finfo(torch.float32).min  # the prefix's span rounds up past its 20 tokens
+
+    got = prefix_attention(query, key, value, mask, prefix_keys, prefix_values, prefix_mask, 0.25)
+
+    # The same attention with the prefix copied in front of every row's keys.
+    whole_keys = torch.cat([prefix_keys.expand(rows, -1, -1, -1), key], dim=2)
+    whole_values = torch.cat([prefix_values.expand(rows, -1, -1, -1), value], dim=2)
+    whole_mask = torch.cat([prefix_mask.to(mask.dtype).clamp(min=lowest).expand(rows, 1, 1, -1), mask], dim=3)
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
+    expected, _ = sdpa_attention_forward(module, query, whole_keys, whole_values, whole_mask, scaling=0.25)
+    assert got.shape == (rows, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(got, expected)
+
+
+def test_attention_over_a_shared_prefix_reads_the_slot_keys_in_place_without_copying_them():
+    rows, kv_heads, dim = 3, 2, 8
+    slot_keys = torch.randn(8, kv_heads, 64, dim)  # a slot cache's keys; a step reads the first 32 columns
+    key, value = slot_keys[:rows, :, :32], slot_keys[:rows, :, :32]
+    views = {"view", "_unsafe_view", "transpose", "slice", "expand", "select", "alias", "unsqueeze", "t"}
+    copies: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in views and isinstance(out, torch.Tensor) and out.numel() >= key.numel():
+                copies.append(name)  # as large as the keys: a copy of them
+            return out
+
+    with Watch():
+        prefix_attention(
+            torch.randn(rows, kv_heads * 3, 1, dim), key, value, torch.zeros(rows, 1, 1, 32),
+            torch.randn(kv_heads, 16, dim), torch.randn(kv_heads, 16, dim), torch.zeros(16), 0.5,
+        )  # fmt: skip
+    assert copies == []

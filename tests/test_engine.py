@@ -168,7 +168,9 @@ def test_waiting_rows_join_a_running_batch_in_groups_not_slot_by_slot(engine, mo
     refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, refill=True))
     groups = []
     original = refilled._prefill
-    monkeypatch.setattr(refilled, "_prefill", lambda batch: groups.append(len(batch)) or original(batch))
+    monkeypatch.setattr(
+        refilled, "_prefill", lambda batch, *rest: groups.append(len(batch)) or original(batch, *rest)
+    )
     refilled.generate(rows_finishing_one_by_one(40))
     assert sum(groups) == 40 and groups[0] == 16 and len(groups) > 2
     # A refill waits for 2 of the 16 slots (REFILL_SHARE), except the one that takes the last waiting row.
@@ -194,7 +196,7 @@ def test_prefill_groups_keep_left_padding_under_the_waste_bound(engine, monkeypa
     monkeypatch.setattr(
         bucketed,
         "_prefill",
-        lambda batch: groups.append([len(p.input_ids) for p in batch]) or original(batch),
+        lambda batch, *rest: groups.append([len(p.input_ids) for p in batch]) or original(batch, *rest),
     )
     bucketed.generate(requests_of_mixed_lengths())
     assert sum(len(g) for g in groups) == 8
@@ -255,10 +257,10 @@ def test_a_request_that_breaks_generation_errors_alone(engine, monkeypatch):
     fragile = SynthesisEngine(engine.checkpoint, engine.options)
     prefill = fragile._prefill
 
-    def failing(batch):
+    def failing(batch, *rest):
         if any(p.request.id == "broken" for p in batch):
             raise RuntimeError("a kernel failed")
-        return prefill(batch)
+        return prefill(batch, *rest)
 
     monkeypatch.setattr(fragile, "_prefill", failing)
     results = {r.id: r for r in fragile.generate([smart(6), replace(smart(5), id="broken"), smart(7)])}

@@ -172,8 +172,8 @@ def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
     spans: list[int] = []
     original = fast._slots
 
-    def watched(size, prepared):
-        step = original(size, prepared)
+    def watched(*args):
+        step = original(*args)
         real = step._step
         step._step = lambda b, span, *rest: (spans.append(span), real(b, span, *rest))[1]
         return step
@@ -185,4 +185,49 @@ def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
 
     plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, static_cache=False))
     for a, b in zip(codes(plain, rows), got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def one_voice_rows() -> list:
+    """Rows of one reference voice whose own texts differ in length, more rows than slots (refill)."""
+    return [replace(clone(i), text=f"Row {i} adds its own words." * (1 + i % 3)) for i in range(7)]
+
+
+def test_a_call_of_one_voice_keeps_the_shared_prefix_once_and_gives_the_same_codes(engine64):
+    rows = one_voice_rows()
+    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+    expected, got = codes(plain, rows), codes(once, rows)
+
+    shared = once._shared_prefix([once._prepare(i, r) for i, r in enumerate(rows)])
+    cache = once._decode_step.cache
+    assert shared > 0 and cache.prefix_tokens == shared
+    # The slots hold each row's own tokens only: shorter slots, less memory for the same rows.
+    assert cache.length < plain._decode_step.cache.length
+    assert cache.nbytes < plain._decode_step.cache.nbytes
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_call_mixing_voices_keeps_no_shared_prefix_and_gives_the_same_codes(engine64):
+    rows = [*one_voice_rows()[:3], smart(1), smart(2)]
+    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+    expected, got = codes(plain, rows), codes(once, rows)
+    assert once._decode_step.cache.prefix_tokens == 0
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_reused_cache_takes_the_next_calls_prefix(engine64):
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+    first = codes(once, one_voice_rows()[:4])
+    step = once._decode_step
+    scene = [replace(r, scene_prompt="A quiet room.") for r in one_voice_rows()[:4]]  # another shared prefix
+    codes(once, scene)
+    assert once._decode_step is step  # the same slots, now behind the other prefix
+    alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1))
+    for a, b in zip(codes(alone, one_voice_rows()[:4]), first, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(codes(alone, scene), codes(once, scene), strict=True):
         np.testing.assert_array_equal(a, b)
