@@ -8,10 +8,11 @@ forward in a left-padded batch and selects every row's next frame with its own p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -65,6 +66,11 @@ def fitting_batch_size(
 MIN_SHARED_PREFIX = 64
 # Frames per row of the batch size that one vocoding call takes (windows of all rows together).
 VOCODE_FRAMES_PER_ROW = 256
+# A call's rows of one voice prefill apart from other rows once there are this many: the voice's tokens then
+# run through the model once for them all (share_prefix), which outweighs a prefill forward's fixed cost
+# (~40 ms on an H200, against ~4 ms of compute a row for a ~350-token reference turn). Voices with fewer
+# rows prefill together with other rows, by length, their whole prompts each.
+MIN_VOICE_RUN = 8
 # Waiting rows join a running batch once this share of its slots is free (or all of them fit). A prefill
 # forward has a fixed cost: on an H200 one row's took 48 ms against 7 ms a row at 128 rows, so refilling
 # each slot as its row finished made 512 rows through 128 slots slower (132x real time) than not refilling
@@ -96,6 +102,15 @@ class _Prepared:
     audio_codes: torch.Tensor | None  # (frames, codebooks), delay pattern applied, stream bos/eos added
     encode_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    run: int = -1  # the voice run it prefills in (SynthesisEngine._order); -1: with the rows of no run
+
+    @cached_property
+    def voice(self) -> bytes | None:
+        """What identifies the row's audio (reference clips and context turns): rows with equal voices can
+        share their prompt's leading tokens."""
+        if self.audio_codes is None:
+            return None
+        return hashlib.blake2b(self.audio_codes.numpy().tobytes(), digest_size=16).digest()
 
 
 class SynthesisEngine:
@@ -254,11 +269,22 @@ class SynthesisEngine:
         length = self._slot_length(prepared, prefix)
         return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, length, prompt)
 
+    def _order(self, prepared: list[_Prepared]) -> deque[_Prepared]:
+        """The call's rows in prefill order, shortest prompts first: each voice with at least MIN_VOICE_RUN
+        rows as a run of its own (with share_prefix), then the other rows together."""
+        counts = Counter(p.voice for p in prepared)
+        big = [v for v, n in counts.items() if v is not None and n >= MIN_VOICE_RUN]
+        runs = {voice: i for i, voice in enumerate(big)} if self.options.share_prefix else {}
+        for p in prepared:
+            p.run = runs.get(p.voice, -1)
+        return deque(sorted(prepared, key=lambda p: (p.run, len(p.input_ids))))
+
     def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
-        """The next prefill group: shortest prompts first, padding waste kept under max_padding_waste."""
+        """The next prefill group: shortest prompts first, padding waste kept under max_padding_waste, rows of
+        one run only (see _order)."""
         group = [waiting.popleft()]
         shortest = len(group[0].input_ids)
-        while waiting and len(group) < free:
+        while waiting and len(group) < free and waiting[0].run == group[0].run:
             longest = len(waiting[0].input_ids)
             if (longest - shortest) / longest > self.options.max_padding_waste:
                 break
@@ -274,7 +300,7 @@ class SynthesisEngine:
         only on its request and seed, so restarting it loses time, not correctness. Any other failure is
         narrowed down to the row that causes it by running the rows in flight one at a time.
         """
-        waiting = deque(sorted(prepared, key=lambda p: len(p.input_ids)))
+        waiting = self._order(prepared)
         prefix = self._call_prefix(prepared)
         size = size or self._batch_size(prepared, prefix)
         state: DynamicBatch | SlotBatch | None = None
@@ -309,7 +335,7 @@ class SynthesisEngine:
                     len(involved),
                     size,
                 )
-                waiting = deque(sorted([*waiting, *involved], key=lambda p: len(p.input_ids)))
+                waiting = self._order([*waiting, *involved])
             except Exception as exc:  # noqa: BLE001 - a row's failure must not take its batch mates down
                 state = None
                 if len(involved) == 1:

@@ -194,6 +194,36 @@ def watch_prefills(engine: SynthesisEngine) -> list[float]:
     return seconds
 
 
+def measure_voice_library(
+    engine: SynthesisEngine, batch: int, voices: int, rows: list[SynthesisRequest], count: int
+) -> dict:
+    """`count` rows cycling through `voices` reference turns (a voice library) through `batch` slots, with
+    each voice's rows prefilled as a run that shares its tokens (MIN_VOICE_RUN) against rows grouped by
+    prompt length alone, mixing voices (the engine before voice runs)."""
+    rng = np.random.default_rng(1)
+    turns = [
+        replace(rows[0].context[0], codes=rng.integers(0, 1024, size=rows[0].context[0].codes.shape))
+        for _ in range(voices)
+    ]
+    library = [
+        replace(rows[i % len(rows)], id=f"v{i}", seed=2000 + i, context=[turns[i % voices]])
+        for i in range(count)
+    ]
+    out = {"rows": count, "voices": voices}
+    default = engine_module.MIN_VOICE_RUN
+    for name, run in (("by_length", 1 << 30), ("voice_runs", default)):
+        engine_module.MIN_VOICE_RUN = run
+        try:
+            out[name] = measure(engine, batch, 0, library, count=count)
+        finally:
+            engine_module.MIN_VOICE_RUN = default
+    out["prefill_ratio"] = round(
+        out["by_length"]["prefill_total_s"] / out["voice_runs"]["prefill_total_s"], 2
+    )
+    out["wall_ratio"] = round(out["by_length"]["wall_s"] / out["voice_runs"]["wall_s"], 2)
+    return out
+
+
 def measure_refill(
     engine: SynthesisEngine,
     batch: int,
@@ -433,6 +463,8 @@ def main() -> None:
     parser.add_argument("--refill-slot-by-slot", action="store_true", help="also refill without grouping")
     # pipeline.dataset_job.AUTO_CALL_ROWS; not imported: the GPU machine lacks the pipeline's dependencies.
     parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
+    parser.add_argument("--voices", type=int, default=0, help="voice-library run: this many voices (0: skip)")
+    parser.add_argument("--voice-rows", type=int, default=256, help="rows of the voice-library run")
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
     parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
@@ -524,6 +556,14 @@ def main() -> None:
             )
             report["continuous_batching"].append({"mode": first, **run})
             save()
+    if args.voices:
+        report["voice_library"] = attempt(
+            "voice library",
+            lambda: measure_voice_library(
+                engine_for(loaded, first), max(sizes), args.voices, rows, args.voice_rows
+            ),
+        )
+        save()
     report["step_time_by_span"] = attempt(
         "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
     )

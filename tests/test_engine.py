@@ -305,3 +305,50 @@ def test_rows_sharing_a_reference_voice_run_it_through_the_model_once_and_keep_t
     alone = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
     for a, b in zip(alone, batched, strict=True):
         np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def voice_library_rows() -> list[SynthesisRequest]:
+    """Rows cycling through two voices, 8 of each: enough of each voice to prefill it as a run of its own."""
+    voices = [voice("en_woman"), voice("en_man")]
+    return [
+        SynthesisRequest(
+            id=f"lib{i}",
+            text=f"Line {i} of the library.",
+            references=[voices[i % 2]],
+            seed=i,
+            max_new_tokens=20,
+        )
+        for i in range(16)
+    ]
+
+
+def test_rows_of_a_voice_library_prefill_voice_by_voice_and_share_each_voices_tokens(engine64, monkeypatch):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    library = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=16))
+    groups, shared = [], []
+    original = library._prefill
+
+    def watched(batch, *rest):
+        groups.append({p.request.references[0].transcript for p in batch})
+        shared.append(library._shared_prefix(batch))
+        return original(batch, *rest)
+
+    monkeypatch.setattr(library, "_prefill", watched)
+    got = library.generate(voice_library_rows())
+    assert all(len(voices) == 1 for voices in groups), groups  # never two voices in one prefill
+    assert len(groups) == 2 and all(n > 0 for n in shared)  # each voice's tokens ran once for its rows
+
+    alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(
+        voice_library_rows()
+    )
+    for a, b in zip(alone, got, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_voices_with_few_rows_prefill_together_by_length(engine):
+    prepared = [engine._prepare(i, r) for i, r in enumerate(voice_library_rows()[:6])]  # 3 rows a voice
+    order = engine._order(prepared)
+    assert {p.run for p in order} == {-1}
+    lengths = [len(p.input_ids) for p in order]
+    assert lengths == sorted(lengths)
