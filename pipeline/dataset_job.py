@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from model.options import CheckpointSpec, EngineOptions
 from model.requests import RequestError
+from pipeline.attempts import AttemptLog
 from pipeline.manifest import ManifestRules
 from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.reader import iter_ids, read_manifest
@@ -160,6 +161,8 @@ def run_dataset_job(job: DatasetJob) -> dict:
         storage.write_text("config.yaml", job.config_yaml)
     duplicates, num_rows = duplicate_ids(job)
     finished = finished_ids(storage, retry_errors=job.retry_errors)
+    attempts = AttemptLog(storage)
+    attempts.clear()  # a killed run's count of starts is not this run's
     duplicate_errors = _write_duplicate_errors(storage, duplicates, finished, job)
     skip = ray.put(frozenset(finished) | frozenset(duplicates))
     res = job.resources
@@ -184,7 +187,16 @@ def run_dataset_job(job: DatasetJob) -> dict:
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(
         SynthesizeStage,
-        fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine)},
+        fn_constructor_kwargs={
+            "settings": SynthesisSettings(
+                job.checkpoint,
+                job.engine,
+                output=job.output,
+                storage_options=job.storage_options,
+                retries=job.storage_retries,
+                backoff_s=job.storage_backoff_s,
+            )
+        },
         batch_format="pyarrow",
         batch_size=res.call_rows,
         compute=ray.data.ActorPoolStrategy(size=res.actors),
@@ -223,6 +235,7 @@ def run_dataset_job(job: DatasetJob) -> dict:
     leftovers = storage.clear_tmp()
     if leftovers:
         log.info("removed %d in-flight objects left by an earlier run", leftovers)
+    attempts.clear()
 
     summary = {
         "run_id": write.run_id,

@@ -22,6 +22,7 @@ import soundfile as sf
 
 from model.lru import LRUCache
 from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError
+from pipeline.attempts import MAX_STARTS, AttemptLog
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
@@ -152,16 +153,31 @@ class FetchStage:
 class SynthesisSettings:
     checkpoint: Any  # model.checkpoint.CheckpointSpec
     engine: Any  # model.engine.EngineOptions
+    # The run's output, where calls count their starts (pipeline.attempts); None: not counted.
+    output: str | None = None
+    storage_options: dict | None = None
+    retries: int = 5
+    backoff_s: float = 0.2
 
 
 class SynthesizeStage:
-    """One engine per actor: the model and its audio tokenizer load once, then serve batch after batch."""
+    """One engine per actor: the model and its audio tokenizer load once, then serve batch after batch.
+    Rows that keep killing the actor stop being retried (pipeline.attempts)."""
 
     def __init__(self, settings: SynthesisSettings) -> None:
         from model.engine import SynthesisEngine
 
         self.engine = SynthesisEngine.from_spec(settings.checkpoint, settings.engine)
         self.checkpoint_name = settings.checkpoint.source
+        self.attempts = None
+        if settings.output is not None:
+            storage = Storage(
+                settings.output,
+                settings.storage_options,
+                retries=settings.retries,
+                backoff_s=settings.backoff_s,
+            )
+            self.attempts = AttemptLog(storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
@@ -174,7 +190,7 @@ class SynthesizeStage:
                 todo.append(i)
             except RequestError as exc:
                 rows[i] = fail(row, exc)
-        for i, result in zip(todo, self.engine.generate(requests), strict=True):
+        for i, result in zip(todo, self._generate(requests), strict=True):
             row = rows[i]
             row["checkpoint"] = self.checkpoint_name
             if result.ok:
@@ -186,6 +202,36 @@ class SynthesizeStage:
                     message = f"{field_name}: {message}"
                 rows[i] = {**row, "status": "error", "error": message, "error_field": field_name}
         return pack(rows)
+
+    def _generate(self, requests: list) -> list:
+        """The engine's results for `requests`; one at a time once these rows have started MAX_STARTS
+        times, and an error for a row that has, alone."""
+        if self.attempts is None or not requests:
+            return self.engine.generate(requests)
+        ids = [r.id for r in requests]
+        starts = self.attempts.start(ids)
+        if starts <= MAX_STARTS:
+            results = self.engine.generate(requests)
+        elif len(requests) == 1:
+            results = [self._abandoned(requests[0], starts - 1)]
+        else:
+            results = [result for request in requests for result in self._generate([request])]
+        self.attempts.finish(ids)
+        return results
+
+    @staticmethod
+    def _abandoned(request, deaths: int):
+        from model.requests import SynthesisResult
+
+        return SynthesisResult(
+            id=request.id,
+            error_field="synthesis",
+            error=(
+                f"synthesis: the synthesis worker died {deaths} times while generating this row alone "
+                "(a crash in the engine, the GPU or out of host memory); not retried in this run, "
+                "retry_errors=true runs it again"
+            ),
+        )
 
 
 @dataclass

@@ -8,7 +8,9 @@ test ends with `assert_output_contract` on what the run left behind.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
 import time
@@ -18,6 +20,7 @@ import fsspec
 import pytest
 
 from model.options import EngineOptions
+from pipeline.attempts import ATTEMPTS_DIR, MAX_STARTS
 from pipeline.dataset_job import run_dataset_job
 from pipeline.manifest import ManifestRules
 from pipeline.storage import StorageError
@@ -147,6 +150,51 @@ def test_a_synthesis_actor_killed_mid_run_is_restarted_and_the_run_completes(
     )
 
 
+def test_a_row_that_kills_its_synthesis_actor_every_time_errors_alone_and_the_run_ends(
+    ray_local, tiny_checkpoint, manifest, baseline, tmp_path
+) -> None:
+    # Ray restarts a dead actor and retries its batch forever; here the actor dies whenever the engine
+    # generates one row, as a native crash on that row would kill it. The calls' records of their starts
+    # (pipeline.attempts) say when the engine is on it: a record naming the row, not yet over MAX_STARTS.
+    out = tmp_path / "out"
+    poison = IDS[5]
+    killed: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def kill_whenever_the_row_is_generated() -> None:
+        acted: set[tuple[str, int]] = set()
+        while not done.is_set():
+            for path in (out / ATTEMPTS_DIR).glob("*.json"):
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # replaced or removed under us
+                start = (path.name, record["starts"])
+                if poison in record["ids"] and record["starts"] <= MAX_STARTS and start not in acted:
+                    acted.add(start)
+                    pids = synthesis_actor_pids()
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                    killed.append((f"{len(record['ids'])} rows", record["starts"]))
+            time.sleep(0.02)
+
+    fault = Background(kill_whenever_the_row_is_generated)
+    try:
+        summary = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    finally:
+        done.set()
+        fault.join()
+
+    # Twice with its batch mate, then twice alone; then it is not run again.
+    assert killed == [("2 rows", 1), ("2 rows", 2), ("1 rows", 1), ("1 rows", 2)], killed
+    assert summary["this_run"]["by_status"] == {"ok": len(IDS) - 1, "error": 1}
+    metadata = assert_output_contract(LOCAL, str(out), IDS, container=str(tmp_path))
+    assert metadata[poison]["error_field"] == "synthesis"
+    assert "died 2 times while generating this row alone" in metadata[poison]["error"]
+    assert_same_audio({i: row for i, row in metadata.items() if i != poison}, out, baseline)
+    assert not (out / ATTEMPTS_DIR).exists() or not any((out / ATTEMPTS_DIR).iterdir())
+
+
 # ---- 3. the object store goes away -------------------------------------------------------------------
 
 
@@ -198,7 +246,8 @@ def test_writes_are_retried_through_a_short_object_store_outage_and_the_run_comp
     assert summary["this_run"]["by_status"] == {"ok": len(IDS)}
     assert_output_contract(fs, root, IDS, container=s3_bucket)
     retried = logs.text()
-    assert f"write s3://{root}/" in retried and "failed (attempt 1/10" in retried
+    # Writers and the synthesis actors' records of their starts (pipeline.attempts) both meet the outage.
+    assert re.search(rf"(write|read|delete) s3://{root}/\S+ failed \(attempt 1/10", retried), retried[-2000:]
     captured = capfd.readouterr()
     for text in (retried, captured.out, captured.err, str(summary)):
         assert SECRET not in text
