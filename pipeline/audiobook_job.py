@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from model.options import CheckpointSpec, EngineOptions
+from pipeline.attempts import AttemptLog
 from pipeline.book_layout import m4b_key, qc_key
 from pipeline.book_metadata import (
     book_record,
@@ -107,6 +108,8 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
     finished = {b for b, r in latest_book_records(storage).items() if r["status"] == "ok"}
+    attempts = AttemptLog(storage)
+    attempts.clear()  # a killed run's count of starts is not this run's
     positions, odd_ids = book_id_rows(job)
     duplicates = {k: rows for k, rows in positions.items() if len(rows) > 1 and k not in finished}
     res = job.resources
@@ -171,6 +174,7 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
                 collector.add(row)
             collector.flush(wait=False)
     collector.flush(wait=True)
+    attempts.clear()
     wall = time.time() - started
 
     this_run = collector.stats

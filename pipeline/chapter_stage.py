@@ -20,6 +20,7 @@ import soundfile as sf
 
 from model.longform import LongformText, generate_longform
 from model.requests import ContextTurn, RequestError, SynthesisResult
+from pipeline.attempts import MAX_STARTS, AttemptLog
 from pipeline.book_layout import chunk_dir, chunk_key, plan_key
 from pipeline.manifest import to_request
 from pipeline.stages import pack, unpack
@@ -96,6 +97,7 @@ class ChapterStage:
         self.engine = engine
         self.settings = settings
         self.storage = Storage(settings.output, settings.storage_options)
+        self.attempts = AttemptLog(self.storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
@@ -121,11 +123,33 @@ class ChapterStage:
         def persist(text: LongformText, k: int, result: SynthesisResult) -> None:
             owners[text.key][1].save(k, result)
 
-        generate_longform(self.engine, texts, self.settings.buffer_size, on_chunk=persist)
+        self._render(texts, persist)
         for text in texts:
             i, _, resumed = owners[text.key]
             rows[i] = self._finished(rows[i], text, resumed)
         return pack(rows)
+
+    def _render(self, texts: list[LongformText], persist) -> None:
+        """Generate the chapters' missing chunks in lockstep; one chapter at a time once the same chapters
+        have started from the same chunks MAX_STARTS times (each start that did not return killed its
+        worker: pipeline.attempts), and not at all for a chapter that has, alone."""
+        if not texts:
+            return
+        # Chunks are stored as they come, so a start that got further is a new start from there.
+        marks = [f"{t.key}@{len(t.done)}" for t in texts]
+        starts = self.attempts.start(marks)
+        if starts <= MAX_STARTS:
+            generate_longform(self.engine, texts, self.settings.buffer_size, on_chunk=persist)
+        elif len(texts) == 1:
+            texts[0].error = (
+                f"chunk {len(texts[0].done)}: the synthesis worker died {starts - 1} times while rendering "
+                "this chapter alone from here (a crash in the engine, the GPU or out of host memory); "
+                "not retried in this run, run again to resume"
+            )
+        else:
+            for text in texts:
+                self._render([text], persist)
+        self.attempts.finish(marks)
 
     def _finished(self, row: dict, text: LongformText, resumed: int) -> dict:
         total = len(row["chunks"])

@@ -25,6 +25,7 @@ from ebooklib import epub
 
 from model.checkpoint import CheckpointSpec
 from model.engine import EngineOptions
+from pipeline.attempts import ATTEMPTS_DIR, MAX_STARTS, AttemptLog
 from pipeline.audiobook_job import AudiobookJob, run_audiobook_job
 from pipeline.book_stage import BookSettings, BookStage, ChunkingSettings
 from pipeline.chapter_stage import ChapterSettings, ChapterStage
@@ -34,6 +35,7 @@ from pipeline.manifest import ManifestRules
 from pipeline.mastering import measure_qc
 from pipeline.references import FetchPolicy
 from pipeline.stages import pack, unpack
+from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 VOICES = REPO / "examples" / "voices"
@@ -478,11 +480,14 @@ class SpyEngine:
         return self.engine.generate(requests)
 
 
-def _chapter_rows(tmp_path: Path) -> pa.Table:
-    (tmp_path / "c.txt").write_text("CHAPTER I.\n\nOne. Two. Three. Four.\n")
+def _chapter_rows(
+    tmp_path: Path, text: str = "CHAPTER I.\n\nOne. Two. Three. Four.\n", book: str = "c"
+) -> pa.Table:
+    """The chapter rows BookStage plans for `text`, one word per chunk."""
+    (tmp_path / f"{book}.txt").write_text(text)
     rows = plan(
         tmp_path,
-        {"book_id": "c", "source": str(tmp_path / "c.txt"), "narrator": "profile:male_en", **GEN},
+        {"book_id": book, "source": str(tmp_path / f"{book}.txt"), "narrator": "profile:male_en", **GEN},
         chunking=ChunkingSettings(max_words=1),
     )
     return pack(rows)
@@ -523,6 +528,46 @@ def test_chunks_of_another_plan_are_thrown_away(engine, tiny_checkpoint, tmp_pat
     # Another buffer size changes what every chunk hears, so nothing stored may be reused.
     (row,) = unpack(ChapterStage(replace(settings, buffer_size=0), engine=engine)(_chapter_rows(tmp_path)))
     assert (row["chunks_resumed"], row["chunks_generated"]) == (0, 4)
+
+
+def _two_chapters(tmp_path: Path) -> pa.Table:
+    return _chapter_rows(tmp_path, "CHAPTER I.\n\nOne. Two.\n\nCHAPTER II.\n\nThree. Four.\n", book="b")
+
+
+def _stage_after_deaths(tmp_path: Path, checkpoint: str, engine, *dead: list[str]) -> ChapterStage:
+    """A chapter stage over an output where starts on each of `dead` (chapter@chunk marks) were recorded
+    MAX_STARTS times and never returned, as workers killed on them leave them."""
+    log = AttemptLog(Storage(str(tmp_path / "out")))
+    for marks in dead:
+        for _ in range(MAX_STARTS):
+            log.start(marks)
+    settings = ChapterSettings(output=str(tmp_path / "out"), checkpoint=CheckpointSpec(source=checkpoint))
+    return ChapterStage(settings, engine=engine)
+
+
+def test_chapters_whose_lockstep_start_killed_the_worker_twice_render_one_at_a_time(
+    engine, tiny_checkpoint, tmp_path
+) -> None:
+    spy = SpyEngine(engine)
+    calls: list[int] = []
+    spy.generate = lambda requests: calls.append(len(requests)) or SpyEngine.generate(spy, requests)
+    stage = _stage_after_deaths(tmp_path, tiny_checkpoint, spy, ["b#1@0", "b#2@0"])
+    rows = unpack(stage(_two_chapters(tmp_path)))
+    assert [r["status"] for r in rows] == ["rendered", "rendered"]
+    assert calls == [1, 1, 1, 1]  # two chunks of chapter 1 alone, then two of chapter 2
+    assert not list((tmp_path / "out").glob(f"{ATTEMPTS_DIR}/*"))  # every start returned
+
+
+def test_a_chapter_that_killed_the_worker_twice_alone_errors_and_its_batch_mate_renders(
+    engine, tiny_checkpoint, tmp_path
+) -> None:
+    spy = SpyEngine(engine)
+    stage = _stage_after_deaths(tmp_path, tiny_checkpoint, spy, ["b#1@0", "b#2@0"], ["b#1@0"])
+    first, second = unpack(stage(_two_chapters(tmp_path)))
+    assert (first["status"], first["error_field"]) == ("error", "synthesis")
+    assert "chunk 0: the synthesis worker died 2 times while rendering this chapter alone" in first["error"]
+    assert second["status"] == "rendered"
+    assert [r.text for r in spy.requests] == ["Three.", "Four."]  # chapter 1 was not run again
 
 
 # ---- the Hydra job -----------------------------------------------------------------------------------
