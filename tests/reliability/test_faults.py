@@ -286,7 +286,8 @@ def test_an_outage_longer_than_the_retries_fails_the_run_clearly_and_a_rerun_com
         s3_server.start()
 
     message = str(failed.value)
-    assert message.startswith(f"storage write of s3://{root}/"), message
+    # The first to give up may be a writer or a synthesis actor recording its start (pipeline.attempts).
+    assert re.match(rf"storage (write|read|delete) of s3://{root}/", message), message
     assert "failed after 3 attempts: EndpointConnectionError" in message
     assert SECRET not in message
     assert elapsed < 120
