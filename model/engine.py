@@ -102,15 +102,10 @@ class _Prepared:
     audio_codes: torch.Tensor | None  # (frames, codebooks), delay pattern applied, stream bos/eos added
     encode_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # The prompt's first audio (a reference clip, or else a context turn), hashed: rows with equal voices can
+    # share their prompt's leading tokens (SynthesisEngine._shared_prefix). None without audio.
+    voice: bytes | None = None
     run: int = -1  # the voice run it prefills in (SynthesisEngine._order); -1: with the rows of no run
-
-    @cached_property
-    def voice(self) -> bytes | None:
-        """What identifies the row's audio (reference clips and context turns): rows with equal voices can
-        share their prompt's leading tokens."""
-        if self.audio_codes is None:
-            return None
-        return hashlib.blake2b(self.audio_codes.numpy().tobytes(), digest_size=16).digest()
 
 
 class SynthesisEngine:
@@ -206,8 +201,14 @@ class SynthesisEngine:
                 request.max_new_tokens,
             )
         audio = torch.cat(delayed, dim=0) if delayed else None
+        voice = hashlib.blake2b(delayed[0].numpy().tobytes(), digest_size=16).digest() if delayed else None
         return _Prepared(
-            index=index, request=request, input_ids=input_ids, audio_codes=audio, encode_s=encode_s
+            index=index,
+            request=request,
+            input_ids=input_ids,
+            audio_codes=audio,
+            encode_s=encode_s,
+            voice=voice,
         )
 
     def _context_codes(self, codes, i: int) -> torch.Tensor:
@@ -427,7 +428,9 @@ class SynthesisEngine:
             attention[r, suffix_len - n :] = 1
         positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": input_ids.to(device), "position_ids": positions.to(device)}
-        audio = [None if shared else p.audio_codes for p in batch]
+        # The audio frames after the shared tokens (context turns after a shared reference), each row's own.
+        skip = self._frames_before(batch[0], shared)
+        audio = [None if p.audio_codes is None else p.audio_codes[skip:] for p in batch]
         audio_lengths = [0 if a is None else len(a) for a in audio]
         if any(audio_lengths):
             audio_in = torch.full(
@@ -472,29 +475,37 @@ class SynthesisEngine:
         )
 
     def _shared_prefix(self, batch: list[_Prepared]) -> int:
-        """How many leading prompt tokens every row of `batch` shares, when the rows also share their audio
-        (the same reference clip or context) and it all lies in those tokens; 0 when under MIN_SHARED_PREFIX.
-        A dataset voiced from a voice library repeats one reference turn, often most of each prompt."""
+        """How many leading prompt tokens every row of `batch` shares, audio included (the frames behind the
+        audio placeholders among them must be equal too); 0 when under MIN_SHARED_PREFIX. A dataset voiced
+        from a voice library repeats one reference turn, often most of each prompt; an audiobook's chunks
+        repeat the narrator's, with their own context turns after it."""
         if len(batch) < 2 or not self.options.share_prefix:
             return 0
         first = batch[0]
-        for item in batch[1:]:
-            if (item.audio_codes is None) != (first.audio_codes is None) or (
-                item.audio_codes is not None and not torch.equal(item.audio_codes, first.audio_codes)
-            ):
-                return 0
         # Each row keeps at least its last token: its logits are the first frame's.
         limit = min(len(p.input_ids) for p in batch) - 1
         shared = 0
         while shared < limit and all(p.input_ids[shared] == first.input_ids[shared] for p in batch[1:]):
             shared += 1
-        if shared < MIN_SHARED_PREFIX:
-            return 0
-        config = self.model.config
-        placeholders = {config.audio_token_id, config.audio_delay_token_id}
-        if any(not placeholders.isdisjoint(p.input_ids[shared:]) for p in batch):
-            return 0  # audio after the shared tokens: not shared after all
-        return shared
+        frames = self._frames_before(first, shared)
+        # Placeholders alike, audio maybe not (another voice): shared up to the first frame that differs.
+        same = frames
+        for item in batch[1:] if frames else []:
+            differ = (item.audio_codes[:same] != first.audio_codes[:same]).any(dim=1).nonzero()
+            same = int(differ[0]) if len(differ) else same
+        if same < frames:
+            placeholders = (i for i, token in enumerate(first.input_ids) if token in self._placeholders)
+            shared = next(i for n, i in enumerate(placeholders) if n == same)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    @cached_property
+    def _placeholders(self) -> frozenset[int]:
+        """The prompt tokens that audio frames fill, one frame each."""
+        return frozenset((self.model.config.audio_token_id, self.model.config.audio_delay_token_id))
+
+    def _frames_before(self, item: _Prepared, tokens: int) -> int:
+        """How many of `item`'s audio frames fill placeholders among its first `tokens` prompt tokens."""
+        return sum(1 for token in item.input_ids[:tokens] if token in self._placeholders)
 
     def _prefix_cache(self, item: _Prepared, shared: int, rows: int) -> DynamicCache:
         """A DynamicCache holding the keys and values of `item`'s first `shared` tokens for each of `rows`
@@ -507,8 +518,9 @@ class SynthesisEngine:
             "input_ids": torch.tensor([item.input_ids[:shared]], device=device),
             "position_ids": torch.arange(shared, device=device)[None, :],
         }
-        if item.audio_codes is not None:
-            inputs["audio_input_ids"] = item.audio_codes[None].to(device)
+        frames = self._frames_before(item, shared)
+        if frames:
+            inputs["audio_input_ids"] = item.audio_codes[None, :frames].to(device)
         self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(rows)
         return cache

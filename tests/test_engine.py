@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.requests import Reference, SynthesisRequest
+from model.requests import ContextTurn, Reference, SynthesisRequest
 
 VOICES = Path(__file__).resolve().parent.parent / "examples" / "voices"
 
@@ -352,3 +352,54 @@ def test_voices_with_few_rows_prefill_together_by_length(engine):
     assert {p.run for p in order} == {-1}
     lengths = [len(p.input_ids) for p in order]
     assert lengths == sorted(lengths)
+
+
+def chunks_after_one_narrator(n: int) -> list[SynthesisRequest]:
+    """Audiobook chunks: one narrator's reference, then each chunk's own earlier chunk as a context turn."""
+    rng = np.random.default_rng(7)
+    return [
+        replace(
+            clone(i),
+            text=f"Chunk {i} goes on.",
+            context=[
+                ContextTurn(text=f"Chunk {i - 1} came before.", codes=rng.integers(0, 64, size=(8, 12 + i)))
+            ],
+        )
+        for i in range(n)
+    ]
+
+
+def test_rows_sharing_a_reference_but_not_their_context_turns_share_the_reference(engine64):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    rows = chunks_after_one_narrator(4)
+    batched = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    prepared = [batched._prepare(i, r) for i, r in enumerate(rows)]
+    shared = batched._shared_prefix(prepared)
+    reference_frames = len(engine64.encode_reference(rows[0].references[0]).T) + 2  # with stream bos/eos
+    assert batched._frames_before(prepared[0], shared) >= reference_frames  # the whole reference turn
+    assert batched._frames_before(prepared[0], shared) < len(prepared[0].audio_codes)  # not the contexts
+    alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
+    for a, b in zip(alone, batched.generate(rows), strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_rows_whose_audio_differs_behind_alike_placeholders_share_up_to_the_first_differing_frame(engine64):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    # Same context text and length, other codes from the sixth frame on: the prompts' tokens agree past it.
+    codes = np.random.default_rng(3).integers(0, 64, size=(8, 20))
+    other = codes.copy()
+    other[:, 5:] = (other[:, 5:] + 1) % 64
+    rows = [
+        replace(smart(0), context=[ContextTurn(text="Same words, said again. " * 8, codes=c)], seed=s)
+        for c, s in ((codes, 1), (other, 2))
+    ]
+    batched = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2))
+    prepared = [batched._prepare(i, r) for i, r in enumerate(rows)]
+    first_differing = int((prepared[0].audio_codes != prepared[1].audio_codes).any(dim=1).nonzero()[0])
+    shared = batched._shared_prefix(prepared)
+    assert shared > 0 and batched._frames_before(prepared[0], shared) == first_differing
+    alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
+    for a, b in zip(alone, batched.generate(rows), strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
