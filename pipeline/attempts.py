@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from pipeline.storage import Storage
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ATTEMPTS_DIR = "_attempts"
 MAX_STARTS = 2
@@ -31,6 +36,27 @@ class AttemptLog:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+
+    def guard(
+        self,
+        items: list[T],
+        mark: Callable[[T], str],
+        work: Callable[[list[T]], list[R]],
+        abandon: Callable[[T, int], R],
+    ) -> list[R]:
+        """`work(items)`, one result per item, with its start recorded under the items' marks: after
+        MAX_STARTS starts that never returned, the items one at a time, and for an item that has had as
+        many alone, `abandon(item, deaths)` in its place."""
+        marks = [mark(item) for item in items]
+        starts = self.start(marks)
+        if starts <= MAX_STARTS:
+            results = work(items)
+        elif len(items) == 1:
+            results = [abandon(items[0], starts - 1)]
+        else:
+            results = [result for item in items for result in self.guard([item], mark, work, abandon)]
+        self.finish(marks)
+        return results
 
     def start(self, ids: list[str]) -> int:
         """Record one more start on `ids`; returns how many there have been, this one included."""

@@ -20,7 +20,7 @@ import soundfile as sf
 
 from model.longform import LongformText, generate_longform
 from model.requests import ContextTurn, RequestError, SynthesisResult
-from pipeline.attempts import MAX_STARTS, AttemptLog
+from pipeline.attempts import AttemptLog
 from pipeline.book_layout import chunk_dir, chunk_key, plan_key
 from pipeline.manifest import to_request
 from pipeline.stages import pack, unpack
@@ -130,26 +130,23 @@ class ChapterStage:
         return pack(rows)
 
     def _render(self, texts: list[LongformText], persist) -> None:
-        """Generate the chapters' missing chunks in lockstep; one chapter at a time once the same chapters
-        have started from the same chunks MAX_STARTS times (each start that did not return killed its
-        worker: pipeline.attempts), and not at all for a chapter that has, alone."""
-        if not texts:
-            return
-        # Chunks are stored as they come, so a start that got further is a new start from there.
-        marks = [f"{t.key}@{len(t.done)}" for t in texts]
-        starts = self.attempts.start(marks)
-        if starts <= MAX_STARTS:
-            generate_longform(self.engine, texts, self.settings.buffer_size, on_chunk=persist)
-        elif len(texts) == 1:
-            texts[0].error = (
-                f"chunk {len(texts[0].done)}: the synthesis worker died {starts - 1} times while rendering "
-                "this chapter alone from here (a crash in the engine, the GPU or out of host memory); "
-                "not retried in this run, run again to resume"
+        """Generate the chapters' missing chunks in lockstep, guarded against chapters that kill the actor
+        (pipeline.attempts). A start is marked with the chunk each chapter starts from: chunks are stored
+        as they come, so a start that got further is a new start from there."""
+
+        def work(chapters: list[LongformText]) -> list[LongformText]:
+            return generate_longform(self.engine, chapters, self.settings.buffer_size, on_chunk=persist)
+
+        def abandon(text: LongformText, deaths: int) -> LongformText:
+            text.error = (
+                f"chunk {len(text.done)}: the synthesis worker died {deaths} times while rendering this "
+                "chapter alone from here (a crash in the engine, the GPU or out of host memory); not "
+                "retried in this run, run again to resume"
             )
-        else:
-            for text in texts:
-                self._render([text], persist)
-        self.attempts.finish(marks)
+            return text
+
+        if texts:
+            self.attempts.guard(texts, lambda t: f"{t.key}@{len(t.done)}", work, abandon)
 
     def _finished(self, row: dict, text: LongformText, resumed: int) -> dict:
         total = len(row["chunks"])

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from model.lru import LRUCache
-from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError
-from pipeline.attempts import MAX_STARTS, AttemptLog
+from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError, SynthesisResult
+from pipeline.attempts import AttemptLog
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
@@ -203,26 +203,14 @@ class SynthesizeStage:
                 rows[i] = {**row, "status": "error", "error": message, "error_field": field_name}
         return pack(rows)
 
-    def _generate(self, requests: list) -> list:
-        """The engine's results for `requests`; one at a time once these rows have started MAX_STARTS
-        times, and an error for a row that has, alone."""
+    def _generate(self, requests: list) -> list[SynthesisResult]:
+        """The engine's results for `requests`, guarded against rows that kill the actor (pipeline.attempts)."""
         if self.attempts is None or not requests:
             return self.engine.generate(requests)
-        ids = [r.id for r in requests]
-        starts = self.attempts.start(ids)
-        if starts <= MAX_STARTS:
-            results = self.engine.generate(requests)
-        elif len(requests) == 1:
-            results = [self._abandoned(requests[0], starts - 1)]
-        else:
-            results = [result for request in requests for result in self._generate([request])]
-        self.attempts.finish(ids)
-        return results
+        return self.attempts.guard(requests, lambda r: r.id, self.engine.generate, self._abandoned)
 
     @staticmethod
-    def _abandoned(request, deaths: int):
-        from model.requests import SynthesisResult
-
+    def _abandoned(request, deaths: int) -> SynthesisResult:
         return SynthesisResult(
             id=request.id,
             error_field="synthesis",
