@@ -209,18 +209,56 @@ def measure_voice_library(
         replace(rows[i % len(rows)], id=f"v{i}", seed=2000 + i, context=[turns[i % voices]])
         for i in range(count)
     ]
-    out = {"rows": count, "voices": voices}
-    default = engine_module.MIN_VOICE_RUN
-    for name, run in (("by_length", 1 << 30), ("voice_runs", default)):
-        engine_module.MIN_VOICE_RUN = run
+    return {
+        "voices": voices,
+        **before_and_after(engine, batch, library, "MIN_VOICE_RUN", 1 << 30, ("by_length", "voice_runs")),
+    }
+
+
+def measure_chunks(engine: SynthesisEngine, batch: int, rows: list[SynthesisRequest], count: int) -> dict:
+    """`count` audiobook-like rows through `batch` slots: one narrator's reference turn, then each row's own
+    earlier chunk as a context turn (100 frames), prefilled sharing the narrator's tokens against whole
+    prompts (MIN_SHARED_PREFIX out of reach: the engine before a shared prefix could precede a row's own
+    audio)."""
+    rng = np.random.default_rng(2)
+    narrator = rows[0].context[0]
+    chunks = [
+        replace(
+            rows[i % len(rows)],
+            id=f"c{i}",
+            seed=3000 + i,
+            context=[
+                narrator,
+                ContextTurn(text=rows[(i + 1) % len(rows)].text, codes=rng.integers(0, 1024, (8, 100))),
+            ],
+        )
+        for i in range(count)
+    ]
+    names = ("whole_prompts", "narrator_shared")
+    return before_and_after(engine, batch, chunks, "MIN_SHARED_PREFIX", 1 << 30, names)
+
+
+def before_and_after(
+    engine: SynthesisEngine,
+    batch: int,
+    rows: list[SynthesisRequest],
+    constant: str,
+    undone,
+    names: tuple[str, str],
+) -> dict:
+    """`rows` through `batch` slots twice: with model.engine's `constant` at `undone` (the change off), then
+    at its value; with the prefill and wall-time ratios of the two."""
+    value = getattr(engine_module, constant)
+    out: dict = {"rows": len(rows)}
+    for name, setting in zip(names, (undone, value), strict=True):
+        setattr(engine_module, constant, setting)
         try:
-            out[name] = measure(engine, batch, 0, library, count=count)
+            out[name] = measure(engine, batch, 0, rows, count=len(rows))
         finally:
-            engine_module.MIN_VOICE_RUN = default
-    out["prefill_ratio"] = round(
-        out["by_length"]["prefill_total_s"] / out["voice_runs"]["prefill_total_s"], 2
-    )
-    out["wall_ratio"] = round(out["by_length"]["wall_s"] / out["voice_runs"]["wall_s"], 2)
+            setattr(engine_module, constant, value)
+    before, after = (out[name] for name in names)
+    out["prefill_ratio"] = round(before["prefill_total_s"] / after["prefill_total_s"], 2)
+    out["wall_ratio"] = round(before["wall_s"] / after["wall_s"], 2)
     return out
 
 
@@ -465,6 +503,9 @@ def main() -> None:
     parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
     parser.add_argument("--voices", type=int, default=0, help="voice-library run: this many voices (0: skip)")
     parser.add_argument("--voice-rows", type=int, default=256, help="rows of the voice-library run")
+    parser.add_argument(
+        "--chunk-rows", type=int, default=0, help="audiobook-like rows with context (0: skip)"
+    )
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
     parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
@@ -562,6 +603,12 @@ def main() -> None:
             lambda: measure_voice_library(
                 engine_for(loaded, first), max(sizes), args.voices, rows, args.voice_rows
             ),
+        )
+        save()
+    if args.chunk_rows:
+        report["audiobook_chunks"] = attempt(
+            "audiobook chunks",
+            lambda: measure_chunks(engine_for(loaded, first), max(sizes), rows, args.chunk_rows),
         )
         save()
     report["step_time_by_span"] = attempt(

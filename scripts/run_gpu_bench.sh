@@ -26,8 +26,9 @@ timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-
 # after them); where a step's GPU time goes at 1 and 256 rows (torch.profiler, both cache layouts); then 512
 # mixed-length rows through 128 slots (runtime=cluster) in calls of 128 rows, of 512 rows refilled in
 # groups, and with the slots that fit free memory (runtime.batch_size=auto) in calls of 512; 256 rows of 8
-# voices prefilled voice by voice vs by length alone; last, a step attending to the columns in use vs a
-# whole slot.
+# voices prefilled voice by voice vs by length alone; 256 audiobook-like rows sharing a narrator before
+# their own context turns vs whole prompts; last, a step attending to the columns in use vs a whole slot.
 timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 \
   --modes graphs=1/128/256,unfused=1,prefix_once=128/256,compiled=1 --profile 1,256 \
-  --refill-rows 512 --refill-slots 128 --voices 8 --voice-rows 256 2>&1 | tee "$out/bench_gpu.log"
+  --refill-rows 512 --refill-slots 128 --voices 8 --voice-rows 256 \
+  --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"
