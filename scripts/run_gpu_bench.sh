@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the engine in one call, for a lent GPU machine (see docs/benchmarks.md):
 #   bash scripts/run_gpu_bench.sh OUT_DIR
+# About 9.5 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
+# writes its JSON after every measurement and starts nothing new after 430 s, so a cut-off run keeps what it
+# measured.
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
 # (downloaded for its Python with `pip download --no-deps`) are installed into /tmp/site first.
 set -uo pipefail
@@ -28,7 +31,7 @@ timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-
 # groups, and with the slots that fit free memory (runtime.batch_size=auto) in calls of 512; 256 rows of 8
 # voices prefilled voice by voice vs by length alone; 256 audiobook-like rows sharing a narrator before
 # their own context turns vs whole prompts; last, a step attending to the columns in use vs a whole slot.
-timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 330 \
+timeout 520 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 430 \
   --modes graphs=1/128/256,unfused=1,prefix_once=128/256,compiled=1 --profile 1,256 \
   --refill-rows 512 --refill-slots 128 --voices 8 --voice-rows 256 \
   --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"
