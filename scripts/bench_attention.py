@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.attention import packed_sdpa_attention, prefix_attention  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
-from scripts.bench_report import emit  # noqa: E402
+from scripts.bench_report import emit, header  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 24, 8, 128  # HiggsAudioV2Config defaults
 
@@ -106,10 +106,8 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = {
-        "benchmark": "decode_attention_one_layer",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **header("decode_attention_one_layer", device),
         "dtype": str(dtype),
-        "torch": torch.__version__,
         "prefix_tokens": args.prefix_tokens,
         "own_tokens": args.own_tokens,
         "runs": [],

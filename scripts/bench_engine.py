@@ -23,7 +23,7 @@ from model.checkpoint import CheckpointSpec, load_checkpoint, resolve_device  # 
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.tiny import build_tiny_checkpoint, random_checkpoint  # noqa: E402
-from scripts.bench_report import emit  # noqa: E402
+from scripts.bench_report import emit, header  # noqa: E402
 
 FRAME_RATE = 25
 
@@ -83,11 +83,8 @@ def main() -> None:
     for run in runs:
         run["speedup_vs_first"] = round(run["rows_per_s"] / base, 2)
     report = {
-        "benchmark": "engine",
+        **header("engine", engine.device),
         "config": args.config,
-        "device": str(engine.device),
-        "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "runs": runs,
     }

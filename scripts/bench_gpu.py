@@ -39,6 +39,7 @@ from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
 from model.rms_norm import use_fused_rms_norms  # noqa: E402
 from model.tiny import random_checkpoint  # noqa: E402
+from scripts.bench_report import header  # noqa: E402
 
 FRAME_RATE = 25
 WORDS = [
@@ -526,11 +527,8 @@ def main() -> None:
     most = max(*sizes, *profiled, args.check_rows)
     rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
-        "benchmark": "gpu_engine",
+        **header("gpu_engine", device),
         "config": args.config,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
         "parameters_b": round(sum(p.numel() for p in loaded.model.parameters()) / 1e9, 3),
         "build_s": round(time.perf_counter() - started, 1),

@@ -28,7 +28,7 @@ from model.tiny import (  # noqa: E402
     tiny_audio_tokenizer_config,
 )
 from model.vocoding import WINDOW_CORE, probe_reach, vocode_rows  # noqa: E402
-from scripts.bench_report import emit  # noqa: E402
+from scripts.bench_report import emit, header  # noqa: E402
 
 
 def main() -> None:
@@ -69,11 +69,8 @@ def main() -> None:
     reach = probe_reach(decode, 8)
     margin = None if reach is None else reach + 1
     report = {
-        "benchmark": "vocoding",
+        **header("vocoding", device),
         "config": args.config,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "torch": torch.__version__,
         "rows": args.rows,
         "distinct_lengths": len(set(lengths)),
         "frames": sum(lengths),
