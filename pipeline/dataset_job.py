@@ -187,16 +187,7 @@ def run_dataset_job(job: DatasetJob) -> dict:
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(
         SynthesizeStage,
-        fn_constructor_kwargs={
-            "settings": SynthesisSettings(
-                job.checkpoint,
-                job.engine,
-                output=job.output,
-                storage_options=job.storage_options,
-                retries=job.storage_retries,
-                backoff_s=job.storage_backoff_s,
-            )
-        },
+        fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine, attempts)},
         batch_format="pyarrow",
         batch_size=res.call_rows,
         compute=ray.data.ActorPoolStrategy(size=res.actors),

@@ -153,11 +153,8 @@ class FetchStage:
 class SynthesisSettings:
     checkpoint: Any  # model.checkpoint.CheckpointSpec
     engine: Any  # model.engine.EngineOptions
-    # The run's output, where calls count their starts (pipeline.attempts); None: not counted.
-    output: str | None = None
-    storage_options: dict | None = None
-    retries: int = 5
-    backoff_s: float = 0.2
+    # Where calls count their starts: the run's, under its output (pipeline.attempts); None: not counted.
+    attempts: AttemptLog | None = None
 
 
 class SynthesizeStage:
@@ -169,15 +166,7 @@ class SynthesizeStage:
 
         self.engine = SynthesisEngine.from_spec(settings.checkpoint, settings.engine)
         self.checkpoint_name = settings.checkpoint.source
-        self.attempts = None
-        if settings.output is not None:
-            storage = Storage(
-                settings.output,
-                settings.storage_options,
-                retries=settings.retries,
-                backoff_s=settings.backoff_s,
-            )
-            self.attempts = AttemptLog(storage)
+        self.attempts = settings.attempts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
