@@ -33,7 +33,7 @@ from model.rms_norm import use_fused_rms_norms
 from model.sampling import RowParams
 from model.slot_batch import SlotBatch
 from model.slot_cache import SlotCache, round_up
-from model.vocoding import probe_reach, vocode_rows
+from model.vocoding import margin_for, probe_reach, vocode_rows
 
 log = logging.getLogger(__name__)
 
@@ -574,8 +574,7 @@ class SynthesisEngine:
     @cached_property
     def _vocode_margin(self) -> int | None:
         """Frames of overlap each vocoding window needs on either side (model.vocoding), probed once."""
-        reach = probe_reach(self.vocode, self.num_codebooks)
-        return None if reach is None else reach + 1
+        return margin_for(probe_reach(self.vocode, self.num_codebooks))
 
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
         """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the batch size frames: rows of

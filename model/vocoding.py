@@ -36,13 +36,22 @@ class Piece:
     keep_to: int
 
 
+def margin_for(reach: int | None) -> int | None:
+    """Frames of overlap a window needs on either side for a probed reach (None: unknown, no windows)."""
+    return None if reach is None else reach + 1
+
+
+def window_length(margin: int, core: int = WINDOW_CORE) -> int:
+    return core + 2 * margin
+
+
 def cut(row: int, frames: int, margin: int | None, core: int = WINDOW_CORE) -> list[Piece]:
     """The pieces of a row of `frames` frames: windows of core + 2 x margin frames, each keeping its middle
     (and the row's first and last frames, where the row's own edge is the window's); one piece when the row
     fits one window or `margin` is None (reach unknown)."""
-    if margin is None or frames <= core + 2 * margin:
+    if margin is None or frames <= window_length(margin, core):
         return [Piece(row, 0, frames, 0, frames)]
-    window = core + 2 * margin
+    window = window_length(margin, core)
     pieces, start, kept = [], 0, 0
     while start + window < frames:
         pieces.append(Piece(row, start, window, kept, start + window - margin))

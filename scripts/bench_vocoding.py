@@ -27,7 +27,7 @@ from model.tiny import (  # noqa: E402
     real_audio_tokenizer_config,
     tiny_audio_tokenizer_config,
 )
-from model.vocoding import WINDOW_CORE, probe_reach, vocode_rows  # noqa: E402
+from model.vocoding import margin_for, probe_reach, vocode_rows, window_length  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 1024, (8, n), generator=gen).numpy() for n in lengths]
     reach = probe_reach(decode, 8)
-    margin = None if reach is None else reach + 1
+    margin = margin_for(reach)
     report = {
         **header("vocoding", device),
         "config": args.config,
@@ -75,7 +75,7 @@ def main() -> None:
         "distinct_lengths": len(set(lengths)),
         "frames": sum(lengths),
         "reach_frames": reach,
-        "window_frames": None if margin is None else WINDOW_CORE + 2 * margin,
+        "window_frames": None if margin is None else window_length(margin),
     }
     vocode_rows(decode, rows[:8], margin, args.frames_per_call)  # warm-up: kernels, allocator
     vocode_rows(decode, rows[:8], None, args.frames_per_call)
