@@ -334,6 +334,19 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     return result
 
 
+def prefilled(engine: SynthesisEngine, requests: list[SynthesisRequest]):
+    """The engine's decode step with `requests` prefilled into its slots, one slot each (the call's shared
+    prefix kept once when the engine does that), ready to step: (DecodeStep, SlotBatch)."""
+    from model.slot_batch import SlotBatch
+
+    prepared = [engine._prepare(i, r) for i, r in enumerate(requests)]
+    prefix = engine._call_prefix(prepared)
+    step = engine._slots(len(prepared), prepared, prefix)
+    state = SlotBatch(step)
+    state.merge(engine._prefill(prepared, prefix))
+    return step, state
+
+
 def step_time_by_span(
     engine: SynthesisEngine, batch: int, rows: list[SynthesisRequest], steps: int = 48
 ) -> dict:
@@ -342,16 +355,12 @@ def step_time_by_span(
     to the columns in use (the prompt plus a few hundred frames, rounded up) against the whole slot, which
     is what every step read before spans. Rows stopping on stream-eos long before max_new_tokens are the
     common case that the fixed-length rows of the other measurements do not show."""
-    from model.slot_batch import SlotBatch
     from model.slot_cache import round_up
 
     engine.options.max_batch_size = batch
     prompt = max(len(engine._prepare(i, r).input_ids) for i, r in enumerate(rows[:batch]))
     frames = min(2048, engine.max_context - prompt)
-    prepared = [engine._prepare(i, replace(r, max_new_tokens=frames)) for i, r in enumerate(rows[:batch])]
-    step = engine._slots(batch, prepared)
-    state = SlotBatch(step)
-    state.merge(engine._prefill(prepared))
+    step, state = prefilled(engine, [replace(r, max_new_tokens=frames) for r in rows[:batch]])
     widest, any_ras = state.sampling_shape
 
     def step_ms(span: int) -> float:
@@ -427,16 +436,11 @@ def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], s
     replays. Returns the GPU time per step and the top operators by their own GPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from model.slot_batch import SlotBatch
     from model.slot_cache import round_up
 
     options = {**MODES[mode], "cuda_graphs": False, "compile": False}
     engine = SynthesisEngine(loaded, EngineOptions(ignore_eos=True, max_batch_size=batch, **options))
-    prepared = [engine._prepare(i, r) for i, r in enumerate(rows[:batch])]
-    prefix = engine._call_prefix(prepared)
-    step = engine._slots(batch, prepared, prefix)
-    state = SlotBatch(step)
-    state.merge(engine._prefill(prepared, prefix))
+    step, state = prefilled(engine, rows[:batch])
     widest, any_ras = state.sampling_shape
     span = round_up(state.length + steps + 1)
     cuda = engine.device.type == "cuda"
