@@ -80,7 +80,8 @@ REFILL_SHARE = 1 / 8
 
 @dataclass
 class _Prefix:
-    """The prompt tokens every row of a call shares, run through the model once: a one-row DynamicCache."""
+    """Prompt tokens that rows share (a prefill group's, or a whole call's), run through the model once: a
+    one-row DynamicCache."""
 
     tokens: int
     cache: DynamicCache
@@ -256,7 +257,7 @@ class SynthesisEngine:
         shared = self._shared_prefix(prepared)
         if not shared or not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
             return None
-        return _Prefix(shared, self._prefix_cache(prepared[0], shared, 1))
+        return self._run_prefix(prepared[0], shared)
 
     def _batch_size(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
         if self.options.max_batch_size > 0:
@@ -447,9 +448,9 @@ class SynthesisEngine:
         params = self._row_params(batch)
         window = int(params.ras_win_len.max().item())
         started = time.perf_counter()
-        cache = (
-            prefix.for_rows(rows, self.model.config) if prefix else self._prefix_cache(batch[0], shared, rows)
-        )
+        if prefix is None and shared:
+            prefix = self._run_prefix(batch[0], shared)
+        cache = prefix.for_rows(rows, self.model.config) if prefix else DynamicCache(config=self.model.config)
         attention = torch.cat([torch.ones((rows, shared), dtype=torch.long), attention], dim=1).to(device)
         out = self.model(
             **inputs, attention_mask=attention, past_key_values=cache, use_cache=True, logits_to_keep=1
@@ -507,12 +508,9 @@ class SynthesisEngine:
         """How many of `item`'s audio frames fill placeholders among its first `tokens` prompt tokens."""
         return sum(1 for token in item.input_ids[:tokens] if token in self._placeholders)
 
-    def _prefix_cache(self, item: _Prepared, shared: int, rows: int) -> DynamicCache:
-        """A DynamicCache holding the keys and values of `item`'s first `shared` tokens for each of `rows`
-        rows (empty when `shared` is 0)."""
+    def _run_prefix(self, item: _Prepared, shared: int) -> _Prefix:
+        """`item`'s first `shared` prompt tokens (audio frames among them included) run through the model."""
         cache = DynamicCache(config=self.model.config)
-        if not shared:
-            return cache
         device = self.device
         inputs = {
             "input_ids": torch.tensor([item.input_ids[:shared]], device=device),
@@ -522,8 +520,7 @@ class SynthesisEngine:
         if frames:
             inputs["audio_input_ids"] = item.audio_codes[None, :frames].to(device)
         self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(rows)
-        return cache
+        return _Prefix(shared, cache)
 
     def _step(self, state: DynamicBatch | SlotBatch):
         """Advance the batch and yield the rows that finished."""
