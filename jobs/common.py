@@ -156,7 +156,7 @@ def engine_options(cfg: DictConfig):
         fused_norms=bool(engine.fused_norms),
         share_prefix=bool(engine.share_prefix),
         shared_prefix_cache=bool(engine.shared_prefix_cache),
-        vocode_windows=bool(engine.vocode_windows),
+        vocode_windows=None if engine.vocode_windows is None else bool(engine.vocode_windows),
     )
 
 

@@ -51,21 +51,36 @@ def fitting_batch_size(
     free_bytes: int,
     context_tokens: int,
     prompt_tokens: int = 0,
+    prefill_rows: int = 64,
     headroom: float = 0.2,
     cap: int = 256,
 ) -> int:
-    """The largest batch that fits in free memory. A row holds its KV slot of `context_tokens` while its
-    prefill's keys and values (`prompt_tokens`) are copied in, plus a quarter more for activations: on an H200
-    the release took 0.245 GB per row at 1,024 + 688 tokens (docs/benchmarks.md), 1.25x those keys and values.
-    `headroom` is kept free for the codec and the allocator."""
-    per_row = 1.25 * kv_bytes_per_token(config, dtype) * (context_tokens + prompt_tokens)
-    return max(1, min(cap, int(free_bytes * (1 - headroom) // per_row)))
+    """The largest batch that fits in free memory. A row holds its KV slot of `context_tokens`, and the
+    `prefill_rows` rows of a prefill hold their prompt's keys and values (`prompt_tokens`) while they are
+    copied in, each plus a quarter for activations: on an H200 the release took 0.245 GB per row at 1,024 + 688 tokens
+    (docs/benchmarks.md), 1.25x those keys and values. `headroom` is kept free for the codec and the
+    allocator."""
+    per_token = 1.25 * kv_bytes_per_token(config, dtype)
+    usable = free_bytes * (1 - headroom)
+    fits = int(usable // (per_token * (context_tokens + prompt_tokens)))
+    if fits > prefill_rows:
+        prefill = per_token * prompt_tokens * prefill_rows
+        fits = int((usable - prefill) // (per_token * context_tokens))
+    return max(1, min(cap, fits))
 
 
 # Shorter shared prompt prefixes are prefilled with each row: a separate forward would cost more than it saves.
 MIN_SHARED_PREFIX = 64
-# Frames per row of the batch size that one vocoding call takes (windows of all rows together).
+# A call keeps its rows' shared prefix once beside the slots (shared_prefix_cache) from this many rows
+# decoding together. Below, reading the prefix apart from the slots costs more than it saves: on an H100, one
+# layer's decode attention took 0.45x / 0.92x / 1.21x the time of whole prompts in the slots at 64 / 128 / 256
+# rows, and whole 128- and 256-row calls ran 1.005x and 1.014x faster with it (docs/benchmarks.md).
+MIN_PREFIX_CACHE_ROWS = 128
+# Frames per row of the batch size that one vocoding call takes (windows of all rows together), up to
+# VOCODE_MAX_FRAMES: the codec's activations grow with them, and on an H100 windows of 32,768 frames a call
+# already vocoded at 1,240x real time (bench_vocoding.py).
 VOCODE_FRAMES_PER_ROW = 256
+VOCODE_MAX_FRAMES = 32768
 # A call's rows of one voice prefill apart from other rows once there are this many: the voice's tokens then
 # run through the model once for them all (share_prefix), which outweighs a prefill forward's fixed cost
 # (~40 ms on an H200, against ~4 ms of compute a row for a ~350-token reference turn). Voices with fewer
@@ -249,15 +264,20 @@ class SynthesisEngine:
         self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
         return [r for r in results if r is not None]
 
-    def _call_prefix(self, prepared: list[_Prepared]) -> _Prefix | None:
+    def _call_prefix(self, prepared: list[_Prepared], size: int | None) -> _Prefix | None:
         """With `shared_prefix_cache`, the prefix all rows of the call share (see _shared_prefix), run
-        through the model once for the whole call; the KV cache then holds it once (model.slot_cache)."""
-        if not (self.options.shared_prefix_cache and self.options.static_cache):
+        through the model once for the whole call; the KV cache then holds it once (model.slot_cache). Only
+        when at least MIN_PREFIX_CACHE_ROWS rows decode together (`size` slots; None: as many as fit)."""
+        options = self.options
+        if not (options.shared_prefix_cache and options.static_cache):
+            return None
+        if len(prepared) < MIN_PREFIX_CACHE_ROWS or (size or MIN_PREFIX_CACHE_ROWS) < MIN_PREFIX_CACHE_ROWS:
             return None
         shared = self._shared_prefix(prepared)
         if not shared or not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
             return None
-        return self._run_prefix(prepared[0], shared)
+        prefix = self._run_prefix(prepared[0], shared)
+        return prefix if self._batch_size(prepared, prefix) >= MIN_PREFIX_CACHE_ROWS else None
 
     def _batch_size(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
         if self.options.max_batch_size > 0:
@@ -265,11 +285,17 @@ class SynthesisEngine:
         if self.device.type != "cuda" or not prepared:
             return 16
         free, _ = torch.cuda.mem_get_info(self.device)
+        # Blocks the caching allocator keeps from earlier calls (prefill, vocoding) are this call's to use: it
+        # hands them out or returns them to the driver before it fails. Uncounted, an H100 whose last call
+        # vocoded in windows looked full: 52 slots instead of ~250 (docs/benchmarks.md, 2026-11-26).
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         if self._decode_step is not None:
             free += self._decode_step.cache.nbytes  # replaced if it does not fit this batch
         prompt = max(len(p.input_ids) for p in prepared)
         length = self._slot_length(prepared, prefix)
-        return fitting_batch_size(self.model.config, self.checkpoint.dtype, free, length, prompt)
+        return fitting_batch_size(
+            self.model.config, self.checkpoint.dtype, free, length, prompt, self.options.max_prefill_rows
+        )
 
     def _order(self, prepared: list[_Prepared]) -> deque[_Prepared]:
         """The call's rows in prefill order, shortest prompts first: each voice with at least MIN_VOICE_RUN
@@ -286,7 +312,11 @@ class SynthesisEngine:
         one run only (see _order)."""
         group = [waiting.popleft()]
         shortest = len(group[0].input_ids)
-        while waiting and len(group) < free and waiting[0].run == group[0].run:
+        while (
+            waiting
+            and len(group) < min(free, self.options.max_prefill_rows)
+            and waiting[0].run == group[0].run
+        ):
             longest = len(waiting[0].input_ids)
             if (longest - shortest) / longest > self.options.max_padding_waste:
                 break
@@ -303,16 +333,19 @@ class SynthesisEngine:
         narrowed down to the row that causes it by running the rows in flight one at a time.
         """
         waiting = self._order(prepared)
-        prefix = self._call_prefix(prepared)
+        prefix = self._call_prefix(prepared, size)
         size = size or self._batch_size(prepared, prefix)
         state: DynamicBatch | SlotBatch | None = None
         while waiting or state is not None:
             involved: list[_Prepared] = [] if state is None else list(state.items)
             try:
                 free = size - len(involved)
-                if waiting and free > 0 and (state is None or self._refills(size, free, len(waiting))):
+                admitting = state is None or self._refills(size, free, len(waiting))
+                # Free slots fill in prefill groups of at most max_prefill_rows rows before the next step.
+                while admitting and waiting and free > 0:
                     group = self._admit(waiting, free)
                     involved += group
+                    free -= len(group)
                     joining = self._prefill(group, prefix)
                     if state is None and not self.options.static_cache:
                         state = joining
@@ -574,14 +607,19 @@ class SynthesisEngine:
         return margin_for(probe_reach(self.vocode, self.num_codebooks))
 
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
-        """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the batch size frames: rows of
-        one length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
+        """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames: rows of one
+        length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
         Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
         row's windows are the same whichever rows it is vocoded with."""
         if not results:
             return
-        budget = max(1, self.options.max_batch_size or 16) * VOCODE_FRAMES_PER_ROW
-        margin = self._vocode_margin if self.options.vocode_windows else None
+        step = self._decode_step
+        slots = step.cache.slots if step is not None else self.options.max_batch_size
+        budget = min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
+        windows = self.options.vocode_windows
+        if windows is None:
+            windows = self.device.type == "cuda"
+        margin = self._vocode_margin if windows else None
         codes = [r.audio_codes for r in results]
         waveforms, seconds = vocode_rows(self.vocode, codes, margin, budget)
         for result, waveform, spent in zip(results, waveforms, seconds, strict=True):

@@ -57,15 +57,22 @@ class EngineOptions:
     share_prefix: bool = True
     # When every row of a call shares that prefix, keep its keys and values once beside the KV slots, which
     # then hold only each row's own tokens: a decode step reads the prefix once, not once per row, and a row
-    # takes less memory. Off until a GPU measures it (model.attention.prefix_attention replaces sdpa there).
-    shared_prefix_cache: bool = False
+    # takes less memory, so more rows fit. From engine.MIN_PREFIX_CACHE_ROWS rows decoding together (model.
+    # attention.prefix_attention replaces sdpa there; on an H100 it wins from ~128 rows).
+    shared_prefix_cache: bool = True
     # RMSNorm as torch's fused kernel (model.rms_norm): ~450 fewer kernels per decode step on a GPU, the same
     # numbers on a CPU. Set on the model object at each generate call (engines may share one model).
     fused_norms: bool = True
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
-    # codec call per distinct row length. Off until a GPU measures it: on a CPU the codec is compute-bound
-    # and the windows' overlap only adds work (bench_vocoding.py: 0.3-0.6x for the release's codec).
-    vocode_windows: bool = False
+    # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
+    # rows of 200 lengths); on a CPU the codec is compute-bound and the windows' overlap only adds work
+    # (bench_vocoding.py: 0.3-0.6x for the release's codec).
+    vocode_windows: bool | None = None
+    # Rows that prefill in one forward at most. Their prompts' keys and values are held twice while they are
+    # copied into the slots, so fewer leave that memory to slots (engine.fitting_batch_size): on an 80 GB
+    # H100, ~250 slots of 1,280 tokens fit instead of 188. Prefill is compute-bound long before: 64 rows of
+    # ~330 own tokens each are ~21,000 tokens a forward.
+    max_prefill_rows: int = 64
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

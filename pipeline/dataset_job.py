@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 MIN_BLOCK_ROWS = 128
 CALL_SLOTS = 4
 # Rows per synthesis call when the engine sizes its batch from free GPU memory (batch_size 0): CALL_SLOTS x
-# the 128 rows an 80 GB card holds for 2,048-frame rows; a larger batch then still has waiting rows to refill.
-AUTO_CALL_ROWS = CALL_SLOTS * 128
+# the most slots it takes (model.engine.fitting_batch_size's cap, which an 80 GB H100 reaches for ~10 s rows).
+AUTO_CALL_ROWS = CALL_SLOTS * 256
 
 
 @dataclass

@@ -9,8 +9,10 @@ as a user/assistant turn exactly as a cloned voice is). Every row generates --fr
 Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch size for the decode modes
 (`compiled`: the slot cache's step torch.compiled, then replayed from CUDA graphs; `graphs`: the default,
 the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
-one reference turn; `prefix_once`: `graphs` with that shared turn kept once beside the slots; `unfused`:
-`graphs` with transformers' RMSNorm instead of the fused kernel; `static`: the slot cache run eagerly;
+one reference turn; `whole_prompts`: `graphs` with that shared turn in every slot, not kept once beside them;
+`previous`: the defaults before GPU run 6 (whole prompts, one codec call per length, a batch's first rows
+prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
+`static`: the slot cache run eagerly;
 `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after a whole-prompt prefill
 per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -21,6 +23,7 @@ release config in bf16). No download: weights are random, which changes no timin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -88,8 +91,17 @@ MODES = {
     "unfused": {"static_cache": True, "cuda_graphs": True, "fused_norms": False},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
-    # The default with the rows' shared reference turn kept once beside the slots (shared_prefix_cache).
-    "prefix_once": {"static_cache": True, "cuda_graphs": True, "shared_prefix_cache": True},
+    # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
+    "whole_prompts": {"static_cache": True, "cuda_graphs": True, "shared_prefix_cache": False},
+    # The default before the H100 run of 2026-11-26: whole prompts in the slots, one codec call per row
+    # length, a call's first batch prefilled in one forward.
+    "previous": {
+        "static_cache": True,
+        "cuda_graphs": True,
+        "shared_prefix_cache": False,
+        "vocode_windows": False,
+        "max_prefill_rows": 1 << 30,
+    },
 }
 
 
@@ -340,7 +352,7 @@ def prefilled(engine: SynthesisEngine, requests: list[SynthesisRequest]):
     from model.slot_batch import SlotBatch
 
     prepared = [engine._prepare(i, r) for i, r in enumerate(requests)]
-    prefix = engine._call_prefix(prepared)
+    prefix = engine._call_prefix(prepared, len(prepared))
     step = engine._slots(len(prepared), prepared, prefix)
     state = SlotBatch(step)
     state.merge(engine._prefill(prepared, prefix))
@@ -398,7 +410,7 @@ def agreement(loaded, rows: list[SynthesisRequest], frames: int) -> dict:
             "frames_identical_before_first_difference": agree}  # fmt: skip
 
 
-def exactness(device: torch.device, mode: str) -> dict:
+def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
     """The fast path's mechanics (slots, graphs of several buckets as rows leave, refill, rows ending on
     stream-eos between looks, a reference turn prefilled once for the rows sharing it) against the plain
     path, on the tiny config in float32, where both must give the same codes (tests/test_slot_cache.py
@@ -416,11 +428,15 @@ def exactness(device: torch.device, mode: str) -> dict:
         )
         for i, m in enumerate([12, 19, 26, 33, 200, 200, 200, 200, 200, 200])
     ]
-    if mode == "prefix_once":  # one voice for all rows, or there is no call-wide prefix to keep
+    if one_voice:  # or there is no call-wide prefix to keep once
         rows = [replace(r, context=voice) for r in rows]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
-    a, b = fast.generate(rows), plain.generate(rows)
+    least, engine_module.MIN_PREFIX_CACHE_ROWS = engine_module.MIN_PREFIX_CACHE_ROWS, 1  # 4 slots here
+    try:
+        a, b = fast.generate(rows), plain.generate(rows)
+    finally:
+        engine_module.MIN_PREFIX_CACHE_ROWS = least
     same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
     return {
         "rows": len(rows),
@@ -475,11 +491,24 @@ def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], s
     }
 
 
+def parse_refill_run(text: str, share: float) -> tuple[int, int, float]:
+    """`auto:512` or `128:512`: (slots, 0 for auto; rows per call; REFILL_SHARE)."""
+    slots, _, per_call = text.partition(":")
+    return (0 if slots == "auto" else int(slots), int(per_call), share)
+
+
+def release(device: torch.device) -> None:
+    """Free what finished measurements left: engines hold their slots through reference cycles."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def parse_modes(text: str, first_sizes: str, later_sizes: str) -> list[tuple[str, list[int]]]:
     """`graphs,static` (the first mode at --batch-sizes, later ones at --plain-batch-sizes) or
     `graphs=1/128/256,compiled=1` (each mode its own sizes)."""
     modes = []
-    for i, item in enumerate(text.split(",")):
+    for i, item in enumerate(filter(None, text.split(","))):
         name, _, sizes = item.partition("=")
         sizes = sizes.replace("/", ",") or (first_sizes if i == 0 else later_sizes)
         if name not in MODES:
@@ -504,6 +533,10 @@ def main() -> None:
     parser.add_argument("--refill-rows", type=int, default=0, help="rows of mixed length (0: skip)")
     parser.add_argument("--refill-slots", type=int, default=0, help="their slots (0: the largest batch)")
     parser.add_argument("--refill-slot-by-slot", action="store_true", help="also refill without grouping")
+    parser.add_argument(
+        "--refill-runs", default="", help="instead: slots:rows per call, e.g. auto:512,128:512"
+    )
+    parser.add_argument("--refill-modes", default="", help="modes of the refill runs (default: the first)")
     # pipeline.dataset_job.AUTO_CALL_ROWS; not imported: the GPU machine lacks the pipeline's dependencies.
     parser.add_argument("--auto-call-rows", type=int, default=512, help="rows per call with batch_size auto")
     parser.add_argument("--voices", type=int, default=0, help="voice-library run: this many voices (0: skip)")
@@ -511,7 +544,8 @@ def main() -> None:
     parser.add_argument(
         "--chunk-rows", type=int, default=0, help="audiobook-like rows with context (0: skip)"
     )
-    parser.add_argument("--span-batch", type=int, default=128, help="rows of the step-time-by-span check")
+    parser.add_argument("--span-batch", type=int, default=128, help="rows of the span check (0: skip)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip transformers'")
     parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
@@ -528,7 +562,7 @@ def main() -> None:
     modes = parse_modes(args.modes, args.batch_sizes, args.plain_batch_sizes)
     sizes = sorted({n for _, mode_sizes in modes for n in mode_sizes})
     profiled = [int(n) for n in args.profile.split(",") if n]
-    most = max(*sizes, *profiled, args.check_rows)
+    most = max([*sizes, *profiled, args.span_batch, args.check_rows])
     rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         **header("gpu_engine", device),
@@ -550,14 +584,15 @@ def main() -> None:
         try:
             return work()
         except Exception as exc:  # noqa: BLE001 - one failed measurement must not lose the others
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             return {"error": f"{type(exc).__name__}: {exc}"[:500]}
         finally:
+            release(device)  # an engine's slots and CUDA graphs, before the next measurement
             print(f"[{time.perf_counter() - started:6.1f} s] {name} done", file=sys.stderr, flush=True)
 
-    report["baseline_transformers_generate"] = attempt(
-        "baseline", lambda: baseline_generate(engine_for(loaded, "dynamic"), args.frames, rows[0])
+    report["baseline_transformers_generate"] = (
+        attempt("baseline", lambda: baseline_generate(engine_for(loaded, "dynamic"), args.frames, rows[0]))
+        if args.baseline
+        else {"skipped": "--no-baseline"}
     )
     save()
     for mode, mode_sizes in modes:
@@ -568,58 +603,67 @@ def main() -> None:
             print(json.dumps(report["engine"][-1]), file=sys.stderr, flush=True)
             save()
         del engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    first = modes[0][0]
+        release(device)
+    first = modes[0][0] if modes else "graphs"
     report["profile"] = []
     for size in profiled:
-        # A lone row shares no prefix with anything: prefix_once's step is the default one there.
-        for mode in dict.fromkeys([first, *(m for m, _ in modes if m == "prefix_once" and size > 1)]):
+        # The default keeps the rows' shared prefix once from MIN_PREFIX_CACHE_ROWS rows; whole_prompts never.
+        for mode in dict.fromkeys([first, *(m for m, _ in modes if m == "whole_prompts")]):
             run = attempt(f"profile {mode} b{size}", lambda m=mode, n=size: profile_steps(loaded, m, n, rows))
             report["profile"].append({"mode": mode, "batch_size": size, **run})
             save()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within
         # a call), then 4 x the slots (the default) with refills in groups (slot by slot, REFILL_SHARE 0, with
         # --refill-slot-by-slot); then runtime.batch_size=auto: the slots that fit free memory, in calls of
         # --auto-call-rows.
-        slots = args.refill_slots or max(sizes)
-        engine = engine_for(loaded, first)
+        # --refill-runs auto:512,128:512 names the runs instead (slots:rows per call), --refill-modes the
+        # engine modes that make each of them.
+        slots = args.refill_slots or max(sizes, default=128)
         report["continuous_batching"] = []
         grouped = engine_module.REFILL_SHARE
         runs = [(slots, slots, 0.0), (slots, 4 * slots, grouped)]
         runs += [(slots, 4 * slots, 0.0)] if args.refill_slot_by_slot else []
         runs += [(0, args.auto_call_rows, grouped)]
-        for batch, per_call, share in runs:
-            run = attempt(
-                f"refill {batch or 'auto'} slots, {per_call} per call, share {share:g}",
-                lambda b=batch, n=per_call, s=share: measure_refill(engine, b, args.refill_rows, rows, n, s),
-            )
-            report["continuous_batching"].append({"mode": first, **run})
-            save()
+        if args.refill_runs:
+            runs = [parse_refill_run(item, grouped) for item in args.refill_runs.split(",")]
+        for mode in args.refill_modes.split(",") if args.refill_modes else [first]:
+            engine = engine_for(loaded, mode)
+            for batch, per_call, share in runs:
+                run = attempt(
+                    f"refill {mode} {batch or 'auto'} slots, {per_call} per call, share {share:g}",
+                    lambda e=engine, b=batch, n=per_call, s=share: measure_refill(
+                        e, b, args.refill_rows, rows, n, s
+                    ),
+                )
+                report["continuous_batching"].append({"mode": mode, **run})
+                print(json.dumps(report["continuous_batching"][-1]), file=sys.stderr, flush=True)
+                save()
+            del engine
+            release(device)
     if args.voices:
         report["voice_library"] = attempt(
             "voice library",
             lambda: measure_voice_library(
-                engine_for(loaded, first), max(sizes), args.voices, rows, args.voice_rows
+                engine_for(loaded, first), max(sizes, default=0), args.voices, rows, args.voice_rows
             ),
         )
         save()
     if args.chunk_rows:
         report["audiobook_chunks"] = attempt(
             "audiobook chunks",
-            lambda: measure_chunks(engine_for(loaded, first), max(sizes), rows, args.chunk_rows),
+            lambda: measure_chunks(engine_for(loaded, first), max(sizes, default=0), rows, args.chunk_rows),
         )
         save()
-    report["step_time_by_span"] = attempt(
-        "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
-    )
-    save()
-    for mode in ("graphs", "prefix_once", "compiled"):
-        report[f"exactness_tiny_fp32_{mode}"] = attempt(
-            f"exactness {mode}", lambda m=mode: exactness(device, m)
+    if args.span_batch:
+        report["step_time_by_span"] = attempt(
+            "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
+        )
+        save()
+    for name, mode, one_voice in (("graphs", "graphs", False), ("prefix_once", "graphs", True),
+                                  ("compiled", "compiled", False)):  # fmt: skip
+        report[f"exactness_tiny_fp32_{name}"] = attempt(
+            f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)
         )
     report["agreement_greedy"] = attempt(
         "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))

@@ -23,15 +23,15 @@ timeout 60 python3 scripts/bench_attention.py --device cuda --out "$out/bench_at
 # Vocoding 512 rows of distinct lengths with the release's codec: one call per length vs windows (~20 s).
 timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-per-call 32768 \
   --out "$out/bench_vocoding.json" 2>&1 | tee "$out/bench_vocoding.log"
-# The default path (CUDA graphs of the uncompiled step) at 1, 128 and 256 rows (docs/benchmarks.md has 8-64
-# from 2026-11-26); transformers' RMSNorm instead of the fused one at 1 row; the shared prefix kept once at
-# 128 and 256; the compiled step at 1 row (its warm-up on the release model is the unknown, so it comes
-# after them); where a step's GPU time goes at 1 and 256 rows (torch.profiler, both cache layouts); then 512
-# mixed-length rows through 128 slots (runtime=cluster) in calls of 128 rows, of 512 rows refilled in
-# groups, and with the slots that fit free memory (runtime.batch_size=auto) in calls of 512; 256 rows of 8
-# voices prefilled voice by voice vs by length alone; 256 audiobook-like rows sharing a narrator before
-# their own context turns vs whole prompts; last, a step attending to the columns in use vs a whole slot.
+# The default path (CUDA graphs of the uncompiled step) at 1 and 256 rows and with whole prompts in the
+# slots at 256 (the shared prefix kept once is the default from 128 rows); the compiled step at 1 and 256
+# rows (its 78 s warm-up on an H100 comes after the others); where a step's GPU time goes at 1 and 256 rows
+# (torch.profiler, both cache layouts); then 1,024 mixed-length rows with the slots that fit free memory
+# (runtime.batch_size=auto): the defaults in calls of 512 and of 1,024 (AUTO_CALL_ROWS), and the engine
+# before GPU run 6's changes in calls of 512 (276x then); 256 rows of 8 voices prefilled voice by voice vs
+# by length alone; 256 audiobook-like rows sharing a narrator before their own context turns vs whole
+# prompts; last, a step attending to the columns in use vs a whole slot.
 timeout 520 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 430 \
-  --modes graphs=1/128/256,unfused=1,prefix_once=128/256,compiled=1 --profile 1,256 \
-  --refill-rows 512 --refill-slots 128 --voices 8 --voice-rows 256 \
-  --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"
+  --modes graphs=1/256,whole_prompts=256,compiled=1/256 --profile 1,256 \
+  --refill-rows 1024 --refill-runs auto:512,auto:1024 --refill-modes graphs,previous \
+  --voices 8 --voice-rows 256 --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"

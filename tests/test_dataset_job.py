@@ -189,6 +189,12 @@ def test_batch_size_auto_lets_each_engine_size_its_batch_from_free_memory(tiny_c
     assert job.resources.call_rows == AUTO_CALL_ROWS
 
 
+def test_vocoding_windows_follow_the_device_unless_the_config_sets_them(tiny_checkpoint, tmp_path):
+    assert dataset_job_of(tiny_checkpoint, tmp_path).engine.vocode_windows is None  # on a GPU only
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=false")
+    assert job.engine.vocode_windows is False
+
+
 @pytest.mark.parametrize("value", ["0", "many", "true"])
 def test_a_batch_size_neither_a_count_nor_auto_is_a_configuration_error(tiny_checkpoint, tmp_path, value):
     from jobs.common import ConfigError

@@ -177,6 +177,27 @@ def test_waiting_rows_join_a_running_batch_in_groups_not_slot_by_slot(engine, mo
     assert all(n >= 2 for n in groups[1:-1]), groups
 
 
+def test_a_batch_fills_its_free_slots_in_prefill_groups_of_max_prefill_rows_before_it_steps(
+    engine, monkeypatch
+):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    capped = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, max_prefill_rows=4))
+    events = []
+    prefill, step = capped._prefill, capped._step
+    monkeypatch.setattr(
+        capped, "_prefill", lambda batch, *rest: events.append(len(batch)) or prefill(batch, *rest)
+    )
+    monkeypatch.setattr(capped, "_step", lambda state: events.append("step") or step(state))
+    results = capped.generate(rows_finishing_one_by_one(24))
+    first_step = events.index("step")
+    assert events[:first_step] == [4, 4, 4, 4]  # all 16 slots full before the first step
+    assert all(n <= 4 for n in events if n != "step")
+    whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    for a, b in zip(whole.generate(rows_finishing_one_by_one(24)), results, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
 def test_refilling_in_groups_gives_the_same_codes_as_static_batches(engine64):
     from model.engine import EngineOptions, SynthesisEngine
 
@@ -222,9 +243,22 @@ def test_the_kv_cache_of_the_release_costs_about_112_kb_per_token_in_bf16():
     config = HiggsAudioV2Config()
     assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 28 * 8 * 128 * 2  # 114,688 bytes
     # Per row: 1.25 x 114,688 bytes x (1,024-token slot + 688-token prefill) = 245 MB, as measured on an H200.
-    assert fitting_batch_size(config, torch.bfloat16, 80 * 10**9, 1024, 688) == 256
-    assert fitting_batch_size(config, torch.bfloat16, 30 * 10**9, 1024, 688) == 97  # 0.8 x 30 GB / 245 MB
+    assert fitting_batch_size(config, torch.bfloat16, 10 * 10**9, 1024, 688) == 32  # 0.8 x 10 GB / 245 MB
     assert fitting_batch_size(config, torch.bfloat16, 10**8, 1024, 688) == 1
+    assert fitting_batch_size(config, torch.bfloat16, 80 * 10**9, 1024, 688) == 256  # the cap
+
+
+def test_only_one_prefill_group_of_rows_needs_room_for_its_prompts():
+    import torch
+    from transformers import HiggsAudioV2Config
+
+    from model.engine import fitting_batch_size
+
+    config = HiggsAudioV2Config()
+    # 0.8 x 30 GB, less 64 rows x 98.6 MB of prompt, over 147 MB slots of 1,024 tokens; 97 if every row
+    # prefilled at once (245 MB each).
+    assert fitting_batch_size(config, torch.bfloat16, 30 * 10**9, 1024, 688, prefill_rows=64) == 120
+    assert fitting_batch_size(config, torch.bfloat16, 30 * 10**9, 1024, 688, prefill_rows=1 << 30) == 97
 
 
 def test_out_of_memory_splits_the_batch_and_retries_without_failing_rows(engine, caplog):

@@ -193,10 +193,18 @@ def one_voice_rows() -> list:
     return [replace(clone(i), text=f"Row {i} adds its own words." * (1 + i % 3)) for i in range(7)]
 
 
-def test_a_call_of_one_voice_keeps_the_shared_prefix_once_and_gives_the_same_codes(engine64):
+@pytest.fixture
+def prefix_from_4_rows(monkeypatch):
+    """A call keeps its shared prefix once from 4 rows decoding together (128 on a real run)."""
+    monkeypatch.setattr("model.engine.MIN_PREFIX_CACHE_ROWS", 4)
+
+
+def test_a_call_of_one_voice_keeps_the_shared_prefix_once_and_gives_the_same_codes(
+    engine64, prefix_from_4_rows
+):
     rows = one_voice_rows()
-    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
-    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=False))
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
     expected, got = codes(plain, rows), codes(once, rows)
 
     shared = once._shared_prefix([once._prepare(i, r) for i, r in enumerate(rows)])
@@ -209,18 +217,34 @@ def test_a_call_of_one_voice_keeps_the_shared_prefix_once_and_gives_the_same_cod
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_call_mixing_voices_keeps_no_shared_prefix_and_gives_the_same_codes(engine64):
+def test_fewer_slots_than_min_prefix_cache_rows_keep_whole_prompts(engine64):
+    # The release's threshold, 128 rows: below it, reading the prefix apart costs more than it saves.
+    small = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    codes(small, one_voice_rows())
+    assert small._decode_step.cache.prefix_tokens == 0
+
+
+def test_a_call_of_fewer_rows_than_min_prefix_cache_rows_keeps_whole_prompts(engine64, monkeypatch):
+    monkeypatch.setattr("model.engine.MIN_PREFIX_CACHE_ROWS", 5)
+    wide = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=8))
+    codes(wide, one_voice_rows()[:4])
+    assert wide._decode_step.cache.prefix_tokens == 0
+    codes(wide, one_voice_rows())
+    assert wide._decode_step.cache.prefix_tokens > 0
+
+
+def test_a_call_mixing_voices_keeps_no_shared_prefix_and_gives_the_same_codes(engine64, prefix_from_4_rows):
     rows = [*one_voice_rows()[:3], smart(1), smart(2)]
-    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
-    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+    plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=False))
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
     expected, got = codes(plain, rows), codes(once, rows)
     assert once._decode_step.cache.prefix_tokens == 0
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_reused_cache_takes_the_next_calls_prefix(engine64):
-    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=True))
+def test_a_reused_cache_takes_the_next_calls_prefix(engine64, prefix_from_4_rows):
+    once = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
     first = codes(once, one_voice_rows()[:4])
     step = once._decode_step
     scene = [replace(r, scene_prompt="A quiet room.") for r in one_voice_rows()[:4]]  # another shared prefix

@@ -72,8 +72,15 @@ def test_rows_of_many_lengths_vocode_in_a_few_windowed_codec_calls(windowed, mon
     assert len(calls) <= 2 and len({shape[-1] for shape in calls}) == 1, calls
 
 
-def test_by_default_rows_vocode_whole_one_call_per_length(engine, monkeypatch):
+def test_by_default_rows_vocode_whole_one_call_per_length_on_a_cpu(engine, monkeypatch):
     plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
     calls = counted_calls(plain, monkeypatch)
     plain._vocode_results(random_results([150, 163, 150, 176]))
     assert sorted(shape[-1] for shape in calls) == [150, 163, 176]
+
+
+def test_rows_vocode_whole_when_windows_are_off(engine, monkeypatch):
+    whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, vocode_windows=False))
+    calls = counted_calls(whole, monkeypatch)
+    whole._vocode_results(random_results([150, 163, 150]))
+    assert sorted(shape[-1] for shape in calls) == [150, 163]
