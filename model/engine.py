@@ -267,14 +267,18 @@ class SynthesisEngine:
     def _call_prefix(self, prepared: list[_Prepared], size: int | None) -> _Prefix | None:
         """With `shared_prefix_cache`, the prefix all rows of the call share (see _shared_prefix), run
         through the model once for the whole call; the KV cache then holds it once (model.slot_cache). Only
-        when at least MIN_PREFIX_CACHE_ROWS rows decode together (`size` slots; None: as many as fit)."""
+        when at least MIN_PREFIX_CACHE_ROWS rows decode together (`size` slots; None: as many as fit), and
+        when it makes the slots shorter: a prefix within the slots' rounding (a system prompt alone) saves no
+        memory, and a step would read it apart on top of the same slot columns."""
         options = self.options
         if not (options.shared_prefix_cache and options.static_cache):
             return None
         if len(prepared) < MIN_PREFIX_CACHE_ROWS or (size or MIN_PREFIX_CACHE_ROWS) < MIN_PREFIX_CACHE_ROWS:
             return None
         shared = self._shared_prefix(prepared)
-        if not shared or not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
+        if not shared or self._slot_length(prepared, shared) == self._slot_length(prepared):
+            return None
+        if not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
             return None
         prefix = self._run_prefix(prepared[0], shared)
         return prefix if self._batch_size(prepared, prefix) >= MIN_PREFIX_CACHE_ROWS else None
@@ -292,7 +296,7 @@ class SynthesisEngine:
         if self._decode_step is not None:
             free += self._decode_step.cache.nbytes  # replaced if it does not fit this batch
         prompt = max(len(p.input_ids) for p in prepared)
-        length = self._slot_length(prepared, prefix)
+        length = self._slot_length(prepared, prefix.tokens if prefix else 0)
         return fitting_batch_size(
             self.model.config, self.checkpoint.dtype, free, length, prompt, self.options.max_prefill_rows
         )
@@ -401,7 +405,7 @@ class SynthesisEngine:
         """The decode step over a SlotCache of `size` slots that fits every row of `prepared` (and holds the
         call's shared `prefix`), kept from call to call while it fits (sizes rounded up by round_up); a cache
         over twice as long as needed is rebuilt: its memory could hold a larger batch."""
-        length = self._slot_length(prepared, prefix)
+        length = self._slot_length(prepared, prefix.tokens if prefix else 0)
         max_steps = round_up(max(p.request.max_new_tokens for p in prepared))
         window = max(self._ras_window(p.request) for p in prepared)
         needed = round_up(prefix.tokens) if prefix else 0
@@ -436,9 +440,9 @@ class SynthesisEngine:
             self._compile = False
         self._decode_step = None
 
-    def _slot_length(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
-        """Columns a slot needs: a row's prompt, less the prefix the cache holds once, plus max_new_tokens."""
-        skip = prefix.tokens if prefix else 0
+    def _slot_length(self, prepared: list[_Prepared], skip: int = 0) -> int:
+        """Columns a slot needs: a row's prompt, less the `skip` prefix tokens the cache holds once, plus
+        max_new_tokens."""
         context = max(len(p.input_ids) - skip + p.request.max_new_tokens for p in prepared)
         return min(round_up(context), self.max_context)
 

@@ -57,8 +57,9 @@ class EngineOptions:
     share_prefix: bool = True
     # When every row of a call shares that prefix, keep its keys and values once beside the KV slots, which
     # then hold only each row's own tokens: a decode step reads the prefix once, not once per row, and a row
-    # takes less memory, so more rows fit. From engine.MIN_PREFIX_CACHE_ROWS rows decoding together (model.
-    # attention.prefix_attention replaces sdpa there; on an H100 it wins from ~128 rows).
+    # takes less memory, so more rows fit. From engine.MIN_PREFIX_CACHE_ROWS rows decoding together, where
+    # it makes the slots shorter (model.attention.prefix_attention replaces sdpa there; on an H100 it wins
+    # from ~128 rows).
     shared_prefix_cache: bool = True
     # RMSNorm as torch's fused kernel (model.rms_norm): ~450 fewer kernels per decode step on a GPU, the same
     # numbers on a CPU. Set on the model object at each generate call (engines may share one model).

@@ -233,6 +233,17 @@ def test_a_call_of_fewer_rows_than_min_prefix_cache_rows_keeps_whole_prompts(eng
     assert wide._decode_step.cache.prefix_tokens > 0
 
 
+def test_a_shared_prefix_that_leaves_the_slots_as_long_keeps_whole_prompts(engine64, prefix_from_4_rows):
+    scene = "A long scene: " + "rain on the windows of a quiet wooden house, " * 2
+    rows = [smart(i, scene_prompt=scene) for i in range(6)]
+    wide = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    prepared = [wide._prepare(i, r) for i, r in enumerate(rows)]
+    shared = wide._shared_prefix(prepared)
+    assert shared > 0 and wide._slot_length(prepared, shared) == wide._slot_length(prepared)
+    codes(wide, rows)
+    assert wide._decode_step.cache.prefix_tokens == 0
+
+
 def test_a_call_mixing_voices_keeps_no_shared_prefix_and_gives_the_same_codes(engine64, prefix_from_4_rows):
     rows = [*one_voice_rows()[:3], smart(1), smart(2)]
     plain = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, shared_prefix_cache=False))
