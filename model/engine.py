@@ -614,7 +614,10 @@ class SynthesisEngine:
         """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames: rows of one
         length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
         Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
-        row's windows are the same whichever rows it is vocoded with."""
+        row's windows are the same whichever rows it is vocoded with.
+
+        Out of memory: the decode step's slots are freed and the calls halve, down to VOCODE_FRAMES_PER_ROW
+        frames; then each row is vocoded alone, and a row that still does not fit becomes an error row."""
         if not results:
             return
         step = self._decode_step
@@ -625,7 +628,26 @@ class SynthesisEngine:
             windows = self.device.type == "cuda"
         margin = self._vocode_margin if windows else None
         codes = [r.audio_codes for r in results]
-        waveforms, seconds = vocode_rows(self.vocode, codes, margin, budget)
+        while True:
+            try:
+                waveforms, seconds = vocode_rows(self.vocode, codes, margin, budget)
+                break
+            except torch.OutOfMemoryError as exc:
+                self._drop_step()
+                self._release_memory()
+                if budget > VOCODE_FRAMES_PER_ROW:
+                    budget = max(VOCODE_FRAMES_PER_ROW, budget // 2)
+                    log.warning(
+                        "out of memory vocoding %d rows; retrying in calls of %d frames", len(codes), budget
+                    )
+                elif len(results) > 1:
+                    for result in results:
+                        self._vocode_results([result])
+                    return
+                else:
+                    results[0].error = f"out of memory while vocoding {codes[0].shape[-1]} frames: {exc}"
+                    results[0].error_field = "synthesis"
+                    return
         for result, waveform, spent in zip(results, waveforms, seconds, strict=True):
             result.waveform = waveform
             result.timings["vocode_s"] = spent

@@ -84,3 +84,47 @@ def test_rows_vocode_whole_when_windows_are_off(engine, monkeypatch):
     calls = counted_calls(whole, monkeypatch)
     whole._vocode_results(random_results([150, 163, 150]))
     assert sorted(shape[-1] for shape in calls) == [150, 163]
+
+
+def short_of_memory(engine: SynthesisEngine, monkeypatch, most_frames: int) -> list:
+    """The codec raises OutOfMemoryError, as a full GPU would, on calls of more than `most_frames` frames."""
+    calls = []
+    original = engine.vocode
+
+    def vocode(codes):
+        frames = codes.shape[0] * codes.shape[-1] if codes.dim() == 3 else codes.shape[-1]
+        calls.append(frames)
+        if frames > most_frames:
+            raise torch.OutOfMemoryError(f"{frames} frames")
+        return original(codes)
+
+    monkeypatch.setattr(engine, "vocode", vocode)
+    return calls
+
+
+def test_vocoding_out_of_memory_retries_in_smaller_calls_with_the_same_waveforms(engine, monkeypatch, caplog):
+    lengths = [150, 150, 163, 150, 176, 150]
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    expected = random_results(lengths)
+    plain._vocode_results(expected)
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    calls = short_of_memory(tight, monkeypatch, most_frames=400)
+    results = random_results(lengths)
+    tight._vocode_results(results)
+    assert "retrying in calls of" in caplog.text and max(calls) > 400
+    for a, b in zip(expected, results, strict=True):
+        assert b.ok
+        np.testing.assert_allclose(a.waveform, b.waveform, atol=1e-5)  # float rounding of other batch shapes
+
+
+def test_a_row_too_long_to_vocode_alone_becomes_an_error_row_and_the_others_finish(engine, monkeypatch):
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1))
+    short_of_memory(tight, monkeypatch, most_frames=200)
+    results = random_results([150, 300, 120])
+    tight._vocode_results(results)
+    assert [r.ok for r in results] == [True, False, True]
+    assert (
+        results[1].error_field == "synthesis"
+        and "out of memory while vocoding 300 frames" in results[1].error
+    )
+    assert len(results[0].waveform) and len(results[2].waveform)
