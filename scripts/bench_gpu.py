@@ -448,10 +448,8 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
 
 def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], steps: int = 8) -> dict:
     """Where a decode step's time goes: `steps` steps of `batch` rows (prompts prefilled, a call-wide prefix
-    kept once for `prefix_once`) run eagerly under torch.profiler, whose kernels are the ones a CUDA graph
-    replays. Returns the GPU time per step and the top operators by their own GPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
+    kept once where the engine keeps it) run eagerly under torch.profiler, whose kernels are the ones a CUDA
+    graph replays. Returns the GPU time per step and the top operators by their own GPU time."""
     from model.slot_cache import round_up
 
     options = {**MODES[mode], "cuda_graphs": False, "compile": False}
@@ -459,32 +457,77 @@ def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], s
     step, state = prefilled(engine, rows[:batch])
     widest, any_ras = state.sampling_shape
     span = round_up(state.length + steps + 1)
-    cuda = engine.device.type == "cuda"
     step(batch, span, widest, any_ras)  # lazy initialisation outside the profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+
+    def work() -> None:
         for _ in range(steps):
             step(batch, span, widest, any_ras)
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.key_averages()
 
-    def own_us(e) -> float:
-        return e.self_device_time_total if cuda else e.self_cpu_time_total
-
-    top = sorted(events, key=own_us, reverse=True)[:20]
     return {
         "mode": mode,
         "batch_size": batch,
         "span": span,
         "prefix_span": step.cache.prefix_span,
+        **profiled(engine.device, work, steps),
+    }
+
+
+def profile_prefill(loaded, mode: str, batch: int, rows: list[SynthesisRequest]) -> dict:
+    """Where one prefill forward's time goes: `batch` rows of one voice (their shared prefix run once, as
+    the engine's prefill groups do), after one unprofiled prefill of the same rows."""
+    from model.slot_batch import SlotBatch
+
+    engine = SynthesisEngine(loaded, EngineOptions(ignore_eos=True, max_batch_size=batch, **MODES[mode]))
+    prepared = [engine._prepare(i, r) for i, r in enumerate(rows[:batch])]
+    prefix = engine._call_prefix(prepared, batch)
+    step = engine._slots(batch, prepared, prefix)
+
+    def work() -> None:
+        step.cache.reset()
+        SlotBatch(step).merge(engine._prefill(prepared, prefix))  # the copy into the slots included
+
+    work()
+    shared = prefix.tokens if prefix else engine._shared_prefix(prepared)
+    return {
+        "mode": mode,
+        "batch_size": batch,
+        "prompt_tokens": max(len(p.input_ids) for p in prepared),
+        "shared_tokens": shared,  # run once for all rows (prefix.tokens, or the group's in _prefill)
+        **profiled(engine.device, work, 1),
+    }
+
+
+def profiled(device: torch.device, work, repeats: int) -> dict:
+    """`work` run under torch.profiler: wall and kernel milliseconds per repeat, and the 20 operators and
+    kernels with the most time of their own. On a GPU each kernel's time also shows under the operator that
+    launched it, so the total counts kernels alone."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+
+    def own_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    kernels = [e for e in events if not cuda or e.device_type == DeviceType.CUDA]
+    top = sorted(events, key=own_us, reverse=True)[:20]
+    return {
         "clock": "gpu" if cuda else "cpu",
-        "step_ms": round(sum(own_us(e) for e in events) / steps / 1e3, 3),
+        "wall_ms": round(wall / repeats * 1e3, 3),
+        "step_ms": round(sum(own_us(e) for e in kernels) / repeats / 1e3, 3),
         "top": [
             {
                 "op": e.key[:80],
-                "ms_per_step": round(own_us(e) / steps / 1e3, 3),
-                "calls_per_step": e.count / steps,
+                "ms_per_step": round(own_us(e) / repeats / 1e3, 3),
+                "calls_per_step": e.count / repeats,
             }
             for e in top
         ],
@@ -547,6 +590,9 @@ def main() -> None:
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the span check (0: skip)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip transformers'")
     parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
+    parser.add_argument(
+        "--profile-prefill", default="", help="batch sizes whose prefill is profiled, e.g. 64"
+    )
     parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
@@ -561,8 +607,9 @@ def main() -> None:
     tokenizer = loaded.processor.tokenizer
     modes = parse_modes(args.modes, args.batch_sizes, args.plain_batch_sizes)
     sizes = sorted({n for _, mode_sizes in modes for n in mode_sizes})
-    profiled = [int(n) for n in args.profile.split(",") if n]
-    most = max([*sizes, *profiled, args.span_batch, args.check_rows])
+    step_profiles = [int(n) for n in args.profile.split(",") if n]
+    prefill_profiles = [int(n) for n in args.profile_prefill.split(",") if n]
+    most = max([*sizes, *step_profiles, *prefill_profiles, args.span_batch, args.check_rows])
     rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         **header("gpu_engine", device),
@@ -606,12 +653,17 @@ def main() -> None:
         release(device)
     first = modes[0][0] if modes else "graphs"
     report["profile"] = []
-    for size in profiled:
+    for size in step_profiles:
         # The default keeps the rows' shared prefix once from MIN_PREFIX_CACHE_ROWS rows; whole_prompts never.
         for mode in dict.fromkeys([first, *(m for m, _ in modes if m == "whole_prompts")]):
             run = attempt(f"profile {mode} b{size}", lambda m=mode, n=size: profile_steps(loaded, m, n, rows))
             report["profile"].append({"mode": mode, "batch_size": size, **run})
             save()
+    report["profile_prefill"] = []
+    for size in prefill_profiles:
+        run = attempt(f"profile prefill b{size}", lambda n=size: profile_prefill(loaded, first, n, rows))
+        report["profile_prefill"].append({"mode": first, "batch_size": size, **run})
+        save()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within
         # a call), then 4 x the slots (the default) with refills in groups (slot by slot, REFILL_SHARE 0, with

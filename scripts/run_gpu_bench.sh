@@ -26,12 +26,13 @@ timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-
 # The default path (CUDA graphs of the uncompiled step) at 1 and 256 rows and with whole prompts in the
 # slots at 256 (the shared prefix kept once is the default from 128 rows); the compiled step at 1 and 256
 # rows (its 78 s warm-up on an H100 comes after the others); where a step's GPU time goes at 1 and 256 rows
-# (torch.profiler, both cache layouts); then 1,024 mixed-length rows with the slots that fit free memory
+# (torch.profiler, both cache layouts) and a 64-row prefill's (23 % of a 256-row call in GPU run 5, at a
+# quarter of the card's bf16 peak); then 1,024 mixed-length rows with the slots that fit free memory
 # (runtime.batch_size=auto): the defaults in calls of 512 and of 1,024 (AUTO_CALL_ROWS), and the engine
 # before GPU run 6's changes in calls of 512 (276x then); 256 rows of 8 voices prefilled voice by voice vs
 # by length alone; 256 audiobook-like rows sharing a narrator before their own context turns vs whole
 # prompts; last, a step attending to the columns in use vs a whole slot.
 timeout 520 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 430 \
-  --modes graphs=1/256,whole_prompts=256,compiled=1/256 --profile 1,256 \
+  --modes graphs=1/256,whole_prompts=256,compiled=1/256 --profile 1,256 --profile-prefill 64 \
   --refill-rows 1024 --refill-runs auto:512,auto:1024 --refill-modes graphs,previous \
   --voices 8 --voice-rows 256 --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"
