@@ -24,6 +24,7 @@ from model.attention import use_packed_sdpa
 from model.batch_state import DynamicBatch
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.decode_step import DecodeStep
+from model.fused_projections import use_fused_projections
 from model.lru import LRUCache
 from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, render
@@ -252,6 +253,7 @@ class SynthesisEngine:
     def generate(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
         """One result per request, in order. A bad request yields an error result; the others go on."""
         use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
+        use_fused_projections(self.model, self.options.fused_projections)
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):

@@ -64,6 +64,10 @@ class EngineOptions:
     # RMSNorm as torch's fused kernel (model.rms_norm): ~450 fewer kernels per decode step on a GPU, the same
     # numbers on a CPU. Set on the model object at each generate call (engines may share one model).
     fused_norms: bool = True
+    # Each layer's query/key/value projections as one matrix product and each MLP's gate/up as another
+    # (model.fused_projections): fewer, larger kernels, which is what bounds a step at batch 1 on a GPU. The
+    # weights become views into the fused ones on first use (no extra memory). Off until a GPU measures it.
+    fused_projections: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
     # rows of 200 lengths); on a CPU the codec is compute-bound and the windows' overlap only adds work

@@ -11,7 +11,8 @@ Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch si
 the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
 one reference turn; `whole_prompts`: `graphs` with that shared turn in every slot, not kept once beside them;
 `previous`: the defaults before GPU run 6 (whole prompts, one codec call per length, a batch's first rows
-prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
+prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel; `fused` / `compiled_fused`: `graphs` /
+`compiled` with fused q/k/v and gate/up projections;
 `static`: the slot cache run eagerly;
 `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after a whole-prompt prefill
 per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
+from model.fused_projections import use_fused_projections  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
 from model.rms_norm import use_fused_rms_norms  # noqa: E402
 from model.tiny import random_checkpoint  # noqa: E402
@@ -89,6 +91,10 @@ MODES = {
     "dynamic": {"static_cache": False, "cuda_graphs": False, "share_prefix": False, "fused_norms": False},
     # The default with transformers' eight-kernel RMSNorm instead of the fused one.
     "unfused": {"static_cache": True, "cuda_graphs": True, "fused_norms": False},
+    # The default with q/k/v and gate/up projections as one matrix product each (fused_projections), and
+    # the same compiled.
+    "fused": {"static_cache": True, "cuda_graphs": True, "fused_projections": True},
+    "compiled_fused": {"static_cache": True, "cuda_graphs": True, "compile": True, "fused_projections": True},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -306,6 +312,7 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     device = engine.device
     model = engine.model
     use_fused_rms_norms(model, fused=False)  # transformers as it comes
+    use_fused_projections(model, fused=False)
     kwargs = {
         "input_ids": torch.tensor([input_ids], device=device),
         "attention_mask": torch.ones((1, len(input_ids)), dtype=torch.long, device=device),
@@ -593,7 +600,9 @@ def main() -> None:
     parser.add_argument(
         "--profile-prefill", default="", help="batch sizes whose prefill is profiled, e.g. 64"
     )
-    parser.add_argument("--check-rows", type=int, default=4, help="rows of the greedy agreement check")
+    parser.add_argument(
+        "--check-rows", type=int, default=4, help="rows of the greedy agreement check (0: no checks)"
+    )
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
     parser.add_argument("--text-tokens", type=int, default=300)
@@ -609,7 +618,7 @@ def main() -> None:
     sizes = sorted({n for _, mode_sizes in modes for n in mode_sizes})
     step_profiles = [int(n) for n in args.profile.split(",") if n]
     prefill_profiles = [int(n) for n in args.profile_prefill.split(",") if n]
-    most = max([*sizes, *step_profiles, *prefill_profiles, args.span_batch, args.check_rows])
+    most = max([*sizes, *step_profiles, *prefill_profiles, args.span_batch, args.check_rows, 1])
     rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         **header("gpu_engine", device),
@@ -712,14 +721,16 @@ def main() -> None:
             "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
         )
         save()
-    for name, mode, one_voice in (("graphs", "graphs", False), ("prefix_once", "graphs", True),
-                                  ("compiled", "compiled", False)):  # fmt: skip
+    checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
+              ("compiled", "compiled", False))  # fmt: skip
+    for name, mode, one_voice in checks if args.check_rows else ():
         report[f"exactness_tiny_fp32_{name}"] = attempt(
             f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)
         )
-    report["agreement_greedy"] = attempt(
-        "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
-    )
+    if args.check_rows:
+        report["agreement_greedy"] = attempt(
+            "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
+        )
     base = report["baseline_transformers_generate"].get("frames_per_s")
     for run in report["engine"]:
         if base and "frames_per_s" in run:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the engine in one call, for a lent GPU machine (see docs/benchmarks.md):
 #   bash scripts/run_gpu_bench.sh OUT_DIR
-# About 9.5 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
-# writes its JSON after every measurement and starts nothing new after 430 s, so a cut-off run keeps what it
-# measured.
+# About 9 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
+# writes its JSON after every measurement and starts nothing new after its --budget-s, so a cut-off run
+# keeps what it measured.
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
 # (downloaded for its Python with `pip download --no-deps`) are installed into /tmp/site first.
 set -uo pipefail
@@ -16,23 +16,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# One layer's decode attention at the release's head shapes: whole prompts in the slots vs a shared prefix
-# kept once (generation.engine.shared_prefix_cache), ~10 s.
-timeout 60 python3 scripts/bench_attention.py --device cuda --out "$out/bench_attention.json" \
-  2>&1 | tee "$out/bench_attention.log"
-# Vocoding 512 rows of distinct lengths with the release's codec: one call per length vs windows (~20 s).
-timeout 120 python3 scripts/bench_vocoding.py --config real --rows 512 --frames-per-call 32768 \
-  --out "$out/bench_vocoding.json" 2>&1 | tee "$out/bench_vocoding.log"
-# The default path (CUDA graphs of the uncompiled step) at 1 and 256 rows and with whole prompts in the
-# slots at 256 (the shared prefix kept once is the default from 128 rows); the compiled step at 1 and 256
-# rows (its 78 s warm-up on an H100 comes after the others); where a step's GPU time goes at 1 and 256 rows
-# (torch.profiler, both cache layouts) and a 64-row prefill's (23 % of a 256-row call in GPU run 5, at a
-# quarter of the card's bf16 peak); then 1,024 mixed-length rows with the slots that fit free memory
-# (runtime.batch_size=auto): the defaults in calls of 512 and of 1,024 (AUTO_CALL_ROWS), and the engine
-# before GPU run 6's changes in calls of 512 (276x then); 256 rows of 8 voices prefilled voice by voice vs
-# by length alone; 256 audiobook-like rows sharing a narrator before their own context turns vs whole
-# prompts; last, a step attending to the columns in use vs a whole slot.
-timeout 520 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 430 \
-  --modes graphs=1/256,whole_prompts=256,compiled=1/256 --profile 1,256 --profile-prefill 64 \
-  --refill-rows 1024 --refill-runs auto:512,auto:1024 --refill-modes graphs,previous \
-  --voices 8 --voice-rows 256 --chunk-rows 256 2>&1 | tee "$out/bench_gpu.log"
+# GPU run 5 (docs/benchmarks.md) measured bench_attention.py and bench_vocoding.py; run 6's new defaults
+# lost their mixed-length run to a free-memory bug. First, then, what decides the dataset pipeline's goal:
+# 1,024 rows of 150-349 frames with the slots that fit free memory (runtime.batch_size=auto) in calls of
+# 512, with the defaults and with the engine before run 6's changes (`previous`, 276x then) (~130 s); and
+# where the GPU time of a decode step at 1 and 256 rows and of a 64-row prefill goes (the prefill took 23 %
+# of a 256-row call in run 5, at a quarter of the card's bf16 peak) (~25 s).
+timeout 200 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 170 --no-baseline \
+  --modes "" --profile 1,256 --profile-prefill 64 --refill-rows 1024 --refill-runs auto:512 \
+  --refill-modes graphs,previous --span-batch 0 --check-rows 0 2>&1 | tee "$out/bench_refill.log"
+# Then one request and the largest batch: the default (CUDA graphs of the uncompiled step) at 1 and 256
+# rows, with fused q/k/v and gate/up projections (`fused`), compiled (its warm-up took 78 s on an H100; a
+# new slot count compiles again), and compiled with fused projections at 1 row; exactness checks last, as
+# the budget allows (transformers' generate, 0.62x real time in runs 4 and 5, is not rerun).
+timeout 340 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 300 --no-baseline \
+  --modes graphs=1/256,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
+  2>&1 | tee "$out/bench_gpu.log"
