@@ -2,9 +2,9 @@
 projections as another.
 
 At batch 1 a decode step of the release is bound by how many kernels it runs, not by bandwidth: on an H100 it
-took 5.5 ms against 2.7 ms of matrix products (GPU run 5), and an H200's 1.4x bandwidth bought 1.03x. Its 197
-matrix products each come with cuBLAS's split-K reduction; fused, a layer's seven become four (q/k/v, o,
-gate/up, down) and their inputs are read once.
+took 5.5 ms against 2.7 ms of matrix products (GPU run 5), and an H200, with 1.4x the bandwidth, was about as
+fast. Most of its 197 matrix products come with a cuBLAS split-K reduction; fused, a layer's seven become
+four (q/k/v, o, gate/up, down) and their inputs are read once.
 
 The weights are concatenated once, in place: the original projections' weights become views into the fused
 tensor, so memory does not grow and either forward can run on the same model (engines may share one model;
