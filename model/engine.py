@@ -58,9 +58,9 @@ def fitting_batch_size(
 ) -> int:
     """The largest batch that fits in free memory. A row holds its KV slot of `context_tokens`, and the
     `prefill_rows` rows of a prefill hold their prompt's keys and values (`prompt_tokens`) while they are
-    copied in, each plus a quarter for activations: on an H200 the release took 0.245 GB per row at 1,024 + 688 tokens
-    (docs/benchmarks.md), 1.25x those keys and values. `headroom` is kept free for the codec and the
-    allocator."""
+    copied in, each plus a quarter for activations: on an H200 the release took 0.245 GB per row at 1,024 +
+    688 tokens (docs/benchmarks.md), 1.25x those keys and values. `headroom` is kept free for the codec and
+    the allocator."""
     per_token = 1.25 * kv_bytes_per_token(config, dtype)
     usable = free_bytes * (1 - headroom)
     fits = int(usable // (per_token * (context_tokens + prompt_tokens)))

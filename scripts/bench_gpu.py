@@ -11,11 +11,10 @@ Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch si
 the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
 one reference turn; `whole_prompts`: `graphs` with that shared turn in every slot, not kept once beside them;
 `previous`: the defaults before GPU run 6 (whole prompts, one codec call per length, a batch's first rows
-prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel; `fused` / `compiled_fused`: `graphs` /
-`compiled` with fused q/k/v and gate/up projections;
-`static`: the slot cache run eagerly;
-`dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after a whole-prompt prefill
-per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
+prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
+`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `static`: the
+slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
+a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
 gives the plain path's codes (exactly on the tiny config in float32; how far greedy rows agree on the
 release config in bf16). No download: weights are random, which changes no timing.
