@@ -578,7 +578,8 @@ class SynthesisEngine:
             timings=dict(item.timings),
             prompt_tokens=len(item.input_ids),
         )
-        codes = self._strip(frames)
+        codes, ended = self._strip(frames)
+        result.finish_reason = "eos" if ended else "max_new_tokens"
         if codes.shape[1] == 0:
             result.error = f"generated no audio frames within max_new_tokens={item.request.max_new_tokens}"
             result.error_field = "max_new_tokens"
@@ -654,15 +655,17 @@ class SynthesisEngine:
             result.waveform = waveform
             result.timings["vocode_s"] = spent
 
-    def _strip(self, frames: torch.Tensor) -> torch.Tensor:
-        """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos."""
+    def _strip(self, frames: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos, and whether the model ended
+        the audio (stream-eos in the first codebook) rather than running out of max_new_tokens."""
         if len(frames) < self.num_codebooks:
-            return torch.zeros((self.num_codebooks, 0), dtype=torch.long)
+            return torch.zeros((self.num_codebooks, 0), dtype=torch.long), False
         codes = self.processor.revert_delay_pattern(frames)  # (steps - C + 1, C)
         codes = codes[1:]  # the opening all-bos frame
+        ended = bool((codes[:, 0] == self.stream_eos).any())
         if len(codes) and bool((codes[-1] == self.stream_eos).all()):
             codes = codes[:-1]
-        return codes.clamp(0, self.stream_bos - 1).transpose(0, 1).contiguous()
+        return codes.clamp(0, self.stream_bos - 1).transpose(0, 1).contiguous(), ended
 
     def vocode(self, codes: torch.Tensor) -> np.ndarray:
         """(C, frames) or (B, C, frames) codes -> (samples,) or (B, samples) float32 at 24 kHz."""

@@ -113,6 +113,8 @@ class SynthesisResult:
     audio_codes: np.ndarray | None = None
     prompt_tokens: int = 0
     generated_frames: int = 0
+    # "eos": the model ended the audio; "max_new_tokens": it was cut off there, likely mid-word.
+    finish_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     error_field: str | None = None

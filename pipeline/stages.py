@@ -43,6 +43,7 @@ METADATA_FIELDS = [
     pa.field("sample_rate", pa.int32()),
     pa.field("duration_s", pa.float64()),
     pa.field("num_audio_frames", pa.int64()),
+    pa.field("finish_reason", pa.string()),
     pa.field("seed", pa.int64()),
     pa.field("checkpoint", pa.string()),
     pa.field("text", pa.string()),
@@ -263,6 +264,7 @@ class WriteStage:
             sample_rate=rate,
             duration_s=len(waveform) / rate,
             num_audio_frames=result.generated_frames,
+            finish_reason=result.finish_reason,
             timings=timings,
         )
         return record

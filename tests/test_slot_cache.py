@@ -27,6 +27,14 @@ def test_some_rows_end_on_eos_before_max_new_tokens(engine):
     assert any(n % 8 and n < 200 - 8 for n in frames), frames
 
 
+def test_a_result_says_whether_the_model_ended_it_or_max_new_tokens_cut_it_off(engine):
+    results = engine.generate(rows_ending_both_ways()[-6:])
+    # 200 steps: the opening bos frame and the 7-step staircase leave 192 frames to a row never ended.
+    assert {r.finish_reason for r in results if r.generated_frames < 192 - 7} == {"eos"}
+    fixed = SynthesisEngine(engine.checkpoint, EngineOptions(ignore_eos=True))
+    assert {r.finish_reason for r in fixed.generate(rows_ending_both_ways()[-2:])} == {"max_new_tokens"}
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("refill", [True, False])
 def test_the_static_cache_gives_the_same_codes_as_the_dynamic_cache(engine, temperature, refill):
