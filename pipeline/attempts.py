@@ -77,6 +77,7 @@ class AttemptLog:
         keys = self.storage.list(ATTEMPTS_DIR)
         for key in keys:
             self.storage.delete(key)
+        self.storage.drop_empty_folder(ATTEMPTS_DIR)
         return len(keys)
 
     @staticmethod

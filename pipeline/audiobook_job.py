@@ -197,6 +197,7 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
         "output_totals": book_totals(latest_book_records(storage)),
     }
     storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    storage.clear_tmp()  # every write of this run has finished: what is left in flight, a killed run left
     return summary
 
 

@@ -222,10 +222,6 @@ def run_dataset_job(job: DatasetJob) -> dict:
         gc.collect()
         raise failure
     wall = time.time() - started
-    # Every write of this run has finished; what is left in flight was left by a killed or failed run.
-    leftovers = storage.clear_tmp()
-    if leftovers:
-        log.info("removed %d in-flight objects left by an earlier run", leftovers)
     attempts.clear()
 
     summary = {
@@ -245,4 +241,8 @@ def run_dataset_job(job: DatasetJob) -> dict:
         "audiofolder_rows": write_audiofolder_index(storage),
     }
     storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    # Every write of this run has finished; what is left in flight was left by a killed or failed run.
+    leftovers = storage.clear_tmp()
+    if leftovers:
+        log.info("removed %d in-flight objects left by an earlier run", leftovers)
     return summary

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import posixpath
 import random
 import re
@@ -259,7 +260,21 @@ class Storage:
             self.fs.invalidate_cache(prefix)
             return len(found)
 
-        return self._call("clear", self.fs.unstrip_protocol(prefix), attempt)
+        count = self._call("clear", self.fs.unstrip_protocol(prefix), attempt)
+        self._drop_empty(prefix)
+        return count
+
+    def drop_empty_folder(self, prefix_key: str) -> None:
+        """On a local root, remove the folder at ``prefix_key`` if nothing is left in it (object stores
+        have no folders), so a finished run leaves no empty ``_attempts/`` behind."""
+        self._drop_empty(self._prefix_path(prefix_key))
+
+    def _drop_empty(self, path: str) -> None:
+        if not self.is_local:
+            return
+        with contextlib.suppress(OSError):  # absent, or a writer put something there after all
+            os.rmdir(path)
+        self.fs.invalidate_cache(path)
 
     # ---- reads -------------------------------------------------------------------------------
 

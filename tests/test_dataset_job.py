@@ -223,6 +223,14 @@ def test_a_synthesis_call_takes_four_engine_batches_of_rows_by_default(
     assert len(list((out / "metadata").iterdir())) == 1
 
 
+def test_a_finished_local_run_leaves_no_working_folders_in_its_output(ray_local, tiny_checkpoint, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(text_row(0)) + "\n")
+    out = tmp_path / "out"
+    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    assert sorted(p.name for p in out.iterdir()) == ["audio", "metadata", "metadata.parquet", "summary.json"]
+
+
 def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
     ray_local, tiny_checkpoint, tmp_path
 ) -> None:

@@ -320,3 +320,16 @@ def test_local_errors_are_not_retried(tmp_path: Path, caplog):
 
     assert not any("retrying" in record.getMessage() for record in caplog.records)
     assert storage.list() == ["a.wav"]
+
+
+def test_a_finished_local_run_leaves_no_empty_tmp_or_attempts_folder(tmp_path: Path):
+    from pipeline.attempts import AttemptLog
+
+    storage = Storage(str(tmp_path / "run1"))
+    storage.write_bytes("a.txt", b"x")
+    log = AttemptLog(storage)
+    log.start(["row-1"])
+    assert (tmp_path / "run1" / "_tmp").is_dir() and (tmp_path / "run1" / "_attempts").is_dir()
+    storage.clear_tmp()
+    log.clear()
+    assert sorted(p.name for p in (tmp_path / "run1").iterdir()) == ["a.txt"]
