@@ -266,12 +266,21 @@ class SynthesisEngine:
         self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
         return [r for r in results if r is not None]
 
+    def _call_layout(self, prepared: list[_Prepared], size: int | None) -> tuple[_Prefix | None, int]:
+        """The call's prefix kept once (see _call_prefix) and its slots: `size`, or as many as fit free
+        memory. Where fewer than MIN_PREFIX_CACHE_ROWS slots fit even with the prefix kept once, it is not."""
+        prefix = self._call_prefix(prepared, size)
+        slots = size or self._batch_size(prepared, prefix)
+        if prefix is not None and slots < MIN_PREFIX_CACHE_ROWS:
+            return None, size or self._batch_size(prepared)
+        return prefix, slots
+
     def _call_prefix(self, prepared: list[_Prepared], size: int | None) -> _Prefix | None:
         """With `shared_prefix_cache`, the prefix all rows of the call share (see _shared_prefix), run
         through the model once for the whole call; the KV cache then holds it once (model.slot_cache). Only
-        when at least MIN_PREFIX_CACHE_ROWS rows decode together (`size` slots; None: as many as fit), and
-        when it makes the slots shorter: a prefix within the slots' rounding (a system prompt alone) saves no
-        memory, and a step would read it apart on top of the same slot columns."""
+        when at least MIN_PREFIX_CACHE_ROWS rows decode together (`size` slots; None: as many as fit, see
+        _call_layout), and when it makes the slots shorter: a prefix within the slots' rounding (a system
+        prompt alone) saves no memory, and a step would read it apart on top of the same slot columns."""
         options = self.options
         if not (options.shared_prefix_cache and options.static_cache):
             return None
@@ -282,8 +291,7 @@ class SynthesisEngine:
             return None
         if not use_packed_sdpa(self.model):  # its decode attention replaces sdpa's
             return None
-        prefix = self._run_prefix(prepared[0], shared)
-        return prefix if self._batch_size(prepared, prefix) >= MIN_PREFIX_CACHE_ROWS else None
+        return self._run_prefix(prepared[0], shared)
 
     def _batch_size(self, prepared: list[_Prepared], prefix: _Prefix | None = None) -> int:
         if self.options.max_batch_size > 0:
@@ -339,8 +347,7 @@ class SynthesisEngine:
         narrowed down to the row that causes it by running the rows in flight one at a time.
         """
         waiting = self._order(prepared)
-        prefix = self._call_prefix(prepared, size)
-        size = size or self._batch_size(prepared, prefix)
+        prefix, size = self._call_layout(prepared, size)
         state: DynamicBatch | SlotBatch | None = None
         while waiting or state is not None:
             involved: list[_Prepared] = [] if state is None else list(state.items)
