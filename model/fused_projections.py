@@ -78,19 +78,26 @@ def _attention_forward(
     return self.o_proj(attn_output), attn_weights
 
 
-def _prepare(module: torch.nn.Module) -> bool:
-    """Concatenate `module`'s projection weights once; whether it can run fused."""
-    if isinstance(module, higgs.HiggsAudioV2Attention):
-        if not hasattr(module, "fused_qkv"):
-            projections = [module.q_proj, module.k_proj, module.v_proj]
-            module.fused_qkv = _fuse(projections)
-            module.fused_qkv_sizes = [p.weight.shape[0] for p in projections]
-        return module.fused_qkv is not None
-    if isinstance(module, higgs.HiggsAudioV2MLP):
-        if not hasattr(module, "fused_gate_up"):
-            module.fused_gate_up = _fuse([module.gate_proj, module.up_proj])
-        return module.fused_gate_up is not None
-    return False
+def _fuse_attention(module) -> bool:
+    if not hasattr(module, "fused_qkv"):
+        projections = [module.q_proj, module.k_proj, module.v_proj]
+        module.fused_qkv = _fuse(projections)
+        module.fused_qkv_sizes = [p.weight.shape[0] for p in projections]
+    return module.fused_qkv is not None
+
+
+def _fuse_mlp(module) -> bool:
+    if not hasattr(module, "fused_gate_up"):
+        module.fused_gate_up = _fuse([module.gate_proj, module.up_proj])
+    return module.fused_gate_up is not None
+
+
+# Each module type that fuses: how its weights are concatenated once (whether they could be), and the
+# forward that uses them.
+_FUSIBLE = {
+    higgs.HiggsAudioV2Attention: (_fuse_attention, _attention_forward),
+    higgs.HiggsAudioV2MLP: (_fuse_mlp, _mlp_forward),
+}
 
 
 def use_fused_projections(model: torch.nn.Module, fused: bool = True) -> int:
@@ -98,13 +105,10 @@ def use_fused_projections(model: torch.nn.Module, fused: bool = True) -> int:
     again). Returns how many modules run fused."""
     count = 0
     for module in model.modules():
-        if isinstance(module, higgs.HiggsAudioV2Attention):
-            forward = _attention_forward
-        elif isinstance(module, higgs.HiggsAudioV2MLP):
-            forward = _mlp_forward
-        else:
+        if type(module) not in _FUSIBLE:
             continue
-        if fused and _prepare(module):
+        prepare, forward = _FUSIBLE[type(module)]
+        if fused and prepare(module):
             module.forward = types.MethodType(forward, module)
             count += 1
         else:
