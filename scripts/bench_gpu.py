@@ -27,6 +27,8 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,6 +258,17 @@ def measure_chunks(engine: SynthesisEngine, batch: int, rows: list[SynthesisRequ
     return before_and_after(engine, batch, chunks, "MIN_SHARED_PREFIX", 1 << 30, names)
 
 
+@contextmanager
+def engine_constant(name: str, value) -> Iterator[None]:
+    """model.engine's constant `name` at `value` for the block, then back at its own."""
+    own = getattr(engine_module, name)
+    setattr(engine_module, name, value)
+    try:
+        yield
+    finally:
+        setattr(engine_module, name, own)
+
+
 def before_and_after(
     engine: SynthesisEngine,
     batch: int,
@@ -266,14 +279,10 @@ def before_and_after(
 ) -> dict:
     """`rows` through `batch` slots twice: with model.engine's `constant` at `undone` (the change off), then
     at its value; with the prefill and wall-time ratios of the two."""
-    value = getattr(engine_module, constant)
     out: dict = {"rows": len(rows)}
-    for name, setting in zip(names, (undone, value), strict=True):
-        setattr(engine_module, constant, setting)
-        try:
+    for name, setting in zip(names, (undone, getattr(engine_module, constant)), strict=True):
+        with engine_constant(constant, setting):
             out[name] = measure(engine, batch, 0, rows, count=len(rows))
-        finally:
-            setattr(engine_module, constant, value)
     before, after = (out[name] for name in names)
     out["prefill_ratio"] = round(before["prefill_total_s"] / after["prefill_total_s"], 2)
     out["wall_ratio"] = round(before["wall_s"] / after["wall_s"], 2)
@@ -296,11 +305,8 @@ def measure_refill(
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    default, engine_module.REFILL_SHARE = engine_module.REFILL_SHARE, share
-    try:
+    with engine_constant("REFILL_SHARE", share):
         result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
-    finally:
-        engine_module.REFILL_SHARE = default
     result.update(rows=n, rows_per_call=per_call, refill_share=share, frames_per_row="150-349")
     return result
 
@@ -352,14 +358,20 @@ def baseline_generate(engine: SynthesisEngine, frames: int, request: SynthesisRe
     return result
 
 
-def prefilled(engine: SynthesisEngine, requests: list[SynthesisRequest]):
-    """The engine's decode step with `requests` prefilled into its slots, one slot each (the call's shared
-    prefix kept once when the engine does that), ready to step: (DecodeStep, SlotBatch)."""
-    from model.slot_batch import SlotBatch
-
+def slotted(engine: SynthesisEngine, requests: list[SynthesisRequest]):
+    """`requests` prepared, the call's shared prefix (kept once when the engine does that, else None) and
+    the engine's decode step with a slot for each: (prepared, prefix, DecodeStep)."""
     prepared = [engine._prepare(i, r) for i, r in enumerate(requests)]
     prefix = engine._call_prefix(prepared, len(prepared))
-    step = engine._slots(len(prepared), prepared, prefix)
+    return prepared, prefix, engine._slots(len(prepared), prepared, prefix)
+
+
+def prefilled(engine: SynthesisEngine, requests: list[SynthesisRequest]):
+    """The engine's decode step with `requests` prefilled into its slots, ready to step: (DecodeStep,
+    SlotBatch)."""
+    from model.slot_batch import SlotBatch
+
+    prepared, prefix, step = slotted(engine, requests)
     state = SlotBatch(step)
     state.merge(engine._prefill(prepared, prefix))
     return step, state
@@ -438,11 +450,8 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         rows = [replace(r, context=voice) for r in rows]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
-    least, engine_module.MIN_PREFIX_CACHE_ROWS = engine_module.MIN_PREFIX_CACHE_ROWS, 1  # 4 slots here
-    try:
+    with engine_constant("MIN_PREFIX_CACHE_ROWS", 1):  # 4 slots here
         a, b = fast.generate(rows), plain.generate(rows)
-    finally:
-        engine_module.MIN_PREFIX_CACHE_ROWS = least
     same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
     return {
         "rows": len(rows),
@@ -484,9 +493,7 @@ def profile_prefill(loaded, mode: str, batch: int, rows: list[SynthesisRequest])
     from model.slot_batch import SlotBatch
 
     engine = SynthesisEngine(loaded, EngineOptions(ignore_eos=True, max_batch_size=batch, **MODES[mode]))
-    prepared = [engine._prepare(i, r) for i, r in enumerate(rows[:batch])]
-    prefix = engine._call_prefix(prepared, batch)
-    step = engine._slots(batch, prepared, prefix)
+    prepared, prefix, step = slotted(engine, rows[:batch])
 
     def work() -> None:
         step.cache.reset()
@@ -720,13 +727,13 @@ def main() -> None:
             "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
         )
         save()
-    checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
-              ("compiled", "compiled", False))  # fmt: skip
-    for name, mode, one_voice in checks if args.check_rows else ():
-        report[f"exactness_tiny_fp32_{name}"] = attempt(
-            f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)
-        )
     if args.check_rows:
+        checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
+                  ("compiled", "compiled", False))  # fmt: skip
+        for name, mode, one_voice in checks:
+            report[f"exactness_tiny_fp32_{name}"] = attempt(
+                f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)
+            )
         report["agreement_greedy"] = attempt(
             "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
         )
