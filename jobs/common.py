@@ -158,7 +158,18 @@ def engine_options(cfg: DictConfig):
         share_prefix=bool(engine.share_prefix),
         shared_prefix_cache=bool(engine.shared_prefix_cache),
         vocode_windows=None if engine.vocode_windows is None else bool(engine.vocode_windows),
+        reserve=kv_reserve(engine.reserve),
     )
+
+
+def kv_reserve(value: object) -> str | int:
+    """generation.engine.reserve, checked: estimate, max_new_tokens, or a count of frames."""
+    counted = not isinstance(value, bool) and isinstance(value, int) and value >= 1
+    require(
+        counted or value in ("estimate", "max_new_tokens"),
+        f"generation.engine.reserve must be estimate, max_new_tokens or a count of frames, got {value!r}",
+    )
+    return value
 
 
 def batch_size(runtime: DictConfig, auto: bool = True) -> int:

@@ -78,6 +78,11 @@ class EngineOptions:
     # H100, ~250 slots of 1,280 tokens fit instead of 188. Prefill is compute-bound long before: 64 rows of
     # ~330 own tokens each are ~21,000 tokens a forward.
     max_prefill_rows: int = 64
+    # How many frames of KV a row's slot holds for its audio: "estimate" (from its text's length, generously:
+    # model.speech_length), "max_new_tokens", or a count. A row that outgrows its slot before stream-eos runs
+    # again from the start with its whole max_new_tokens (same codes). Slots sized for max_new_tokens (2,048
+    # frames, 82 s, by default) hold several times what a sentence needs, and fewer of them fit the GPU.
+    reserve: str | int = "estimate"
     # A prefill group only takes prompts within this fraction of its longest one, to bound left padding.
     max_padding_waste: float = 0.15
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU

@@ -24,7 +24,7 @@ LOOK_EVERY = 8
 class _Row:
     item: object  # the engine's prepared request
     tokens: int  # context tokens so far
-    left: int  # steps before max_new_tokens ends the row
+    left: int  # steps before the row's reserve (at most max_new_tokens) ends it
     top_k: int
     ras: bool
 
@@ -53,7 +53,7 @@ class SlotBatch:
         top_ks = prefill.params.top_k.tolist()
         ras = prefill.params.ras_win_len.tolist()
         for slot, item, n, top_k, window in zip(slots, prefill.items, counts, top_ks, ras, strict=True):
-            self.rows[slot] = _Row(item, n, item.request.max_new_tokens, top_k, window > 0)
+            self.rows[slot] = _Row(item, n, item.reserve, top_k, window > 0)
 
     @property
     def sampling_shape(self) -> tuple[int, bool]:
@@ -72,8 +72,8 @@ class SlotBatch:
         steps = max(1, min(LOOK_EVERY, *(row.left for row in rows)))
         engine._guard(len(self), self.length + steps)
         highest = max(self.rows) + 1
-        # Columns up to the longest row's last write before the next look; a slot sized for max_new_tokens
-        # (2,048 frames by default) is mostly unused while rows stop on their own far sooner.
+        # Columns up to the longest row's last write before the next look; a slot sized for a generous
+        # estimate (or all of max_new_tokens) is mostly unused while rows stop on their own sooner.
         span = min(cache.length, round_up(self.length + steps))
         for _ in range(steps):
             self.step(highest, span, widest, any_ras)

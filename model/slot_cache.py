@@ -27,8 +27,8 @@ def round_up(n: int, step: int = 256) -> int:
 
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's keys and values, (slots, kv_heads, length, head_dim), written in place. A step
-    attends to the first `span` columns only: the ones in use, rounded up, rather than the whole slot that
-    max_new_tokens reserved."""
+    attends to the first `span` columns only: the ones in use, rounded up, rather than the whole slot its
+    rows reserved."""
 
     is_compileable = True
     is_sliding = False

@@ -196,6 +196,25 @@ def test_vocoding_windows_follow_the_device_unless_the_config_sets_them(tiny_che
     assert job.engine.vocode_windows is False
 
 
+def test_kv_slots_reserve_each_texts_estimated_length_unless_the_config_says_otherwise(
+    tiny_checkpoint, tmp_path
+):
+    assert dataset_job_of(tiny_checkpoint, tmp_path).engine.reserve == "estimate"
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.reserve=max_new_tokens")
+    assert job.engine.reserve == "max_new_tokens"
+    assert dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.reserve=500").engine.reserve == 500
+
+
+@pytest.mark.parametrize("value", ["0", "sometimes", "true"])
+def test_a_reserve_neither_a_count_nor_a_known_policy_is_a_configuration_error(
+    tiny_checkpoint, tmp_path, value
+):
+    from jobs.common import ConfigError
+
+    with pytest.raises(ConfigError, match="generation.engine.reserve must be estimate, max_new_tokens or"):
+        dataset_job_of(tiny_checkpoint, tmp_path, f"generation.engine.reserve={value}")
+
+
 @pytest.mark.parametrize("value", ["0", "many", "true"])
 def test_a_batch_size_neither_a_count_nor_auto_is_a_configuration_error(tiny_checkpoint, tmp_path, value):
     from jobs.common import ConfigError

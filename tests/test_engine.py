@@ -188,7 +188,7 @@ def test_a_batch_fills_its_free_slots_in_prefill_groups_of_max_prefill_rows_befo
     monkeypatch.setattr(
         capped, "_prefill", lambda batch, *rest: events.append(len(batch)) or prefill(batch, *rest)
     )
-    monkeypatch.setattr(capped, "_step", lambda state: events.append("step") or step(state))
+    monkeypatch.setattr(capped, "_step", lambda *args: events.append("step") or step(*args))
     results = capped.generate(rows_finishing_one_by_one(24))
     first_step = events.index("step")
     assert events[:first_step] == [4, 4, 4, 4]  # all 16 slots full before the first step

@@ -1,6 +1,7 @@
 """The fixed-shape KV cache the decode loop runs on (and CUDA graphs replay on a GPU): same codes as the
 plain DynamicCache path, rows packed to the front of their slots, slots reused."""
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from model.decode_step import bucket_for
 from model.engine import EngineOptions, SynthesisEngine
-from model.slot_cache import SlotCache
+from model.slot_cache import SlotCache, round_up
+from model.speech_length import estimate_seconds
 from tests.test_engine import clone, requests_of_mixed_lengths, smart
 
 
@@ -97,7 +99,7 @@ def test_decode_buckets_are_powers_of_two_capped_by_the_slot_count():
 
 
 def test_one_cache_serves_successive_batches_of_similar_length(engine):
-    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4))
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, reserve="max_new_tokens"))
     fast.generate([smart(i) for i in range(4)])
     first = fast._decode_step
     fast.generate([smart(i + 10) for i in range(3)])
@@ -145,7 +147,9 @@ def test_a_step_that_failed_to_compile_is_rebuilt_without_compiling_again(engine
         return step
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=2, compile=True))
+    fast = SynthesisEngine(
+        engine.checkpoint, EngineOptions(max_batch_size=2, compile=True, reserve="max_new_tokens")
+    )
     first = fast.generate([smart(0)])
     assert first[0].ok and fast._decode_step.compile_failed  # fell back to the uncompiled step
     failed = fast._decode_step
@@ -176,7 +180,7 @@ def test_rows_after_a_shared_prefix_land_in_order_at_the_front_of_their_slots(en
 def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
     # max_new_tokens=2048 reserves slots of 2,304 columns; rows that stop on their own use a few hundred.
     rows = [replace(smart(i), max_new_tokens=2048) for i in range(3)]
-    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3))
+    fast = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, reserve="max_new_tokens"))
     spans: list[int] = []
     original = fast._slots
 
@@ -194,6 +198,55 @@ def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
     plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, static_cache=False))
     for a, b in zip(codes(plain, rows), got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- slots sized by the text's estimated length -----------------------------------------------------
+
+
+def outgrown_count(caplog) -> int:
+    found = [r.getMessage() for r in caplog.records if "outgrew the KV slot" in r.getMessage()]
+    return sum(int(message.split()[0]) for message in found)
+
+
+def test_rows_that_outgrow_their_reserved_slot_run_again_and_give_the_same_codes(engine, caplog):
+    rows = rows_ending_both_ways()
+    whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, reserve="max_new_tokens"))
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, reserve=40))
+    with caplog.at_level("INFO", logger="model.engine"):
+        got = tight.generate(rows)
+    # Of the 6 rows with 200 steps, the ones that end on stream-eos within 40 frames keep their first run.
+    assert 0 < outgrown_count(caplog) < 6
+    for a, b in zip(whole.generate(rows), got, strict=True):
+        assert (a.id, a.finish_reason, a.generated_frames) == (b.id, b.finish_reason, b.generated_frames)
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_a_slot_reserves_the_texts_estimated_length_rather_than_max_new_tokens(engine):
+    row = replace(smart(1), max_new_tokens=2048)
+    estimated = SynthesisEngine(engine.checkpoint, EngineOptions())
+    whole = SynthesisEngine(engine.checkpoint, EngineOptions(reserve="max_new_tokens"))
+    prepared = estimated._prepare(0, row)
+    # Its speech at the codec's 25 frames/s, then the bos frame and the 8-codebook staircase.
+    assert prepared.reserve == math.ceil(estimate_seconds(row.text) * 25) + 1 + 8 < 256
+    assert estimated._slot_length([prepared]) == 256
+    assert whole._slot_length([whole._prepare(0, row)]) == round_up(len(prepared.input_ids) + 2048)
+
+
+def test_an_estimate_over_half_of_max_new_tokens_reserves_all_of_it(engine):
+    estimated = SynthesisEngine(engine.checkpoint, EngineOptions())
+    row = replace(smart(1), max_new_tokens=300)  # an estimated 188 steps would save too little
+    assert estimated._prepare(0, row).reserve == 300
+
+
+def test_rows_that_ignore_eos_reserve_their_whole_max_new_tokens(engine):
+    fixed = SynthesisEngine(engine.checkpoint, EngineOptions(ignore_eos=True))
+    assert fixed._prepare(0, replace(smart(1), max_new_tokens=2048)).reserve == 2048
+
+
+def test_a_reserve_never_exceeds_max_new_tokens(engine):
+    counted = SynthesisEngine(engine.checkpoint, EngineOptions(reserve=500))
+    assert counted._prepare(0, replace(smart(1), max_new_tokens=300)).reserve == 300
+    assert counted._prepare(0, replace(smart(1), max_new_tokens=2048)).reserve == 500 + 1 + 8
 
 
 def one_voice_rows() -> list:
