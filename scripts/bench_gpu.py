@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,6 +109,13 @@ MODES = {
         "vocode_windows": False,
         "max_prefill_rows": 1 << 30,
     },
+    # The default admitting a call's rows by prompt length alone, not the longest expected first.
+    "prompt_order": {"static_cache": True, "cuda_graphs": True},
+}
+# model.engine constants a mode sets while it runs (the admission order came after `previous`).
+MODE_CONSTANTS = {
+    "previous": {"LENGTH_CLASS": 1 << 30},
+    "prompt_order": {"LENGTH_CLASS": 1 << 30},
 }
 
 
@@ -259,6 +266,15 @@ def measure_chunks(engine: SynthesisEngine, batch: int, rows: list[SynthesisRequ
 
 
 @contextmanager
+def mode_constants(mode: str) -> Iterator[None]:
+    """model.engine's constants as `mode` sets them (MODE_CONSTANTS), for the block."""
+    with ExitStack() as stack:
+        for name, value in MODE_CONSTANTS.get(mode, {}).items():
+            stack.enter_context(engine_constant(name, value))
+        yield
+
+
+@contextmanager
 def engine_constant(name: str, value) -> Iterator[None]:
     """model.engine's constant `name` at `value` for the block, then back at its own."""
     own = getattr(engine_module, name)
@@ -296,16 +312,17 @@ def measure_refill(
     rows: list[SynthesisRequest],
     per_call: int,
     share: float = engine_module.REFILL_SHARE,
+    mode: str = "",
 ) -> dict:
     """`n` rows of 150-349 frames through `batch` slots, `per_call` rows per call: rows finish at different
     steps and waiting rows of the same call take their slots (continuous batching), as in a dataset job's
     actor; each call ends draining to its longest row. `share`: the engine's REFILL_SHARE (0: a slot is
-    refilled as soon as its row finishes, one prefill per look)."""
+    refilled as soon as its row finishes, one prefill per look); `mode`'s MODE_CONSTANTS hold meanwhile."""
     mixed = [
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    with engine_constant("REFILL_SHARE", share):
+    with engine_constant("REFILL_SHARE", share), mode_constants(mode):
         result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
     result.update(rows=n, rows_per_call=per_call, refill_share=share, frames_per_row="150-349")
     return result
@@ -699,8 +716,8 @@ def main() -> None:
             for batch, per_call, share in runs:
                 run = attempt(
                     f"refill {mode} {batch or 'auto'} slots, {per_call} per call, share {share:g}",
-                    lambda e=engine, b=batch, n=per_call, s=share: measure_refill(
-                        e, b, args.refill_rows, rows, n, s
+                    lambda e=engine, b=batch, n=per_call, s=share, m=mode: measure_refill(
+                        e, b, args.refill_rows, rows, n, s, m
                     ),
                 )
                 report["continuous_batching"].append({"mode": mode, **run})

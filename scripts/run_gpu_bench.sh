@@ -19,16 +19,18 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # GPU run 5 (docs/benchmarks.md) measured bench_attention.py and bench_vocoding.py; run 6's new defaults
 # lost their mixed-length run to a free-memory bug. First, then, what decides the dataset pipeline's goal:
 # 1,024 rows of 150-349 frames with the slots that fit free memory (runtime.batch_size=auto) in calls of
-# 512, with the defaults and with the engine before run 6's changes (`previous`, 276x then) (~130 s); and
-# where the GPU time of a decode step at 1 and 256 rows and of a 64-row prefill goes (the prefill took 23 %
-# of a 256-row call in run 5, at a quarter of the card's bf16 peak) (~25 s).
-timeout 200 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 170 --no-baseline \
+# 512, with the defaults, with the defaults admitting rows by prompt length instead of longest first
+# (`prompt_order`; 1.06-1.25x fewer decode steps on the CPU at 4-2 rows a slot), and with the engine
+# before run 6's changes (`previous`, 276x then) (~195 s); and where the GPU time of a decode step at 1 and
+# 256 rows and of a 64-row prefill goes (the prefill took 23 % of a 256-row call in run 5, at a quarter of
+# the card's bf16 peak) (~25 s).
+timeout 260 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 230 --no-baseline \
   --modes "" --profile 1,256 --profile-prefill 64 --refill-rows 1024 --refill-runs auto:512 \
-  --refill-modes graphs,previous --span-batch 0 --check-rows 0 2>&1 | tee "$out/bench_refill.log"
+  --refill-modes graphs,prompt_order,previous --span-batch 0 --check-rows 0 2>&1 | tee "$out/bench_refill.log"
 # Then one request and the largest batch: the default (CUDA graphs of the uncompiled step) at 1 and 256
 # rows, with fused q/k/v and gate/up projections (`fused`), compiled (its warm-up took 78 s on an H100; a
 # new slot count compiles again), and compiled with fused projections at 1 row; exactness checks last, as
 # the budget allows (transformers' generate, 0.62x real time in runs 4 and 5, is not rerun).
-timeout 340 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 300 --no-baseline \
+timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 240 --no-baseline \
   --modes graphs=1/256,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
   2>&1 | tee "$out/bench_gpu.log"

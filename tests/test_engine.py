@@ -198,6 +198,41 @@ def test_a_batch_fills_its_free_slots_in_prefill_groups_of_max_prefill_rows_befo
         np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
 
 
+def test_a_call_admits_the_rows_expected_to_run_longest_first(engine, monkeypatch):
+    from model.engine import LENGTH_CLASS, EngineOptions, SynthesisEngine
+
+    refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4))
+    admitted = []
+    prefill = refilled._prefill
+    monkeypatch.setattr(
+        refilled,
+        "_prefill",
+        lambda batch, *rest: admitted.extend(p.reserve for p in batch) or prefill(batch, *rest),
+    )
+    results = refilled.generate(rows_finishing_one_by_one(12))
+    # Each row reserves its max_new_tokens (12-52 steps, under half its estimated length); as the call
+    # drains, the rows still running are the shortest, so few steps run with slots idle.
+    classes = [n // LENGTH_CLASS for n in admitted]
+    assert classes == sorted(classes, reverse=True) and classes[0] > classes[-1]
+    alone = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1))
+    for a, b in zip(alone.generate(rows_finishing_one_by_one(12)), results, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_a_prefill_group_passes_over_rows_that_would_pad_it_and_they_keep_their_place(engine):
+    from collections import deque
+
+    from model.engine import EngineOptions, SynthesisEngine
+
+    grouped = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=8))
+    short = [grouped._prepare(i, smart(i)) for i in range(4)]
+    long = [grouped._prepare(10 + i, replace(smart(i), text="Many more words. " * 8)) for i in range(4)]
+    waiting = deque(p for pair in zip(short, long, strict=True) for p in pair)  # short, long, short, ...
+    group = grouped._admit(waiting, free=8)
+    assert group == short
+    assert list(waiting) == long
+
+
 def test_refilling_in_groups_gives_the_same_codes_as_static_batches(engine64):
     from model.engine import EngineOptions, SynthesisEngine
 

@@ -1,8 +1,8 @@
-"""KV slots sized by each text's estimated speech length (generation.engine.reserve) vs by max_new_tokens,
-as JSON.
+"""What the engine does with each row's expected length, as JSON: KV slots sized by its text's estimated
+speech length (generation.engine.reserve) instead of max_new_tokens, and the longest rows admitted first.
 
-    python scripts/bench_reserve.py                      # plan for the release config + tiny runs on CPU
-    python scripts/bench_reserve.py --free-gb 66 --out r.json
+    python scripts/bench_lengths.py                      # plan for the release config + tiny runs on CPU
+    python scripts/bench_lengths.py --free-gb 66 --out r.json
 
 1. The plan: for the example texts (manifest rows, and each line of the example transcripts, as dataset rows
    are), the columns a slot needs and how many slots fit `--free-gb` of GPU memory (engine.fitting_batch_size,
@@ -11,6 +11,10 @@ as JSON.
 2. Measured on the tiny checkpoint: a call of rows that stop on stream-eos, with each policy and with a
    reserve so tight that most rows outgrow it and run again: wall time, rows run again, and whether every
    row's codes equal those of max_new_tokens slots.
+3. Measured on the tiny checkpoint: calls of `--order-calls` rows of 150-349 frames (stream-eos ignored)
+   through `--order-slots` slots, admitted longest first (the engine's order) or by prompt length only
+   (engine.LENGTH_CLASS above every reserve, the order before): decode steps against the fewest possible
+   (the rows' frames over the slots), prefill groups, and wall time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import model.engine as engine_module  # noqa: E402
+from model.decode_step import DecodeStep  # noqa: E402
 from model.engine import fitting_batch_size  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
@@ -123,6 +129,80 @@ def measured(rows: int) -> dict:
     return report
 
 
+def counting_prefills(engine) -> list[int]:
+    """The size of each prefill group `engine` runs from now on."""
+    sizes: list[int] = []
+    prefill = engine._prefill
+
+    def counted(batch, *rest):
+        sizes.append(len(batch))
+        return prefill(batch, *rest)
+
+    engine._prefill = counted
+    return sizes
+
+
+def admission_order(calls: list[int], slots: int) -> list[dict]:
+    """For each call size in `calls`: rows of 150-349 frames (bench_gpu.py's mixed rows) through `slots`
+    slots, admitted by prompt length only (the order before) and longest first (the engine's order)."""
+    from model.checkpoint import CheckpointSpec
+    from model.engine import EngineOptions, SynthesisEngine
+
+    folder = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    loaded = SynthesisEngine.from_spec(CheckpointSpec(source=str(folder), device="cpu")).checkpoint
+    steps = []
+    original = DecodeStep.__call__
+
+    def counted(self, *args):
+        steps.append(1)
+        return original(self, *args)
+
+    reports = []
+    DecodeStep.__call__ = counted
+    try:
+        for rows in calls:
+            requests = [
+                SynthesisRequest(
+                    id=f"o{i}",
+                    text=f"Row {i} " + "word " * (i % 7),  # prompts of 7 lengths
+                    seed=1000 + i,
+                    max_new_tokens=150 + (i * 37) % 200 + 8,
+                )
+                for i in range(rows)
+            ]
+            fewest = -(-sum(r.max_new_tokens for r in requests) // slots)
+            report: dict = {"rows": rows, "slots": slots, "fewest_steps": fewest}
+            for name, length_class in (
+                ("prompt_length", 1 << 30),
+                ("longest_first", engine_module.LENGTH_CLASS),
+            ):
+                engine = SynthesisEngine(loaded, EngineOptions(max_batch_size=slots, ignore_eos=True))
+                engine.generate([replace(r, max_new_tokens=16) for r in requests[:2]])  # warm-up
+                groups = counting_prefills(engine)
+                own = engine_module.LENGTH_CLASS
+                engine_module.LENGTH_CLASS = length_class
+                try:
+                    steps.clear()
+                    started = time.perf_counter()
+                    engine.generate(requests)
+                    seconds = time.perf_counter() - started
+                finally:
+                    engine_module.LENGTH_CLASS = own
+                report[name] = {
+                    "decode_steps": len(steps),
+                    "prefill_groups": len(groups),
+                    "wall_s": round(seconds, 3),
+                }
+            before, after = report["prompt_length"], report["longest_first"]
+            report["steps_ratio"] = round(before["decode_steps"] / after["decode_steps"], 3)
+            report["wall_ratio"] = round(before["wall_s"] / after["wall_s"], 3)
+            reports.append(report)
+            print(json.dumps(report), file=sys.stderr, flush=True)
+    finally:
+        DecodeStep.__call__ = original
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,13 +212,18 @@ def main() -> None:
     parser.add_argument("--own-tokens", type=int, default=331, help="of which not the shared prefix")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=48, help="tiny rows measured (0: the plan only)")
+    parser.add_argument("--order-calls", default="64,80,128", help="rows per call (empty: skip)")
+    parser.add_argument("--order-slots", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    report = header("reserve", torch.device("cpu"))
+    report = header("lengths", torch.device("cpu"))
     report["plan"] = plan(args)
     if args.rows:
         report["tiny"] = measured(args.rows)
+    if args.order_calls:
+        calls = [int(n) for n in args.order_calls.split(",")]
+        report["order"] = admission_order(calls, args.order_slots)
     emit(report, args.out)
 
 
