@@ -172,24 +172,23 @@ def kv_reserve(value: object) -> str | int:
     return value
 
 
-def batch_size(runtime: DictConfig, auto: bool = True) -> int:
+def batch_size(runtime: DictConfig) -> int:
     """runtime.batch_size as the engine takes it: a count, or 0 for `auto` (the largest batch that fits)."""
     value = runtime.batch_size
-    if auto and value == "auto":
+    if value == "auto":
         return 0
-    hint = "a count of rows, or auto" if auto else "a count of rows (this job has no auto)"
     require(
         not isinstance(value, bool) and isinstance(value, int) and value >= 1,
-        f"runtime.batch_size must be {hint}, got {value!r}",
+        f"runtime.batch_size must be a count of rows, or auto, got {value!r}",
     )
     return value
 
 
-def resources(runtime: DictConfig, auto_batch: bool = True):
+def resources(runtime: DictConfig):
     """How the graph spreads over the cluster, checked: counts at least 1, GPUs not negative."""
     from pipeline.dataset_job import Resources
 
-    size = batch_size(runtime, auto_batch)
+    size = batch_size(runtime)
     for key in ("actors", "cpu_stage_workers"):
         require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
     require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")

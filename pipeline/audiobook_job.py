@@ -42,6 +42,10 @@ from pipeline.stages import unpack
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
+# Chapters in lockstep per actor when the engine sizes its batch from free GPU memory (batch_size 0): the
+# most slots it takes (model.engine.fitting_batch_size's cap). Each lockstep call holds one chunk per
+# chapter; where fewer slots fit, the call's waiting chunks take the slots of those that finish.
+AUTO_CHAPTERS = 256
 
 
 @dataclass
@@ -140,12 +144,13 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
         batch_size=1,
         num_cpus=res.cpu_stage_cpus,
     )
-    ds = ds.repartition(target_num_rows_per_block=res.batch_size)
+    chapters = res.batch_size or AUTO_CHAPTERS
+    ds = ds.repartition(target_num_rows_per_block=chapters)
     ds = ds.map_batches(
         ChapterStage,
         fn_constructor_kwargs={"settings": chapter},
         batch_format="pyarrow",
-        batch_size=res.batch_size,  # chapters per engine lockstep
+        batch_size=chapters,  # chapters per engine lockstep
         # A batch keeps an engine busy for long; queueing a second one on the same actor would leave
         # another actor idle while there is work.
         compute=ray.data.ActorPoolStrategy(size=res.actors, max_tasks_in_flight_per_actor=1),

@@ -117,16 +117,17 @@ def book_settings(root: Path, **kw) -> BookSettings:
     )
 
 
-def make_job(root: Path, books: str, checkpoint: str, **kw) -> AudiobookJob:
+def make_job(root: Path, books: str, checkpoint: str, batch_size: int = 8, **kw) -> AudiobookJob:
+    """A job over `books`; batch_size 0 is runtime.batch_size=auto (slots from free memory, 16 on a CPU)."""
     book = kw.pop("book", None) or book_settings(root)
     return AudiobookJob(
         books=books,
         output=str(root / "out"),
         checkpoint=CheckpointSpec(source=checkpoint, device="cpu"),
         book=book,
-        engine=EngineOptions(max_batch_size=8),
+        engine=EngineOptions(max_batch_size=batch_size),
         resources=Resources(
-            actors=1, cpus_per_actor=1.0, batch_size=8, cpu_stage_workers=1, cpu_stage_cpus=0.2
+            actors=1, cpus_per_actor=1.0, batch_size=batch_size, cpu_stage_workers=1, cpu_stage_cpus=0.2
         ),
         **kw,
     )
@@ -144,7 +145,8 @@ def book_rows(out: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rendered(ray_local, tiny_checkpoint, tmp_path_factory):
-    """One run over a plain-text book and an EPUB; the tests below read what it wrote."""
+    """One run over a plain-text book and an EPUB with runtime.batch_size=auto; the tests below read what
+    it wrote."""
     root = tmp_path_factory.mktemp("audiobooks")
     (root / "looking-glass.epub").write_bytes(looking_glass())
     books = write_manifest(
@@ -169,7 +171,7 @@ def rendered(ray_local, tiny_checkpoint, tmp_path_factory):
         ],
     )
     summary = run_audiobook_job(
-        make_job(root, books, tiny_checkpoint, buffer_size=1, config_yaml="model: tiny\n")
+        make_job(root, books, tiny_checkpoint, batch_size=0, buffer_size=1, config_yaml="model: tiny\n")
     )
     return root / "out", summary
 
@@ -580,6 +582,17 @@ def _compose(*overrides: str):
         return compose(config_name="render_audiobook", overrides=list(overrides))
 
 
+def test_batch_size_auto_puts_auto_chapters_in_lockstep_and_lets_the_engine_size_its_slots(
+    monkeypatch, tiny_checkpoint
+) -> None:
+    from jobs.render_audiobook import build_job
+
+    monkeypatch.chdir(REPO)
+    job = build_job(_compose(f"model.source={tiny_checkpoint}", "runtime.batch_size=auto"))
+    assert job.resources.batch_size == 0  # run_audiobook_job: AUTO_CHAPTERS chapters a block
+    assert job.engine.max_batch_size == 0  # model.engine.fitting_batch_size on a GPU, 16 rows on a CPU
+
+
 def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint) -> None:
     from jobs.render_audiobook import build_job
 
@@ -603,7 +616,7 @@ def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint) -> None:
         ("mastering.target_rms_db=-70", "noise_floor_db < target_rms_db"),
         ("pauses.sentence_s=-1", "sentence_s=-1 must be at least 0.0"),
         ("books=missing.jsonl", "books='missing.jsonl'"),
-        ("runtime.batch_size=auto", "runtime.batch_size must be a count of rows (this job has no auto)"),
+        ("runtime.batch_size=many", "runtime.batch_size must be a count of rows, or auto"),
     ],
 )
 def test_bad_config_fails_fast_with_exit_code_2(monkeypatch, tiny_checkpoint, override, message) -> None:

@@ -190,6 +190,11 @@ def test_batch_size_auto_lets_each_engine_size_its_batch_from_free_memory(tiny_c
     assert job.resources.call_rows == AUTO_CALL_ROWS
 
 
+def test_the_cluster_runtime_sizes_each_engines_batch_from_free_memory(tiny_checkpoint, tmp_path):
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "runtime=cluster")
+    assert job.engine.max_batch_size == 0 and job.resources.batch_size == 0
+
+
 def test_vocoding_windows_follow_the_device_unless_the_config_sets_them(tiny_checkpoint, tmp_path):
     assert dataset_job_of(tiny_checkpoint, tmp_path).engine.vocode_windows is None  # on a GPU only
     job = dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=false")
