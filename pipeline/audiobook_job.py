@@ -196,6 +196,7 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
             "chapters": this_run["chapters"],
             "chunks_generated": this_run["chunks_generated"],
             "chunks_resumed": this_run["chunks_resumed"],
+            "chunks_cut_off": this_run["chunks_cut_off"],
             "audio_seconds": round(this_run["audio_seconds"], 3),
             "wall_seconds": round(wall, 3),
         },
@@ -223,6 +224,7 @@ class BookCollector:
             "chapters": 0,
             "chunks_generated": 0,
             "chunks_resumed": 0,
+            "chunks_cut_off": 0,  # in the chapters this run finished, whichever run generated them
             "audio_seconds": 0.0,
         }
 
@@ -233,6 +235,7 @@ class BookCollector:
         self.stats["chapters"] += 1
         self.stats["chunks_generated"] += row.get("chunks_generated", 0)
         self.stats["chunks_resumed"] += row.get("chunks_resumed", 0)
+        self.stats["chunks_cut_off"] += len(row.get("chunks_cut_off", []))
         chapters = self.chapters.setdefault(row["book_id"], {})
         chapters[row["chapter"]] = row
         if len(chapters) == row["chapters"]:
@@ -241,6 +244,13 @@ class BookCollector:
     def _complete(self, chapters: list[dict]) -> None:
         first = chapters[0]
         generated = sum(c.get("chunks_generated", 0) for c in chapters)
+        cut_off = {c["chapter"]: c["chunks_cut_off"] for c in chapters if c.get("chunks_cut_off")}
+        if cut_off:
+            log.warning(
+                "book %r: max_new_tokens cut off chunks %s (chapter: chunks; qc.csv lists them)",
+                first["book_id"],
+                cut_off,
+            )
         bad = [c for c in chapters if c["status"] != "ok"]
         if bad:
             # An error anywhere fails the book; otherwise it is only unfinished and resumes next run.
@@ -248,7 +258,8 @@ class BookCollector:
             worst = next(c for c in bad if c["status"] == status)
             message = "; ".join(c["error"] for c in bad if c["status"] == status)
             fields = {**first, "status": status, "error": message, "error_field": worst["error_field"]}
-            self.record(book_record(self.run_id, **{**fields, "chunks_generated": generated}))
+            counts = {"chunks_generated": generated, "chunks_cut_off": _cut_off(chapters)}
+            self.record(book_record(self.run_id, **{**fields, **counts}))
             return
         if self.assemble is None:
             import ray
@@ -277,6 +288,10 @@ class BookCollector:
         self.records.append(record)
 
 
+def _cut_off(chapters: list[dict]) -> int:
+    return sum(len(c.get("chunks_cut_off", [])) for c in chapters)
+
+
 def assemble_book(
     where: tuple[str, dict | None], run_id: str, mastering: Mastering, chapters: list[dict], generated: int
 ) -> dict:
@@ -288,7 +303,7 @@ def assemble_book(
     first = chapters[0]
     book_id = first["book_id"]
     fields = {k: first.get(k) for k in ("book_id", "title", "author", "language")}
-    fields.update(chapters=len(chapters), chunks_generated=generated)
+    fields.update(chapters=len(chapters), chunks_generated=generated, chunks_cut_off=_cut_off(chapters))
     storage.write_text(qc_key(book_id), qc_csv(chapters))
     qc_passed = all(c["qc"]["passed"] for c in chapters)
     try:

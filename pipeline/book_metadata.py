@@ -32,6 +32,8 @@ BOOK_FIELDS = [
     pa.field("qc_uri", pa.string()),
     pa.field("qc_passed", pa.bool_()),
     pa.field("chunks_generated", pa.int64()),
+    # Chunks max_new_tokens cut off (likely mid-word, or a run-on generation): qc.csv names them per chapter.
+    pa.field("chunks_cut_off", pa.int64()),
     pa.field("run_id", pa.string()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
@@ -89,6 +91,7 @@ def qc_csv(chapters: list[dict]) -> str:
     for row, chapter in zip(rows, chapters, strict=True):
         row["number"] = chapter["chapter"]
         row["file"] = chapter["mp3_key"]
+        row["chunks_cut_off"] = " ".join(str(k) for k in chapter.get("chunks_cut_off", []))
     fields = ["number", "chapter", "file", *[k for k in rows[0] if k not in ("number", "chapter", "file")]]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")

@@ -40,12 +40,16 @@ class ChapterSettings:
 
 
 class ChunkStore:
-    """The persisted chunks of one chapter: codes (.npy) for the history, audio (.wav) for mastering."""
+    """The persisted chunks of one chapter: codes (.npy) for the history, audio (.wav) for mastering, and a
+    .cutoff marker beside a chunk that max_new_tokens cut off (its finish_reason), so the chapter's record
+    names it whichever run generated it."""
 
     def __init__(self, storage: Storage, book_id: str, chapter: int) -> None:
         self.storage = storage
         self.book_id = book_id
         self.chapter = chapter
+        self.cut_off: set[int] = set()  # chunks done and cut off
+        self._markers: set[str] = set()  # .cutoff keys stored, done or not
 
     def resume(self, chunks: list[str], fingerprint: str) -> list[ContextTurn]:
         """Stored chunks from the start up to the first gap; none when they came from another plan.
@@ -64,12 +68,15 @@ class ChunkStore:
             self.storage.write_text(plan, json.dumps({"fingerprint": fingerprint, "chunks": chunks}))
             return []
         done = []
+        self._markers = {key for key in keys if key.endswith(".cutoff")}
         for k, text in enumerate(chunks):
             npy, wav = self.key(k, "npy"), self.key(k, "wav")
             if npy not in keys or wav not in keys:
                 break
             codes = np.load(io.BytesIO(self.storage.read_bytes(npy)), allow_pickle=False)
             done.append(ContextTurn(text, codes))
+            if self.key(k, "cutoff") in self._markers:
+                self.cut_off.add(k)
         return done
 
     def save(self, k: int, result: SynthesisResult) -> None:
@@ -80,6 +87,12 @@ class ChunkStore:
         sf.write(audio, result.waveform, result.sample_rate, format="WAV", subtype="FLOAT")
         # Audio first: resume requires both files, and the codes are what make a chunk count as done.
         self.storage.write_bytes(self.key(k, "wav"), audio.getvalue())
+        marker = self.key(k, "cutoff")
+        if result.finish_reason == "max_new_tokens":
+            self.storage.write_text(marker, json.dumps({"generated_frames": result.generated_frames}))
+            self.cut_off.add(k)
+        elif marker in self._markers:  # an earlier try at this chunk, killed before its codes were stored
+            self.storage.delete(marker)
         self.storage.write_bytes(self.key(k, "npy"), buffer.getvalue())
 
     def key(self, k: int, ext: str) -> str:
@@ -125,8 +138,8 @@ class ChapterStage:
 
         self._render(texts, persist)
         for text in texts:
-            i, _, resumed = owners[text.key]
-            rows[i] = self._finished(rows[i], text, resumed)
+            i, store, resumed = owners[text.key]
+            rows[i] = self._finished(rows[i], text, store, resumed)
         return pack(rows)
 
     def _render(self, texts: list[LongformText], persist) -> None:
@@ -148,10 +161,11 @@ class ChapterStage:
         if texts:
             self.attempts.guard(texts, lambda t: f"{t.key}@{len(t.done)}", work, abandon)
 
-    def _finished(self, row: dict, text: LongformText, resumed: int) -> dict:
+    def _finished(self, row: dict, text: LongformText, store: ChunkStore, resumed: int) -> dict:
         total = len(row["chunks"])
         row = {k: v for k, v in row.items() if k not in ("chunks", "request")}
         row.update(n_chunks=total, chunks_resumed=resumed, chunks_generated=len(text.done) - resumed)
+        row["chunks_cut_off"] = sorted(store.cut_off)
         where = f"chapter {row['chapter']} ({row['chapter_title']!r})"
         if text.error is not None:
             return chapter_failed(row, f"{where}: {text.error}", "synthesis")

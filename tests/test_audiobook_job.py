@@ -211,6 +211,23 @@ def test_every_book_finishes_with_its_files_and_metadata(rendered) -> None:
     assert summary["output_totals"]["by_status"] == {"ok": 2}
 
 
+def test_chunks_cut_off_at_max_new_tokens_are_counted_per_book_and_listed_per_chapter_in_qc_csv(
+    rendered,
+) -> None:
+    out, summary = rendered
+    # max_new_tokens=30 (GEN) cuts off every chunk of the tiny checkpoint.
+    markers = {p.with_suffix("") for p in out.glob("*/chunks/*/*.cutoff")}
+    assert len(markers) == summary["this_run"]["chunks_cut_off"] == summary["this_run"]["chunks_generated"]
+    for book_id, row in book_rows(out).items():
+        lines = (out / book_id / "qc.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        listed = [line.split(",")[header.index("chunks_cut_off")].split() for line in lines[1:]]
+        assert row["chunks_cut_off"] == sum(len(chunks) for chunks in listed) > 0
+        for chapter, chunks in enumerate(listed, start=1):
+            folder = out / book_id / "chunks" / f"{chapter:03d}"
+            assert {folder / f"{int(k):04d}" for k in chunks} == {m for m in markers if m.parent == folder}
+
+
 @pytest.mark.parametrize(("book_id", "titles"), [("alice", ALICE_TITLES), ("looking-glass", EPUB_TITLES)])
 def test_chapter_mp3s_are_192_kbps_44_1_khz_in_order(rendered, book_id, titles) -> None:
     out, _ = rendered
@@ -336,7 +353,7 @@ def test_a_killed_run_resumes_per_chunk_and_finished_books_are_skipped(
     assert book_rows(out)["short"]["status"] == "incomplete"
     assert not (out / "short" / "short.m4b").exists()
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("short/chunks/*/0000.*")}
-    assert len(kept) == 4  # .npy + .wav for each chapter
+    assert len(kept) == 6  # .npy, .wav and .cutoff (GEN's max_new_tokens cuts every chunk) for each chapter
 
     second = run_audiobook_job(make_job(tmp_path, books, tiny_checkpoint, book=book))
     assert second["this_run"]["by_status"] == {"ok": 1}
@@ -483,13 +500,14 @@ class SpyEngine:
 
 
 def _chapter_rows(
-    tmp_path: Path, text: str = "CHAPTER I.\n\nOne. Two. Three. Four.\n", book: str = "c"
+    tmp_path: Path, text: str = "CHAPTER I.\n\nOne. Two. Three. Four.\n", book: str = "c", **gen
 ) -> pa.Table:
-    """The chapter rows BookStage plans for `text`, one word per chunk."""
+    """The chapter rows BookStage plans for `text`, one word per chunk; `gen` overrides GEN."""
     (tmp_path / f"{book}.txt").write_text(text)
+    source = {"book_id": book, "source": str(tmp_path / f"{book}.txt"), "narrator": "profile:male_en"}
     rows = plan(
         tmp_path,
-        {"book_id": book, "source": str(tmp_path / f"{book}.txt"), "narrator": "profile:male_en", **GEN},
+        {**source, **GEN, **gen},
         chunking=ChunkingSettings(max_words=1),
     )
     return pack(rows)
@@ -520,6 +538,36 @@ def test_chapter_stage_passes_buffer_size_and_carries_stored_chunks_over(
         for turn, j in zip(request.context, range(max(0, k - buffer_size), k), strict=True):
             stored = np.load(tmp_path / "out" / "c" / "chunks" / "001" / f"{j:04d}.npy")
             np.testing.assert_array_equal(turn.codes, stored)
+
+
+def test_chunks_cut_off_at_max_new_tokens_stay_named_in_the_chapter_row_across_a_resume(
+    engine, tiny_checkpoint, tmp_path
+) -> None:
+    settings = ChapterSettings(
+        output=str(tmp_path / "out"), checkpoint=CheckpointSpec(source=tiny_checkpoint)
+    )
+    # max_new_tokens=30 (GEN): every chunk of the tiny checkpoint runs to it.
+    (row,) = unpack(ChapterStage(replace(settings, max_new_chunks=2), engine=engine)(_chapter_rows(tmp_path)))
+    assert row["chunks_cut_off"] == [0, 1]
+    (row,) = unpack(ChapterStage(settings, engine=engine)(_chapter_rows(tmp_path)))
+    assert (row["status"], row["chunks_resumed"], row["chunks_cut_off"]) == ("rendered", 2, [0, 1, 2, 3])
+
+
+def test_a_chunk_generated_again_after_a_kill_drops_its_earlier_tries_cut_off_marker(
+    engine, tiny_checkpoint, tmp_path
+) -> None:
+    settings = ChapterSettings(
+        output=str(tmp_path / "out"), checkpoint=CheckpointSpec(source=tiny_checkpoint)
+    )
+    # max_new_tokens=200: every chunk of the tiny checkpoint ends on stream-eos before it.
+    (row,) = unpack(ChapterStage(settings, engine=engine)(_chapter_rows(tmp_path, max_new_tokens=200)))
+    assert row["chunks_cut_off"] == []
+    chunks = tmp_path / "out" / "c" / "chunks" / "001"
+    (chunks / "0002.npy").unlink()  # killed after chunk 2's audio and a cut-off marker, before its codes
+    (chunks / "0002.cutoff").write_text("{}")
+    (row,) = unpack(ChapterStage(settings, engine=engine)(_chapter_rows(tmp_path, max_new_tokens=200)))
+    assert (row["status"], row["chunks_resumed"], row["chunks_cut_off"]) == ("rendered", 2, [])
+    assert not (chunks / "0002.cutoff").exists()
 
 
 def test_chunks_of_another_plan_are_thrown_away(engine, tiny_checkpoint, tmp_path) -> None:
