@@ -135,7 +135,7 @@ class _Prepared:
     # share their prompt's leading tokens (SynthesisEngine._shared_prefix). None without audio.
     voice: bytes | None = None
     run: int = -1  # the voice run it prefills in (SynthesisEngine._order); -1: with the rows of no run
-    reserve: int = 0  # steps its KV slot holds for its audio (SynthesisEngine._reserve)
+    reserve: int = 0  # steps of audio its KV slot is sized for (SynthesisEngine._reserve)
 
 
 class SynthesisEngine:
@@ -243,9 +243,10 @@ class SynthesisEngine:
         )
 
     def _reserve(self, request: SynthesisRequest) -> int:
-        """The decode steps a row's KV slot holds (EngineOptions.reserve), at most max_new_tokens. Only slots
-        are sized by it: the plain path's cache grows with each row, and rows that ignore stream-eos always run
-        to max_new_tokens."""
+        """The decode steps a row's KV slot is sized for (EngineOptions.reserve), at most max_new_tokens; a row
+        runs on while its slot has columns left (model.slot_cache.SlotCache.admit). Only slots are sized by
+        it: the plain path's cache grows with each row, and rows that ignore stream-eos always run to
+        max_new_tokens."""
         limit = request.max_new_tokens
         reserve = self.options.reserve
         if reserve == "max_new_tokens" or self.options.ignore_eos or not self.options.static_cache:
@@ -469,7 +470,8 @@ class SynthesisEngine:
         call's shared `prefix`), kept from call to call while it fits (sizes rounded up by round_up); a cache
         over twice as long as needed is rebuilt: its memory could hold a larger batch."""
         length = self._slot_length(prepared, prefix.tokens if prefix else 0)
-        max_steps = round_up(max(p.reserve for p in prepared))
+        # A row takes as many steps as its slot's columns allow, up to max_new_tokens (SlotCache.admit).
+        max_steps = min(length, round_up(max(p.request.max_new_tokens for p in prepared)))
         window = max(self._ras_window(p.request) for p in prepared)
         needed = round_up(prefix.tokens) if prefix else 0
         step = self._decode_step
@@ -570,7 +572,7 @@ class SynthesisEngine:
             params=params,
             steps=zeros,
             eos_steps=zeros - 1,
-            max_steps=torch.tensor([p.reserve for p in batch], device=device),
+            max_steps=torch.tensor([p.request.max_new_tokens for p in batch], device=device),
             history=torch.full((rows, window, self.num_codebooks), -1, dtype=torch.long, device=device),
             frames=torch.zeros((rows, 0, self.num_codebooks), dtype=torch.long, device=device),
         )
@@ -638,13 +640,9 @@ class SynthesisEngine:
                 yield item, self._result(item, frames)
 
     def _outgrew(self, item: _Prepared, frames: torch.Tensor) -> bool:
-        """Whether a row stopped at the end of its reserve, short of max_new_tokens, with its audio unended
-        (the last frame is not stream-eos in every codebook)."""
-        return (
-            item.reserve < item.request.max_new_tokens
-            and len(frames) >= item.reserve
-            and not bool((frames[-1] == self.stream_eos).all())
-        )
+        """Whether a row stopped short of max_new_tokens with its audio unended (the last frame not stream-eos
+        in every codebook): its slot ran out of columns."""
+        return len(frames) < item.request.max_new_tokens and not bool((frames[-1] == self.stream_eos).all())
 
     def _result(self, item: _Prepared, frames: torch.Tensor) -> SynthesisResult:
         result = SynthesisResult(

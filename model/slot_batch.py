@@ -24,7 +24,7 @@ LOOK_EVERY = 8
 class _Row:
     item: object  # the engine's prepared request
     tokens: int  # context tokens so far
-    left: int  # steps before the row's reserve (at most max_new_tokens) ends it
+    left: int  # steps before max_new_tokens, or the end of its slot, ends the row
     top_k: int
     ras: bool
 
@@ -49,11 +49,12 @@ class SlotBatch:
         """Take in a prefilled model.batch_state.DynamicBatch."""
         cache = self.step.cache
         slots = cache.allocate(len(prefill))
-        counts = cache.admit(slots, prefill)
+        counts, limits = cache.admit(slots, prefill)
         top_ks = prefill.params.top_k.tolist()
         ras = prefill.params.ras_win_len.tolist()
-        for slot, item, n, top_k, window in zip(slots, prefill.items, counts, top_ks, ras, strict=True):
-            self.rows[slot] = _Row(item, n, item.reserve, top_k, window > 0)
+        rows = zip(slots, prefill.items, counts, limits, top_ks, ras, strict=True)
+        for slot, item, n, limit, top_k, window in rows:
+            self.rows[slot] = _Row(item, n, limit, top_k, window > 0)
 
     @property
     def sampling_shape(self) -> tuple[int, bool]:

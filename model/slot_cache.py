@@ -230,21 +230,28 @@ class SlotCache(Cache):
             and self.prefix_capacity >= prefix
         )
 
-    def admit(self, slots: list[int], prefill) -> list[int]:
+    def admit(self, slots: list[int], prefill) -> tuple[list[int], list[int]]:
         """Move a prefilled group (a model.batch_state.DynamicBatch) into `slots`: its keys and values, its
-        next-frame logits and its sampling state. Returns each row's token count."""
+        next-frame logits and its sampling state. A row may take as many steps as its slot has columns left
+        for (and the frame buffer room), up to its max_steps (max_new_tokens): a slot sized for a shorter
+        estimate of the row's audio, or for a longer row, lets it run on. Returns each row's token count and
+        step limit."""
         index = torch.tensor(slots, device=self.mask.device)
         counts = self.load(slots, prefill.cache, prefill.attention, skip=self.prefix_tokens)
+        room = torch.tensor([self.length - n for n in counts], device=self.mask.device).clamp(
+            max=self.max_steps
+        )
+        limits = torch.minimum(prefill.max_steps, room)
         self.logits[index] = prefill.logits.to(self.logits.dtype)
         for f in fields(prefill.params):
             getattr(self, f.name)[index] = getattr(prefill.params, f.name)
         self.steps[index] = 0
         self.eos_steps[index] = -1
         self.done_at[index] = -1
-        self.step_limit[index] = prefill.max_steps
+        self.step_limit[index] = limits
         self.history[index] = -1
         self.position_in[index, 0] = prefill.positions
-        return counts
+        return counts, limits.tolist()
 
     def load(self, slots: list[int], cache, attention: torch.Tensor, skip: int = 0) -> list[int]:
         """Copy a prefill (a DynamicCache and its (b, P) attention mask, padding anywhere: left, or between a

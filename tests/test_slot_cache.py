@@ -203,20 +203,20 @@ def test_a_step_attends_only_to_the_columns_in_use_not_the_whole_slot(engine):
 # ---- slots sized by the text's estimated length -----------------------------------------------------
 
 
-def outgrown_count(caplog) -> int:
-    found = [r.getMessage() for r in caplog.records if "outgrew the KV slot" in r.getMessage()]
-    return sum(int(message.split()[0]) for message in found)
-
-
-def test_rows_that_outgrow_their_reserved_slot_run_again_and_give_the_same_codes(engine, caplog):
-    rows = rows_ending_both_ways()
-    whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, reserve="max_new_tokens"))
-    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, reserve=40))
-    with caplog.at_level("INFO", logger="model.engine"):
-        got = tight.generate(rows)
-    # Of the 6 rows with 200 steps, the ones that end on stream-eos within 40 frames keep their first run.
-    assert 0 < outgrown_count(caplog) < 6
-    for a, b in zip(whole.generate(rows), got, strict=True):
+def test_rows_run_on_past_their_reserve_while_their_slot_has_room_and_run_again_beyond_it(engine):
+    rows = [smart(i, max_new_tokens=600) for i in range(20, 36)]
+    whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, reserve="max_new_tokens"))
+    # 40 frames: slots of 256 columns for these 59-token prompts, room for ~190 frames a row.
+    tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, reserve=40))
+    outgrown = []
+    check = tight._outgrew
+    tight._outgrew = lambda item, frames: check(item, frames) and not outgrown.append(item.request.id)
+    expected, got = whole.generate(rows), tight.generate(rows)
+    frames = {r.id: r.generated_frames for r in expected}
+    assert (frames["smart20"], frames["smart35"]) == (110, 385)  # both end on stream-eos
+    assert "smart35" in outgrown and "smart20" not in outgrown
+    assert all(frames[i] > 150 for i in outgrown)
+    for a, b in zip(expected, got, strict=True):
         assert (a.id, a.finish_reason, a.generated_frames) == (b.id, b.finish_reason, b.generated_frames)
         np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
 
