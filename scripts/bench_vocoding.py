@@ -6,6 +6,10 @@ distinct length, on the audio tokenizer alone (random weights; no download), as 
 
 Rows get distinct lengths spread over --min-frames..--max-frames, as rows stopping on their own do. Also
 reports how far windowed waveforms stray from decoding each row whole (max |difference| / max |sample|).
+
+--encode-clips N also encodes N reference clips of 3-10 s one at a time, as the engine encodes each distinct
+reference voice (SynthesisEngine.encode_reference): what an evaluation set, whose rows each bring their own
+voice, pays per row on the GPU before its rows decode.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
         "--frames-per-call", type=int, default=16 * VOCODE_FRAMES_PER_ROW, help="the engine's at batch 16"
     )
     parser.add_argument("--check-rows", type=int, default=4, help="rows compared with whole decoding")
+    parser.add_argument("--encode-clips", type=int, default=0, help="reference clips encoded (0: none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -102,7 +107,36 @@ def main() -> None:
         for w, whole in zip(report.pop("windowed_waveforms"), report.pop("per_length_waveforms"), strict=True)
     ]
     report["windowed_max_stray"] = max(stray)
+    if args.encode_clips:
+        report["encoding"] = encoding_speed(codec, device, args.encode_clips)
     emit(report, args.out)
+
+
+def encoding_speed(codec, device: torch.device, clips: int) -> dict:
+    """`clips` clips of 3-10 s of noise encoded one at a time, after one warm-up clip."""
+    rng = np.random.default_rng(2)
+    seconds = [3 + (i * 7) % 8 for i in range(clips)]
+    waves = [(0.1 * rng.standard_normal(s * 24000)).astype(np.float32) for s in seconds]
+    dtype = next(codec.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode(wave: np.ndarray) -> None:
+        codec.encode(torch.from_numpy(wave).to(device, dtype)[None, None, :])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    encode(waves[0])
+    started = time.perf_counter()
+    for wave in waves:
+        encode(wave)
+    wall = time.perf_counter() - started
+    return {
+        "clips": clips,
+        "audio_s": sum(seconds),
+        "wall_s": round(wall, 3),
+        "ms_per_clip": round(1000 * wall / clips, 1),
+        "x_real_time": round(sum(seconds) / wall, 1),
+    }
 
 
 if __name__ == "__main__":
