@@ -31,10 +31,12 @@ timeout 260 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
 timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
   --out "$out/bench_codec.json" 2>&1 | tail -40 | tee "$out/bench_codec.log"
-# Then one request and the largest batch: the default (CUDA graphs of the uncompiled step) at 1 and 256
-# rows, with fused q/k/v and gate/up projections (`fused`), compiled (its warm-up took 78 s on an H100; a
-# new slot count compiles again), and compiled with fused projections at 1 row; exactness checks last, as
-# the budget allows (transformers' generate, 0.62x real time in runs 4 and 5, is not rerun).
+# Then one request and the largest batches: the default (CUDA graphs of the uncompiled step) at 1, 256 and
+# 384 rows (slots sized by each text's estimate leave room for more than fitting_batch_size's cap of 256:
+# does a larger batch still pay?), with fused q/k/v and gate/up projections (`fused`), compiled (its warm-up
+# took 78 s on an H100; a new slot count compiles again), and compiled with fused projections at 1 row, in
+# that order as the budget allows; exactness checks last (transformers' generate, 0.62x real time in runs
+# 4 and 5, is not rerun).
 timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 215 --no-baseline \
-  --modes graphs=1/256,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
+  --modes graphs=1/256/384,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
   2>&1 | tee "$out/bench_gpu.log"
