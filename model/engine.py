@@ -83,6 +83,11 @@ MIN_PREFIX_CACHE_ROWS = 128
 # already vocoded at 1,240x real time (bench_vocoding.py).
 VOCODE_FRAMES_PER_ROW = 256
 VOCODE_MAX_FRAMES = 32768
+# On a CPU, frames a vocoding call takes whatever the slots: larger calls only spill the caches. The release's
+# codec vocoded 16 rows of 60 frames at 12.1x / 11.0x / 5.8x / 5.9x real time in calls of 128 / 256 / 1,024 /
+# 4,096 frames (bench_vocoding.py --config real, 2-core CPU); the tiny codec 128 rows of 30-34 frames at
+# 191x / 168x / 124x / 131x in calls of 256 / 512 / 1,024 / 4,096.
+VOCODE_CPU_FRAMES = 256
 # A call's rows of one voice prefill apart from other rows once there are this many: the voice's tokens then
 # run through the model once for them all (share_prefix), which outweighs a prefill forward's fixed cost
 # (~40 ms on an H200, against ~4 ms of compute a row for a ~350-token reference turn). Voices with fewer
@@ -687,8 +692,8 @@ class SynthesisEngine:
         return margin_for(probe_reach(self.vocode, self.num_codebooks))
 
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
-        """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames: rows of one
-        length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
+        """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames (on a CPU,
+        VOCODE_CPU_FRAMES): rows of one length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
         Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
         row's windows are the same whichever rows it is vocoded with.
 
@@ -699,6 +704,8 @@ class SynthesisEngine:
         step = self._decode_step
         slots = step.cache.slots if step is not None else self.options.max_batch_size
         budget = min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
+        if self.device.type != "cuda":
+            budget = VOCODE_CPU_FRAMES
         windows = self.options.vocode_windows
         if windows is None:
             windows = self.device.type == "cuda"

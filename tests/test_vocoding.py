@@ -67,6 +67,7 @@ def test_windowed_vocoding_gives_each_row_its_whole_decoded_waveform(windowed):
 
 def test_rows_of_many_lengths_vocode_in_a_few_windowed_codec_calls(windowed, monkeypatch):
     assert windowed._vocode_margin  # probed before counting
+    monkeypatch.setattr("model.engine.VOCODE_CPU_FRAMES", 16 * 256)  # a GPU's calls for 16 slots
     calls = counted_calls(windowed, monkeypatch)
     windowed._vocode_results(random_results([150 + 13 * i for i in range(16)]))
     assert len(calls) <= 2 and len({shape[-1] for shape in calls}) == 1, calls
@@ -75,15 +76,22 @@ def test_rows_of_many_lengths_vocode_in_a_few_windowed_codec_calls(windowed, mon
 def test_by_default_rows_vocode_whole_one_call_per_length_on_a_cpu(engine, monkeypatch):
     plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
     calls = counted_calls(plain, monkeypatch)
-    plain._vocode_results(random_results([150, 163, 150, 176]))
-    assert sorted(shape[-1] for shape in calls) == [150, 163, 176]
+    plain._vocode_results(random_results([50, 63, 50, 76]))
+    assert sorted(shape[-1] for shape in calls) == [50, 63, 76]
 
 
 def test_rows_vocode_whole_when_windows_are_off(engine, monkeypatch):
     whole = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, vocode_windows=False))
     calls = counted_calls(whole, monkeypatch)
-    whole._vocode_results(random_results([150, 163, 150]))
-    assert sorted(shape[-1] for shape in calls) == [150, 163]
+    whole._vocode_results(random_results([50, 63, 50]))
+    assert sorted(shape[-1] for shape in calls) == [50, 63]
+
+
+def test_on_a_cpu_a_vocoding_call_takes_at_most_256_frames_whatever_the_slots(engine, monkeypatch):
+    plain = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    calls = counted_calls(plain, monkeypatch)
+    plain._vocode_results(random_results([60] * 8 + [300]))
+    assert sorted(shape[0] * shape[-1] for shape in calls) == [240, 240, 300]  # a longer row goes alone
 
 
 def short_of_memory(engine: SynthesisEngine, monkeypatch, most_frames: int) -> list:
@@ -108,6 +116,7 @@ def test_vocoding_out_of_memory_retries_in_smaller_calls_with_the_same_waveforms
     expected = random_results(lengths)
     plain._vocode_results(expected)
     tight = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16))
+    monkeypatch.setattr("model.engine.VOCODE_CPU_FRAMES", 16 * 256)  # a GPU's calls for 16 slots
     calls = short_of_memory(tight, monkeypatch, most_frames=400)
     results = random_results(lengths)
     tight._vocode_results(results)
