@@ -17,9 +17,12 @@ ALPHABETIC_CHARS_PER_S = 8.0
 SYLLABIC_CHARS_PER_S = 2.0
 # Lead-in, breaths and the tail around any text, however short.
 PADDING_S = 3.0
+# A digit is read as a word or more ("1999": nineteen ninety-nine), so it counts as this many characters.
+CHARS_PER_DIGIT = 3
 
 _SPEAKER_TAG = re.compile(r"\[SPEAKER\d+\]")
 _SPACES = re.compile(r"\s+")
+_DIGIT = re.compile(r"[0-9]")
 # Scripts written a syllable per character: CJK ideographs, kana, hangul.
 _SYLLABIC = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -28,5 +31,5 @@ def estimate_seconds(text: str) -> float:
     """A generous estimate of the seconds `text` takes to speak."""
     text = _SPACES.sub(" ", _SPEAKER_TAG.sub(" ", text)).strip()
     syllabic = len(_SYLLABIC.findall(text))
-    alphabetic = len(text) - syllabic
+    alphabetic = len(text) - syllabic + (CHARS_PER_DIGIT - 1) * len(_DIGIT.findall(text))
     return PADDING_S + alphabetic / ALPHABETIC_CHARS_PER_S + syllabic / SYLLABIC_CHARS_PER_S

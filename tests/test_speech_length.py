@@ -21,6 +21,10 @@ def test_a_character_of_a_syllabic_script_counts_longer_than_a_letter():
     assert estimate_seconds("안녕하세요") > estimate_seconds("hello")
 
 
+def test_a_digit_counts_longer_than_a_letter():
+    assert estimate_seconds("In 1999 it cost 4500.") > estimate_seconds("In abcd it cost abcd.")
+
+
 def test_speaker_tags_and_runs_of_whitespace_are_not_spoken():
     plain = estimate_seconds("Hello there. Hi.")
     assert estimate_seconds("[SPEAKER0] Hello there.\n\n   [SPEAKER1] Hi.") == plain
