@@ -11,7 +11,9 @@ Reports frames/s, x real time (25 frames = 1 s) and peak GPU memory per batch si
 the same uncompiled; `unshared`: `graphs` with every row prefilling its whole prompt, though all rows share
 one reference turn; `whole_prompts`: `graphs` with that shared turn in every slot, not kept once beside them;
 `previous`: the defaults before GPU run 6 (whole prompts, one codec call per length, a batch's first rows
-prefilled in one forward); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
+prefilled in one forward, rows admitted by prompt length); `prompt_order`: `graphs` admitting rows by prompt
+length alone, not the longest first; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
+with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
@@ -111,7 +113,18 @@ MODES = {
     },
     # The default admitting a call's rows by prompt length alone, not the longest expected first.
     "prompt_order": {"static_cache": True, "cuda_graphs": True},
+    # The default with the mixed rows' slots sized as a dataset's would be (DATASET_RESERVE).
+    "dataset_2048": {"static_cache": True, "cuda_graphs": True},
+    "dataset_estimate": {"static_cache": True, "cuda_graphs": True},
 }
+# A dataset's rows end on stream-eos under generation.max_new_tokens (2,048), so their slots are sized for
+# that, or by each text's estimated speech length (generation.engine.reserve=estimate). The bench's rows stop
+# at their own lengths (stream-eos ignored), which sizes their slots exactly; these modes size them as a
+# dataset's instead, the estimate stood in for by DATASET_MARGIN x each row's length (the example voices'
+# transcripts are estimated at 1.5-2.9x what their recordings take: tests/test_speech_length.py).
+DATASET_MAX_NEW_TOKENS = 2048
+DATASET_MARGIN = 2.0
+DATASET_RESERVE = {"dataset_2048": "max_new_tokens", "dataset_estimate": "estimate"}
 # model.engine constants a mode sets while it runs (the admission order came after `previous`).
 MODE_CONSTANTS = {
     "previous": {"LENGTH_CLASS": 1 << 30},
@@ -266,6 +279,30 @@ def measure_chunks(engine: SynthesisEngine, batch: int, rows: list[SynthesisRequ
 
 
 @contextmanager
+def dataset_reserve(engine: SynthesisEngine, mode: str) -> Iterator[None]:
+    """Rows' slots sized as a dataset's would be under `mode` (DATASET_RESERVE), for the block; the rows still
+    stop at their max_new_tokens, their own lengths."""
+    policy = DATASET_RESERVE.get(mode)
+    if policy is None:
+        yield
+        return
+    extra = 1 + engine.num_codebooks  # the bos frame and the delay pattern's staircase
+
+    def reserve(request: SynthesisRequest) -> int:
+        if policy == "max_new_tokens":
+            return DATASET_MAX_NEW_TOKENS
+        estimated = int(DATASET_MARGIN * (request.max_new_tokens - extra)) + extra
+        # As SynthesisEngine._reserve: an estimate over half of max_new_tokens reserves all of it.
+        return estimated if 2 * estimated <= DATASET_MAX_NEW_TOKENS else DATASET_MAX_NEW_TOKENS
+
+    engine._reserve = reserve
+    try:
+        yield
+    finally:
+        del engine._reserve  # the instance attribute; the method shows through again
+
+
+@contextmanager
 def mode_constants(mode: str) -> Iterator[None]:
     """model.engine's constants as `mode` sets them (MODE_CONSTANTS), for the block."""
     with ExitStack() as stack:
@@ -317,12 +354,13 @@ def measure_refill(
     """`n` rows of 150-349 frames through `batch` slots, `per_call` rows per call: rows finish at different
     steps and waiting rows of the same call take their slots (continuous batching), as in a dataset job's
     actor; each call ends draining to its longest row. `share`: the engine's REFILL_SHARE (0: a slot is
-    refilled as soon as its row finishes, one prefill per look); `mode`'s MODE_CONSTANTS hold meanwhile."""
+    refilled as soon as its row finishes, one prefill per look); `mode`'s MODE_CONSTANTS hold meanwhile, and
+    its DATASET_RESERVE sizes the rows' slots."""
     mixed = [
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    with engine_constant("REFILL_SHARE", share), mode_constants(mode):
+    with engine_constant("REFILL_SHARE", share), mode_constants(mode), dataset_reserve(engine, mode):
         result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
     result.update(rows=n, rows_per_call=per_call, refill_share=share, frames_per_row="150-349")
     return result

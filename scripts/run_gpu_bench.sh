@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the engine in one call, for a lent GPU machine (see docs/benchmarks.md):
 #   bash scripts/run_gpu_bench.sh OUT_DIR
-# About 9 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
+# About 9.5 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
 # writes its JSON after every measurement and starts nothing new after its --budget-s, so a cut-off run
 # keeps what it measured.
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
@@ -19,14 +19,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # GPU run 5 (docs/benchmarks.md) measured bench_attention.py and bench_vocoding.py; run 6's new defaults
 # lost their mixed-length run to a free-memory bug. First, then, what decides the dataset pipeline's goal:
 # 1,024 rows of 150-349 frames with the slots that fit free memory (runtime.batch_size=auto) in calls of
-# 512, with the defaults, with the defaults admitting rows by prompt length instead of longest first
-# (`prompt_order`; 1.06-1.25x fewer decode steps on the CPU at 4-2 rows a slot), and with the engine
-# before run 6's changes (`previous`, 276x then) (~195 s); and where the GPU time of a decode step at 1 and
-# 256 rows and of a 64-row prefill goes (the prefill took 23 % of a 256-row call in run 5, at a quarter of
-# the card's bf16 peak) (~25 s).
-timeout 260 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 230 --no-baseline \
-  --modes "" --profile 1,256 --profile-prefill 64 --refill-rows 1024 --refill-runs auto:512 \
-  --refill-modes graphs,prompt_order,previous --span-batch 0 --check-rows 0 2>&1 | tee "$out/bench_refill.log"
+# 512: with the defaults (slots sized exactly: the rows stop at their own lengths); with the slots a
+# dataset's rows would get, ending on stream-eos under max_new_tokens 2,048, sized by each text's estimate
+# (`dataset_estimate`) or by max_new_tokens as before (`dataset_2048`); then admitting rows by prompt length
+# instead of longest first (`prompt_order`; 1.05-1.19x fewer decode steps on the CPU at 4-2 rows a slot) and
+# the engine before run 6's changes (`previous`, 276x then), as the budget allows. Before those, where the
+# GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one row's step).
+timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 250 --no-baseline \
+  --modes "" --profile 256 --profile-prefill 64 --refill-rows 1024 --refill-runs auto:512 \
+  --refill-modes graphs,dataset_estimate,dataset_2048,prompt_order,previous --span-batch 0 --check-rows 0 \
+  2>&1 | tee "$out/bench_refill.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
 timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
@@ -37,6 +39,6 @@ timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-row
 # took 78 s on an H100; a new slot count compiles again), and compiled with fused projections at 1 row, in
 # that order as the budget allows; exactness checks last (transformers' generate, 0.62x real time in runs
 # 4 and 5, is not rerun).
-timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 215 --no-baseline \
+timeout 230 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 195 --no-baseline \
   --modes graphs=1/256/384,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
   2>&1 | tee "$out/bench_gpu.log"
