@@ -47,6 +47,14 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * width
 
 
+def slot_reserve(estimated_steps: int, limit: int) -> int:
+    """The decode steps a slot is sized for, for a row estimated at `estimated_steps` under its max_new_tokens
+    `limit`: all of `limit` where the estimate is over half of it. Under half the slot saved is not worth it:
+    a row that runs on to max_new_tokens would do twice the work (on the tiny checkpoint, whose random rows
+    often do, that cost 0.86x with 10 of 48 run again)."""
+    return estimated_steps if 2 * estimated_steps <= limit else limit
+
+
 def fitting_batch_size(
     config,
     dtype: torch.dtype,
@@ -260,10 +268,7 @@ class SynthesisEngine:
         extra = 1 + self.num_codebooks
         if reserve != "estimate":
             return min(limit, int(reserve) + extra)
-        estimated = math.ceil(estimate_seconds(request.text) * self._frame_rate) + extra
-        # Under half the slot saved is not worth it: a row that runs on to max_new_tokens would do twice the
-        # work (on the tiny checkpoint, whose random rows often do, that cost 0.86x with 10 of 48 run again).
-        return estimated if 2 * estimated <= limit else limit
+        return slot_reserve(math.ceil(estimate_seconds(request.text) * self._frame_rate) + extra, limit)
 
     @cached_property
     def _frame_rate(self) -> float:
@@ -693,7 +698,8 @@ class SynthesisEngine:
 
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
         """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames (on a CPU,
-        VOCODE_CPU_FRAMES): rows of one length together, or with `vocode_windows` every row cut into windows of one size (model.vocoding).
+        VOCODE_CPU_FRAMES): rows of one length together, or with `vocode_windows` every row cut into windows
+        of one size (model.vocoding).
         Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
         row's windows are the same whichever rows it is vocoded with.
 
@@ -701,14 +707,15 @@ class SynthesisEngine:
         frames; then each row is vocoded alone, and a row that still does not fit becomes an error row."""
         if not results:
             return
-        step = self._decode_step
-        slots = step.cache.slots if step is not None else self.options.max_batch_size
-        budget = min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
-        if self.device.type != "cuda":
-            budget = VOCODE_CPU_FRAMES
+        on_gpu = self.device.type == "cuda"
+        budget = VOCODE_CPU_FRAMES
+        if on_gpu:
+            step = self._decode_step
+            slots = step.cache.slots if step is not None else self.options.max_batch_size
+            budget = min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
         windows = self.options.vocode_windows
         if windows is None:
-            windows = self.device.type == "cuda"
+            windows = on_gpu
         margin = self._vocode_margin if windows else None
         codes = [r.audio_codes for r in results]
         while True:

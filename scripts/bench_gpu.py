@@ -292,8 +292,7 @@ def dataset_reserve(engine: SynthesisEngine, mode: str) -> Iterator[None]:
         if policy == "max_new_tokens":
             return DATASET_MAX_NEW_TOKENS
         estimated = int(DATASET_MARGIN * (request.max_new_tokens - extra)) + extra
-        # As SynthesisEngine._reserve: an estimate over half of max_new_tokens reserves all of it.
-        return estimated if 2 * estimated <= DATASET_MAX_NEW_TOKENS else DATASET_MAX_NEW_TOKENS
+        return engine_module.slot_reserve(estimated, DATASET_MAX_NEW_TOKENS)
 
     engine._reserve = reserve
     try:

@@ -36,11 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 import model.engine as engine_module  # noqa: E402
 from model.decode_step import DecodeStep  # noqa: E402
-from model.engine import fitting_batch_size  # noqa: E402
+from model.engine import fitting_batch_size, slot_reserve  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
 from model.speech_length import estimate_seconds  # noqa: E402
 from model.tiny import build_text_tokenizer, build_tiny_checkpoint, real_model_config  # noqa: E402
+from scripts.bench_gpu import engine_constant, watch_prefills  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
 
 
@@ -65,9 +66,7 @@ def plan(args: argparse.Namespace) -> dict:
         "estimate_median_row": int(np.median(frames)),
     }
     for name, reserve in policies.items():
-        if 2 * reserve > args.max_new_tokens:  # as engine.SynthesisEngine._reserve
-            reserve = args.max_new_tokens
-        length = round_up(args.own_tokens + reserve)
+        length = round_up(args.own_tokens + slot_reserve(reserve, args.max_new_tokens))
         slots = fitting_batch_size(config, torch.bfloat16, free, length, args.prompt_tokens)
         report[name] = {"slot_columns": length, "slots": slots}
     for name in ("estimate_longest_row", "estimate_median_row"):
@@ -96,12 +95,17 @@ def counting_outgrown(engine) -> list[str]:
     return found
 
 
-def measured(rows: int) -> dict:
-    from model.checkpoint import CheckpointSpec
-    from model.engine import EngineOptions, SynthesisEngine
+def tiny_checkpoint():
+    """The tiny checkpoint, built in a temporary folder and loaded on the CPU."""
+    from model.checkpoint import CheckpointSpec, load_checkpoint
 
     folder = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
-    loaded = SynthesisEngine.from_spec(CheckpointSpec(source=str(folder), device="cpu")).checkpoint
+    return load_checkpoint(CheckpointSpec(source=str(folder), device="cpu"))
+
+
+def measured(loaded, rows: int) -> dict:
+    from model.engine import EngineOptions, SynthesisEngine
+
     requests = [
         SynthesisRequest(id=f"r{i}", text=f"Sentence number {i} is spoken here.", seed=i, max_new_tokens=200)
         for i in range(rows)
@@ -129,27 +133,11 @@ def measured(rows: int) -> dict:
     return report
 
 
-def counting_prefills(engine) -> list[int]:
-    """The size of each prefill group `engine` runs from now on."""
-    sizes: list[int] = []
-    prefill = engine._prefill
-
-    def counted(batch, *rest):
-        sizes.append(len(batch))
-        return prefill(batch, *rest)
-
-    engine._prefill = counted
-    return sizes
-
-
-def admission_order(calls: list[int], slots: int) -> list[dict]:
+def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
     """For each call size in `calls`: rows of 150-349 frames (bench_gpu.py's mixed rows) through `slots`
     slots, admitted by prompt length only (the order before) and longest first (the engine's order)."""
-    from model.checkpoint import CheckpointSpec
     from model.engine import EngineOptions, SynthesisEngine
 
-    folder = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
-    loaded = SynthesisEngine.from_spec(CheckpointSpec(source=str(folder), device="cpu")).checkpoint
     steps = []
     original = DecodeStep.__call__
 
@@ -178,16 +166,12 @@ def admission_order(calls: list[int], slots: int) -> list[dict]:
             ):
                 engine = SynthesisEngine(loaded, EngineOptions(max_batch_size=slots, ignore_eos=True))
                 engine.generate([replace(r, max_new_tokens=16) for r in requests[:2]])  # warm-up
-                groups = counting_prefills(engine)
-                own = engine_module.LENGTH_CLASS
-                engine_module.LENGTH_CLASS = length_class
-                try:
+                groups = watch_prefills(engine)
+                with engine_constant("LENGTH_CLASS", length_class):
                     steps.clear()
                     started = time.perf_counter()
                     engine.generate(requests)
                     seconds = time.perf_counter() - started
-                finally:
-                    engine_module.LENGTH_CLASS = own
                 report[name] = {
                     "decode_steps": len(steps),
                     "prefill_groups": len(groups),
@@ -219,11 +203,12 @@ def main() -> None:
     torch.manual_seed(0)
     report = header("lengths", torch.device("cpu"))
     report["plan"] = plan(args)
+    loaded = tiny_checkpoint() if args.rows or args.order_calls else None
     if args.rows:
-        report["tiny"] = measured(args.rows)
+        report["tiny"] = measured(loaded, args.rows)
     if args.order_calls:
         calls = [int(n) for n in args.order_calls.split(",")]
-        report["order"] = admission_order(calls, args.order_slots)
+        report["order"] = admission_order(loaded, calls, args.order_slots)
     emit(report, args.out)
 
 
