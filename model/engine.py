@@ -35,6 +35,7 @@ from model.sampling import RowParams
 from model.slot_batch import SlotBatch
 from model.slot_cache import SlotCache, round_up
 from model.speech_length import estimate_seconds
+from model.token_routing import use_indexed_routing
 from model.vocoding import margin_for, probe_reach, vocode_rows
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class SynthesisEngine:
         self.reference_cache = LRUCache(self.options.reference_cache_size)
         self._decode_step: DecodeStep | None = None
         self._compile = self.options.compile  # off once a step has failed to compile: the next would too
+        use_indexed_routing(self.model)  # bit for bit transformers' layers, without their waits in prefill
 
     @classmethod
     def from_spec(cls, spec: CheckpointSpec, options: EngineOptions | None = None) -> SynthesisEngine:

@@ -14,12 +14,13 @@ on its device and dtype: moving it would copy the views apart.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
+
+from model.forward_override import override_forward
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
@@ -108,9 +109,7 @@ def use_fused_projections(model: torch.nn.Module, fused: bool = True) -> int:
         if type(module) not in _FUSIBLE:
             continue
         prepare, forward = _FUSIBLE[type(module)]
-        if fused and prepare(module):
-            module.forward = types.MethodType(forward, module)
-            count += 1
-        else:
-            module.__dict__.pop("forward", None)
+        on = fused and prepare(module)
+        override_forward(module, forward if on else None)
+        count += on
     return count

@@ -9,10 +9,10 @@ operations as transformers', so results there are bit for bit the same (tests/te
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
+
+from model.forward_override import override_forward
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -32,8 +32,5 @@ def use_fused_rms_norms(model: torch.nn.Module, fused: bool = True) -> int:
     Returns how many there are."""
     norms = [m for m in model.modules() if _is_rms_norm(m)]
     for norm in norms:
-        if fused:
-            norm.forward = types.MethodType(_fused_forward, norm)
-        else:
-            norm.__dict__.pop("forward", None)
+        override_forward(norm, _fused_forward if fused else None)
     return len(norms)

@@ -564,6 +564,44 @@ def profile_prefill(loaded, mode: str, batch: int, rows: list[SynthesisRequest])
     }
 
 
+def prefill_routing(
+    loaded, mode: str, sizes: list[int], rows: list[SynthesisRequest], repeats: int = 5
+) -> list:
+    """One prefill group's wall time (its shared prefix's forward included, as the engine's prefill groups
+    run it) with tokens routed to the text and audio weights by boolean masks, as transformers' layers do,
+    against by index lists (model.token_routing): the masks make the CPU wait for the GPU ~8 times a layer,
+    which a small group (a refill) pays in full. Medians of `repeats`, the two alternating."""
+    from model.token_routing import use_indexed_routing
+
+    engine = SynthesisEngine(loaded, EngineOptions(ignore_eos=True, **MODES[mode]))
+    out = []
+    try:
+        for size in sizes:
+            prepared = [engine._prepare(i, r) for i, r in enumerate(rows[:size])]
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(repeats + 1):  # the first of each is a warm-up
+                for indexed in (False, True):
+                    use_indexed_routing(engine.model, indexed)
+                    engine._sync()
+                    started = time.perf_counter()
+                    with torch.inference_mode():
+                        engine._prefill(prepared)
+                    engine._sync()
+                    times[indexed].append(time.perf_counter() - started)
+            masked, indexed = (sorted(times[k][1:])[repeats // 2] for k in (False, True))
+            out.append(
+                {
+                    "rows": size,
+                    "masks_ms": round(masked * 1e3, 2),
+                    "indices_ms": round(indexed * 1e3, 2),
+                    "speedup": round(masked / indexed, 3),
+                }
+            )
+    finally:
+        use_indexed_routing(engine.model)
+    return out
+
+
 def profiled(device: torch.device, work, repeats: int) -> dict:
     """`work` run under torch.profiler: wall and kernel milliseconds per repeat, and the 20 operators and
     kernels with the most time of their own. On a GPU each kernel's time also shows under the operator that
@@ -661,6 +699,11 @@ def main() -> None:
         "--profile-prefill", default="", help="batch sizes whose prefill is profiled, e.g. 64"
     )
     parser.add_argument(
+        "--prefill-routing",
+        default="",
+        help="prefill group sizes timed with both token routings, e.g. 1,8,64",
+    )
+    parser.add_argument(
         "--check-rows", type=int, default=4, help="rows of the greedy agreement check (0: no checks)"
     )
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
@@ -678,7 +721,10 @@ def main() -> None:
     sizes = sorted({n for _, mode_sizes in modes for n in mode_sizes})
     step_profiles = [int(n) for n in args.profile.split(",") if n]
     prefill_profiles = [int(n) for n in args.profile_prefill.split(",") if n]
-    most = max([*sizes, *step_profiles, *prefill_profiles, args.span_batch, args.check_rows, 1])
+    routing_sizes = [int(n) for n in args.prefill_routing.split(",") if n]
+    most = max(
+        [*sizes, *step_profiles, *prefill_profiles, *routing_sizes, args.span_batch, args.check_rows, 1]
+    )
     rows = requests(most, args.frames, args.text_tokens, args.ref_frames, tokenizer)
     report = {
         **header("gpu_engine", device),
@@ -732,6 +778,12 @@ def main() -> None:
     for size in prefill_profiles:
         run = attempt(f"profile prefill b{size}", lambda n=size: profile_prefill(loaded, first, n, rows))
         report["profile_prefill"].append({"mode": first, "batch_size": size, **run})
+        save()
+    if routing_sizes:
+        report["prefill_routing"] = attempt(
+            "prefill routing", lambda: prefill_routing(loaded, first, routing_sizes, rows)
+        )
+        print(json.dumps(report["prefill_routing"]), file=sys.stderr, flush=True)
         save()
     if args.refill_rows:
         # Rows per call as runtime.rows_per_call sets them in a dataset job: the slots alone (no refill within

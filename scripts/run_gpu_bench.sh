@@ -24,9 +24,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # (`dataset_estimate`) or by max_new_tokens as before (`dataset_2048`); then admitting rows by prompt length
 # instead of longest first (`prompt_order`; 1.05-1.19x fewer decode steps on the CPU at 4-2 rows a slot) and
 # the engine before run 6's changes (`previous`, 276x then), as the budget allows. Before those, where the
-# GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one row's step).
+# GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one row's step), and
+# prefill groups of 1, 8 and 64 rows with tokens routed by boolean masks (transformers' layers) against by
+# index lists (model.token_routing, the default since the CPU session of 2026-11-26 14:10 UTC; ~10 s).
 timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 250 --no-baseline \
-  --modes "" --profile 256 --profile-prefill 64 --refill-rows 1024 --refill-runs auto:512 \
+  --modes "" --profile 256 --profile-prefill 64 --prefill-routing 1,8,64 --refill-rows 1024 --refill-runs auto:512 \
   --refill-modes graphs,dataset_estimate,dataset_2048,prompt_order,previous --span-batch 0 --check-rows 0 \
   2>&1 | tee "$out/bench_refill.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
