@@ -66,6 +66,30 @@ class DynamicBatch:
         self.params = self.params.select(keep)
         self._trim()
 
+    def take(self, n: int) -> DynamicBatch:
+        """The first `n` rows as a batch of their own, the others staying in this one: rows prefilled ahead
+        of the slots they will join (SynthesisEngine._decode_all)."""
+        device = self.attention.device
+        head = torch.arange(n, device=device)
+        cache = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[:n], layer.values[:n], i)
+        taken = DynamicBatch(
+            items=self.items[:n],
+            cache=cache,
+            attention=self.attention[:n],
+            positions=self.positions[:n],
+            logits=self.logits[:n],
+            params=self.params.select(head),
+            steps=self.steps[:n],
+            eos_steps=self.eos_steps[:n],
+            max_steps=self.max_steps[:n],
+            history=self.history[:n],
+            frames=self.frames[:n],
+        )
+        self.select(torch.arange(n, len(self), device=device))
+        return taken
+
     def _trim(self) -> None:
         if not len(self.items):
             return

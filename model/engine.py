@@ -113,11 +113,15 @@ LENGTH_CLASS = 16
 # A prefill group takes rows from up to this many times its size ahead in the queue (SynthesisEngine._admit):
 # in that probe, groups of consecutive rows only took 24 prefill forwards instead of 11 (10 by prompt length).
 ADMIT_WINDOW = 2
-# Waiting rows join a running batch once this share of its slots is free (or all of them fit). A prefill
-# forward has a fixed cost: on an H200 one row's took 48 ms against 7 ms a row at 128 rows, so refilling
-# each slot as its row finished made 512 rows through 128 slots slower (132x real time) than not refilling
-# at all (155x). Idle slots cost less: a step of 112 rows is not much faster than one of 128.
+# A running batch's refills prefill at least this share of its slots' rows at once: the rows beyond its free
+# slots wait prefilled (their prompts' keys and values, as a prefill group holds them anyway) and take slots
+# as rows finish, at the engine's next look. A prefill forward has a fixed cost: on an H200 one row's took 48
+# ms against 7 ms a row at 128 rows, so prefilling each row as a slot freed made 512 rows through 128 slots
+# slower (132x real time) than not refilling at all (155x). Waiting instead until this share of the slots was
+# free (the rule before 2026-11-26 14:30 UTC) left slots idle meanwhile: ~6 % of a 256-slot batch's steps.
 REFILL_SHARE = 1 / 8
+# Whether refills prefill ahead as above; False: the rule before (bench_gpu.py's `refill_at_share` mode).
+PREFILL_AHEAD = True
 
 
 @dataclass
@@ -407,18 +411,29 @@ class SynthesisEngine:
         asked = size
         prefix, size = self._call_layout(prepared, size)
         state: DynamicBatch | SlotBatch | None = None
+        staged: DynamicBatch | None = None  # rows prefilled ahead of the slots they join (REFILL_SHARE)
         outgrown: list[_Prepared] = []
-        while waiting or state is not None:
-            involved: list[_Prepared] = [] if state is None else list(state.items)
+        while waiting or staged is not None or state is not None:
+            involved: list[_Prepared] = [
+                *([] if state is None else state.items),
+                *([] if staged is None else staged.items),
+            ]
             try:
-                free = size - len(involved)
-                admitting = state is None or self._refills(size, free, len(waiting))
-                # Free slots fill in prefill groups of at most max_prefill_rows rows before the next step.
-                while admitting and waiting and free > 0:
-                    group = self._admit(waiting, free)
-                    involved += group
-                    free -= len(group)
-                    joining = self._prefill(group, prefix)
+                free = size - (0 if state is None else len(state))
+                # Free slots fill before the next step, from rows prefilled ahead or else from a new prefill
+                # group of at most max_prefill_rows rows.
+                while free > 0 and (
+                    staged is not None or (waiting and self._refills(state, size, free, waiting))
+                ):
+                    if staged is None:
+                        group = self._admit(waiting, self._group_size(state, size, free))
+                        involved += group
+                        staged = self._prefill(group, prefix)
+                    if free >= len(staged):
+                        joining, staged = staged, None
+                    else:
+                        joining = staged.take(free)
+                    free -= len(joining)
                     if state is None and not self.options.static_cache:
                         state = joining
                     else:
@@ -429,7 +444,7 @@ class SynthesisEngine:
                 if not len(state):
                     state = None
             except torch.OutOfMemoryError as exc:
-                state = None
+                state = staged = None
                 self._drop_step()  # rebuilt for the smaller batch
                 self._release_memory()
                 if size == 1:
@@ -444,7 +459,7 @@ class SynthesisEngine:
                 )
                 waiting = self._order([*waiting, *involved])
             except Exception as exc:  # noqa: BLE001 - a row's failure must not take its batch mates down
-                state = None
+                state = staged = None
                 if len(involved) == 1:
                     log.warning("request %r failed: %s", involved[0].request.id, exc)
                     yield involved[0], self._failure(involved[0], "synthesis", f"generation failed: {exc}")
@@ -460,9 +475,21 @@ class SynthesisEngine:
             )
             yield from self._decode_all(outgrown, asked)
 
-    def _refills(self, size: int, free: int, waiting: int) -> bool:
-        """Whether waiting rows join the running batch now, as one prefill group (see REFILL_SHARE)."""
-        return self.options.refill and free >= min(waiting, math.ceil(size * REFILL_SHARE))
+    def _refills(self, state, size: int, free: int, waiting: deque) -> bool:
+        """Whether waiting rows are prefilled now: always into an empty batch; into a running one with
+        `refill` (continuous batching), once a slot is free (see REFILL_SHARE)."""
+        if state is None:
+            return True
+        if not self.options.refill:
+            return False
+        return PREFILL_AHEAD or free >= min(len(waiting), math.ceil(size * REFILL_SHARE))
+
+    def _group_size(self, state, size: int, free: int) -> int:
+        """Rows the next prefill group takes (at most; see _admit): the free slots, and while a batch runs at
+        least REFILL_SHARE of its slots, the rows beyond the free ones prefilled ahead."""
+        if state is None or not PREFILL_AHEAD:
+            return free
+        return max(free, math.ceil(size * REFILL_SHARE))
 
     def _failure(self, item: _Prepared, field_name: str, message: str) -> SynthesisResult:
         return SynthesisResult(

@@ -113,6 +113,8 @@ MODES = {
     },
     # The default admitting a call's rows by prompt length alone, not the longest expected first.
     "prompt_order": {"static_cache": True, "cuda_graphs": True},
+    # The default refilling once REFILL_SHARE of the slots is free, none prefilled ahead (PREFILL_AHEAD).
+    "refill_at_share": {"static_cache": True, "cuda_graphs": True},
     # The default with the mixed rows' slots sized as a dataset's would be (DATASET_RESERVE).
     "dataset_2048": {"static_cache": True, "cuda_graphs": True},
     "dataset_estimate": {"static_cache": True, "cuda_graphs": True},
@@ -127,8 +129,9 @@ DATASET_MARGIN = 2.0
 DATASET_RESERVE = {"dataset_2048": "max_new_tokens", "dataset_estimate": "estimate"}
 # model.engine constants a mode sets while it runs (the admission order came after `previous`).
 MODE_CONSTANTS = {
-    "previous": {"LENGTH_CLASS": 1 << 30},
+    "previous": {"LENGTH_CLASS": 1 << 30, "PREFILL_AHEAD": False},
     "prompt_order": {"LENGTH_CLASS": 1 << 30},
+    "refill_at_share": {"PREFILL_AHEAD": False},
 }
 
 

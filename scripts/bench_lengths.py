@@ -12,14 +12,16 @@ speech length (generation.engine.reserve) instead of max_new_tokens, and the lon
    reserve so tight that most rows outgrow it and run again: wall time, rows run again, and whether every
    row's codes equal those of max_new_tokens slots.
 3. Measured on the tiny checkpoint: calls of `--order-calls` rows of 150-349 frames (stream-eos ignored)
-   through `--order-slots` slots, admitted longest first (the engine's order) or by prompt length only
-   (engine.LENGTH_CLASS above every reserve, the order before): decode steps against the fewest possible
-   (the rows' frames over the slots), prefill groups, and wall time.
+   through `--order-slots` slots, admitted by prompt length only (engine.LENGTH_CLASS above every reserve,
+   the order before), longest first, and longest first with refills prefilled ahead (engine.PREFILL_AHEAD,
+   the engine's now): decode steps against the fewest possible (the rows' frames over the slots), prefill
+   groups, and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -34,7 +36,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import model.engine as engine_module  # noqa: E402
 from model.decode_step import DecodeStep  # noqa: E402
 from model.engine import fitting_batch_size, slot_reserve  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
@@ -133,9 +134,20 @@ def measured(loaded, rows: int) -> dict:
     return report
 
 
+# The policies compared, each as model.engine constants: admitting by prompt length only (the order before
+# the CPU session of 2026-11-26 12:31 UTC), longest first, and longest first with refills prefilled ahead
+# (the engine's now; before, a refill waited for REFILL_SHARE of the slots to be free).
+ORDER_POLICIES = {
+    "prompt_length": {"LENGTH_CLASS": 1 << 30, "PREFILL_AHEAD": False},
+    "longest_first": {"PREFILL_AHEAD": False},
+    "prefill_ahead": {},
+}
+
+
 def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
     """For each call size in `calls`: rows of 150-349 frames (bench_gpu.py's mixed rows) through `slots`
-    slots, admitted by prompt length only (the order before) and longest first (the engine's order)."""
+    slots under each of ORDER_POLICIES: decode steps (what a GPU pays for at large batch), prefill groups
+    and wall time; each policy's ratios against the one before it."""
     from model.engine import EngineOptions, SynthesisEngine
 
     steps = []
@@ -160,26 +172,23 @@ def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
             ]
             fewest = -(-sum(r.max_new_tokens for r in requests) // slots)
             report: dict = {"rows": rows, "slots": slots, "fewest_steps": fewest}
-            for name, length_class in (
-                ("prompt_length", 1 << 30),
-                ("longest_first", engine_module.LENGTH_CLASS),
-            ):
+            previous = None
+            for name, constants in ORDER_POLICIES.items():
                 engine = SynthesisEngine(loaded, EngineOptions(max_batch_size=slots, ignore_eos=True))
                 engine.generate([replace(r, max_new_tokens=16) for r in requests[:2]])  # warm-up
                 groups = watch_prefills(engine)
-                with engine_constant("LENGTH_CLASS", length_class):
+                with contextlib.ExitStack() as stack:
+                    for constant, value in constants.items():
+                        stack.enter_context(engine_constant(constant, value))
                     steps.clear()
                     started = time.perf_counter()
                     engine.generate(requests)
                     seconds = time.perf_counter() - started
-                report[name] = {
-                    "decode_steps": len(steps),
-                    "prefill_groups": len(groups),
-                    "wall_s": round(seconds, 3),
-                }
-            before, after = report["prompt_length"], report["longest_first"]
-            report["steps_ratio"] = round(before["decode_steps"] / after["decode_steps"], 3)
-            report["wall_ratio"] = round(before["wall_s"] / after["wall_s"], 3)
+                run = {"decode_steps": len(steps), "prefill_groups": len(groups), "wall_s": round(seconds, 3)}
+                if previous:
+                    run["steps_ratio"] = round(previous["decode_steps"] / run["decode_steps"], 3)
+                    run["wall_ratio"] = round(previous["wall_s"] / run["wall_s"], 3)
+                report[name] = previous = run
             reports.append(report)
             print(json.dumps(report), file=sys.stderr, flush=True)
     finally:

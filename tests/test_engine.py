@@ -162,19 +162,39 @@ def rows_finishing_one_by_one(n: int) -> list[SynthesisRequest]:
     return [smart(i, max_new_tokens=12 + (i * 7) % 41) for i in range(n)]
 
 
+def sizes_of_calls(monkeypatch, engine, method: str) -> list[int]:
+    """The len() of the first argument of each call of engine.<method> (a prefill group, a batch stepped)."""
+    sizes = []
+    original = getattr(engine, method)
+    monkeypatch.setattr(
+        engine, method, lambda first, *rest: sizes.append(len(first)) or original(first, *rest)
+    )
+    return sizes
+
+
 def test_waiting_rows_join_a_running_batch_in_groups_not_slot_by_slot(engine, monkeypatch):
     from model.engine import EngineOptions, SynthesisEngine
 
     refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, refill=True))
-    groups = []
-    original = refilled._prefill
-    monkeypatch.setattr(
-        refilled, "_prefill", lambda batch, *rest: groups.append(len(batch)) or original(batch, *rest)
-    )
+    groups = sizes_of_calls(monkeypatch, refilled, "_prefill")
     refilled.generate(rows_finishing_one_by_one(40))
     assert sum(groups) == 40 and groups[0] == 16 and len(groups) > 2
-    # A refill waits for 2 of the 16 slots (REFILL_SHARE), except the one that takes the last waiting row.
+    # A refill prefills at least 2 of the 16 slots' rows (REFILL_SHARE), except the one that takes the last
+    # waiting row.
     assert all(n >= 2 for n in groups[1:-1]), groups
+
+
+def test_rows_prefilled_ahead_take_slots_as_they_free_so_no_slot_idles_while_rows_wait(engine, monkeypatch):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=16, refill=True))
+    occupied = sizes_of_calls(monkeypatch, refilled, "_step")
+    refilled.generate(rows_finishing_one_by_one(40))
+    # Every look steps all 16 slots until the last waiting row has joined; then the batch only drains.
+    full = next(i for i, n in enumerate(occupied) if n < 16)
+    assert full > 2, occupied
+    assert occupied[:full] == [16] * full
+    assert occupied[full:] == sorted(occupied[full:], reverse=True), occupied
 
 
 def test_a_batch_fills_its_free_slots_in_prefill_groups_of_max_prefill_rows_before_it_steps(

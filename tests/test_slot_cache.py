@@ -57,6 +57,21 @@ def test_the_static_cache_matches_one_request_at_a_time_on_the_dynamic_cache(eng
         np.testing.assert_array_equal(a, b)
 
 
+def test_rows_prefilled_ahead_of_their_slots_give_the_same_codes(engine64, monkeypatch):
+    from model.batch_state import DynamicBatch
+    from tests.test_engine import rows_finishing_one_by_one
+
+    taken = []
+    take = DynamicBatch.take
+    monkeypatch.setattr(DynamicBatch, "take", lambda self, n: taken.append(n) or take(self, n))
+    rows = rows_finishing_one_by_one(40)
+    alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1, static_cache=False))
+    refilled = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=16))
+    for a, b in zip(codes(alone, rows), codes(refilled, rows), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert taken  # some rows waited prefilled while the slots before them freed
+
+
 def test_a_prefilled_row_lands_at_the_front_of_its_slot(engine):
     short, long = smart(1), clone(2)
     prepared = [engine._prepare(0, short), engine._prepare(1, long)]
