@@ -118,7 +118,7 @@ ADMIT_WINDOW = 2
 # as rows finish, at the engine's next look. A prefill forward has a fixed cost: on an H200 one row's took 48
 # ms against 7 ms a row at 128 rows, so prefilling each row as a slot freed made 512 rows through 128 slots
 # slower (132x real time) than not refilling at all (155x). Waiting instead until this share of the slots was
-# free (the rule before 2026-11-26 14:30 UTC) left slots idle meanwhile: ~6 % of a 256-slot batch's steps.
+# free (the rule until 2026-11-26 14:28 UTC) left slots idle meanwhile: ~6 % of a 256-slot batch's steps.
 REFILL_SHARE = 1 / 8
 # Whether refills prefill ahead as above; False: the rule before (bench_gpu.py's `refill_at_share` mode).
 PREFILL_AHEAD = True
