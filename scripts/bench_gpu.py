@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
+from model.decode_step import DecodeStep  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.fused_projections import use_fused_projections  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
@@ -189,11 +191,11 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     prefills = watch_prefills(engine)
-    started = time.perf_counter()
-    results = [
-        r for i in range(0, count, per_call) for r in engine.generate(rows[i : min(count, i + per_call)])
-    ]
-    wall = time.perf_counter() - started
+    calls = [rows[i : min(count, i + per_call)] for i in range(0, count, per_call)]
+    with counting_steps() as steps:
+        started = time.perf_counter()
+        results = [r for call in calls for r in engine.generate(call)]
+        wall = time.perf_counter() - started
     del engine._prefill  # the instance attribute watch_prefills set; the method shows through again
     generated = sum(r.generated_frames for r in results)
     out = {
@@ -215,11 +217,35 @@ def measure(
     out["decode_frames_per_s"] = round(generated / decode_s, 1) if decode_s > 0 and count <= batch else None
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    out["decode_steps"] = len(steps)
     if engine._decode_step is not None:
-        out["kv_slots"] = engine._decode_step.cache.slots
+        slots = engine._decode_step.cache.slots
+        if engine.options.ignore_eos:  # each row takes exactly its max_new_tokens steps
+            # The fewest steps the calls could take: every slot busy until each call's last rows finish.
+            out["fewest_steps"] = sum(
+                math.ceil(sum(r.max_new_tokens for r in call) / slots) for call in calls
+            )
+        out["kv_slots"] = slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
     return out
+
+
+@contextmanager
+def counting_steps() -> Iterator[list[int]]:
+    """The decode steps any engine runs inside the block (DecodeStep calls), one entry each in the list."""
+    steps: list[int] = []
+    original = DecodeStep.__call__
+
+    def counted(self, *args):
+        steps.append(1)
+        return original(self, *args)
+
+    DecodeStep.__call__ = counted
+    try:
+        yield steps
+    finally:
+        DecodeStep.__call__ = original
 
 
 def watch_prefills(engine: SynthesisEngine) -> list[float]:

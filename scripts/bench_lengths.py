@@ -36,13 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.decode_step import DecodeStep  # noqa: E402
 from model.engine import fitting_batch_size, slot_reserve  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
 from model.speech_length import estimate_seconds  # noqa: E402
 from model.tiny import build_text_tokenizer, build_tiny_checkpoint, real_model_config  # noqa: E402
-from scripts.bench_gpu import engine_constant, watch_prefills  # noqa: E402
+from scripts.bench_gpu import counting_steps, engine_constant, watch_prefills  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
 
 
@@ -150,16 +149,8 @@ def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
     and wall time; each policy's ratios against the one before it."""
     from model.engine import EngineOptions, SynthesisEngine
 
-    steps = []
-    original = DecodeStep.__call__
-
-    def counted(self, *args):
-        steps.append(1)
-        return original(self, *args)
-
     reports = []
-    DecodeStep.__call__ = counted
-    try:
+    with counting_steps() as steps:
         for rows in calls:
             requests = [
                 SynthesisRequest(
@@ -191,8 +182,6 @@ def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
                 report[name] = previous = run
             reports.append(report)
             print(json.dumps(report), file=sys.stderr, flush=True)
-    finally:
-        DecodeStep.__call__ = original
     return reports
 
 
