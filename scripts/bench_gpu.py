@@ -167,6 +167,9 @@ def requests(n: int, frames: int, text_tokens: int, ref_frames: int, tokenizer) 
     ]
 
 
+WARM_AUTO_ROWS = 512
+
+
 def measure(
     engine: SynthesisEngine,
     batch: int,
@@ -183,8 +186,11 @@ def measure(
     per_call = per_call or count
     # Warm-up: kernels, allocator and, for the static cache, the CUDA graphs of the buckets and spans this run
     # visits (two batches' worth of rows pass through most of them; a later one is captured when first met).
+    # With slots chosen from free memory, up to WARM_AUTO_ROWS of a call's rows: the mixed rows' lengths
+    # repeat every 200, so those already give the call's slots, and a warm-up of a whole 1,024-row call
+    # would cost as much as the measurement.
     warm = time.perf_counter()
-    warm_rows = min(count, 2 * batch) if batch else per_call
+    warm_rows = min(count, 2 * batch) if batch else min(per_call, WARM_AUTO_ROWS)
     engine.generate(rows[:warm_rows] if engine.options.static_cache else rows[: min(count, 2)])
     warmup_s = time.perf_counter() - warm
     if engine.device.type == "cuda":

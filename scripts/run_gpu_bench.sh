@@ -17,20 +17,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # GPU run 5 (docs/benchmarks.md) measured bench_attention.py and bench_vocoding.py; run 6's new defaults
-# lost their mixed-length run to a free-memory bug. First, then, what decides the dataset pipeline's goal:
-# 1,024 rows of 150-349 frames with the slots that fit free memory (runtime.batch_size=auto) in one call of
-# 1,024 (the dataset job's AUTO_CALL_ROWS; run 6 used calls of 512): with the defaults (slots sized exactly: the rows stop at their own lengths); with the slots a
-# dataset's rows would get, ending on stream-eos under max_new_tokens 2,048, sized by each text's estimate
-# (`dataset_estimate`) or by max_new_tokens as before (`dataset_2048`); then refilling once 1/8 of the slots
-# is free instead of prefilling ahead (`refill_at_share`; 1.16x more decode steps on the CPU at 4 rows a
-# slot), admitting rows by prompt length instead of longest first (`prompt_order`; 1.03-1.19x) and
-# the engine before run 6's changes (`previous`, 276x then), as the budget allows. Before those, where the
-# GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one row's step), and
-# prefill groups of 1, 8 and 64 rows with tokens routed by boolean masks (transformers' layers) against by
-# index lists (model.token_routing, the default since the CPU session of 2026-11-26 14:10 UTC; ~10 s).
+# lost their mixed-length run to a free-memory bug. First, then, where the GPU time of a 256-row decode step
+# and of a 64-row prefill goes (~20 s; run 5 profiled one row's step), and prefill groups of 1, 8 and 64 rows
+# with tokens routed by boolean masks (transformers' layers) against by index lists (model.token_routing,
+# the default since the CPU session of 2026-11-26 14:10 UTC; ~10 s). Then what decides the dataset
+# pipeline's goal: 1,024 rows of 150-349 frames with the slots that fit free memory
+# (runtime.batch_size=auto) in one call (the dataset job's 1,024 rows a call; run 6 used calls of 512), each
+# mode ~60 s with its warm-up, as the budget allows: the defaults (slots sized exactly: the rows stop at
+# their own lengths); the slots a dataset's rows would get, ending on stream-eos under max_new_tokens 2,048,
+# sized by each text's estimate (`dataset_estimate`); refills that wait for 1/8 of the slots instead of
+# prefilling ahead (`refill_at_share`; 1.16x the decode steps on the CPU at 4 rows a slot); slots sized by
+# max_new_tokens as before the estimate (`dataset_2048`); rows admitted by prompt length instead of
+# longest first (`prompt_order`; 1.03-1.19x the steps); the engine before run 6's changes (`previous`, 276x
+# then).
 timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 250 --no-baseline \
-  --modes "" --profile 256 --profile-prefill 64 --prefill-routing 1,8,64 --refill-rows 1024 --refill-runs auto:1024 \
-  --refill-modes graphs,dataset_estimate,dataset_2048,refill_at_share,prompt_order,previous --span-batch 0 --check-rows 0 \
+  --modes "" --profile 256 --profile-prefill 64 --prefill-routing 1,8,64 \
+  --refill-rows 1024 --refill-runs auto:1024 \
+  --refill-modes graphs,dataset_estimate,refill_at_share,dataset_2048,prompt_order,previous \
+  --span-batch 0 --check-rows 0 \
   2>&1 | tee "$out/bench_refill.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
