@@ -57,7 +57,8 @@ def test_the_static_cache_matches_one_request_at_a_time_on_the_dynamic_cache(eng
         np.testing.assert_array_equal(a, b)
 
 
-def test_rows_prefilled_ahead_of_their_slots_give_the_same_codes(engine64, monkeypatch):
+@pytest.mark.parametrize("static_cache", [True, False], ids=["slots", "dynamic"])
+def test_rows_prefilled_ahead_of_their_slots_give_the_same_codes(engine64, monkeypatch, static_cache):
     from model.batch_state import DynamicBatch
     from tests.test_engine import rows_finishing_one_by_one
 
@@ -66,7 +67,9 @@ def test_rows_prefilled_ahead_of_their_slots_give_the_same_codes(engine64, monke
     monkeypatch.setattr(DynamicBatch, "take", lambda self, n: taken.append(n) or take(self, n))
     rows = rows_finishing_one_by_one(40)
     alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1, static_cache=False))
-    refilled = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=16))
+    refilled = SynthesisEngine(
+        engine64.checkpoint, EngineOptions(max_batch_size=16, static_cache=static_cache)
+    )
     for a, b in zip(codes(alone, rows), codes(refilled, rows), strict=True):
         np.testing.assert_array_equal(a, b)
     assert taken  # some rows waited prefilled while the slots before them freed
