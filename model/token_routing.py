@@ -32,10 +32,9 @@ def _indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if last is not None and last[0]() is mask:
         return last[1], last[2]
     flat = mask.reshape(-1)
-    positions = torch.arange(flat.numel(), device=flat.device)
     order = torch.argsort((~flat).to(torch.int8), stable=True)  # audio positions first, each kind in order
     audio_count = int(flat.sum())  # the forward's one wait for the GPU
-    audio, text = positions[order[:audio_count]], positions[order[audio_count:]]
+    audio, text = order[:audio_count], order[audio_count:]
     _routes.last = (weakref.ref(mask), audio, text)
     return audio, text
 
