@@ -52,6 +52,16 @@ class DecodedClip:
 
 
 @dataclass
+class EncodedClip:
+    """A reference clip's file as the dataset job's fetch stage hands it on once it has sent that clip
+    decoded: the bytes, for a synthesis actor that has not met the clip yet, and their content hash, under
+    which the others find its codes without hashing the file again (1.9 ms for a 3.4 MB WAV)."""
+
+    data: bytes
+    source_hash: str
+
+
+@dataclass
 class Reference:
     """One voice: a reference clip with its transcript, or a text voice profile.
 

@@ -21,7 +21,7 @@ import yaml
 from model import requests as rq
 from model.normalize import normalize_transcript
 from model.prompts import load_profiles
-from model.requests import DecodedClip, Reference, RequestError, SynthesisRequest
+from model.requests import DecodedClip, EncodedClip, Reference, RequestError, SynthesisRequest
 
 TEXT_ALIASES: tuple[str, ...] = ("text", "script", "prompt", "transcript")
 MAX_ID_CHARS = 128
@@ -138,7 +138,7 @@ def mark_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def to_request(
-    row: dict, audio_by_index: Sequence[bytes | DecodedClip | None] | None = None
+    row: dict, audio_by_index: Sequence[bytes | EncodedClip | DecodedClip | None] | None = None
 ) -> SynthesisRequest:
     """A SynthesisRequest from a pending canonical row; clip audio comes fetched, one entry per reference."""
     if row.get("status") != "pending":
@@ -154,6 +154,8 @@ def to_request(
             raise RequestError("references", f"reference {i} audio has not been fetched", ref.get("audio"))
         if isinstance(audio, DecodedClip):
             clip = {"audio": audio.samples, "sample_rate": audio.sample_rate, "cache_key": audio.source_hash}
+        elif isinstance(audio, EncodedClip):
+            clip = {"audio": audio.data, "cache_key": audio.source_hash}
         else:
             clip = {"audio": audio}
         refs.append(Reference(**clip, transcript=transcript, speaker_tag=tag))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from model.lru import LRUCache
-from model.requests import CODEC_SAMPLE_RATE, DecodedClip, RequestError, SynthesisResult
+from model.requests import CODEC_SAMPLE_RATE, DecodedClip, EncodedClip, RequestError, SynthesisResult
 from pipeline.attempts import AttemptLog
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
@@ -113,7 +113,8 @@ class FetchStage:
     actor beside the GPU ones: that takes 2-4 ms for a 10 s clip at 16 or 48 kHz
     (scripts/bench_references.py), which a synthesis actor spent with its GPU idle for every distinct clip of
     an eval set. Later rows with the same clip (a voice library) carry its encoded bytes, as small as the
-    file, and find its codes in the synthesis actor's cache; an actor that has not met it decodes it once."""
+    file, with their content hash (model.requests.EncodedClip), and find its codes in the synthesis actor's
+    cache by that hash without hashing the file again; an actor that has not met it decodes it once."""
 
     def __init__(self, policy: FetchPolicy, max_seconds: float) -> None:
         self.policy = policy
@@ -137,14 +138,14 @@ class FetchStage:
             row["_audio"] = audio
         return pack(rows)
 
-    def _fetch(self, source: str, field_name: str) -> bytes | DecodedClip:
+    def _fetch(self, source: str, field_name: str) -> EncodedClip | DecodedClip:
         # Imported here: the driver imports this module, and model.reference_audio brings torch.
         from model.reference_audio import content_hash, decode_reference
 
         data = fetch_reference(source, self.policy, field_name)
         key = content_hash(data)
         if self.decoded.get(key):
-            return data
+            return EncodedClip(data, key)
         samples = decode_reference(data, CODEC_SAMPLE_RATE, max_seconds=self.max_seconds, field=field_name)
         self.decoded.put(key, True)
         return DecodedClip(samples, CODEC_SAMPLE_RATE, key)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from model.reference_audio import content_hash, decode_reference
-from model.requests import DecodedClip, Reference
-from pipeline.manifest import ManifestRules, validate_row
+from model.requests import DecodedClip, EncodedClip, Reference
+from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy
 from pipeline.stages import FetchStage, pack, unpack
 from tests.helpers import REPO, text_row, voices_copy
@@ -35,11 +35,20 @@ def test_a_44_1_khz_reference_arrives_decoded_at_the_codec_rate(tmp_path):
     assert clip.source_hash == content_hash(BELINDA.read_bytes())
 
 
-def test_a_clip_met_again_travels_as_its_file_not_decoded_again(tmp_path):
+def test_a_clip_met_again_travels_as_its_file_and_its_hash_not_decoded_again(tmp_path):
     ref = {"audio": "belinda.wav", "transcript": "Hi."}
     first, second, third = fetch(tmp_path, [[ref], [ref], [ref]])
     assert isinstance(first["_audio"][0], DecodedClip)
-    assert second["_audio"][0] == third["_audio"][0] == BELINDA.read_bytes()
+    data = BELINDA.read_bytes()
+    assert second["_audio"][0] == third["_audio"][0] == EncodedClip(data, content_hash(data))
+
+
+def test_a_clip_met_again_becomes_a_reference_keyed_by_its_hash_so_the_file_is_not_hashed_again(tmp_path):
+    ref = {"audio": "belinda.wav", "transcript": "Hi."}
+    _, second = fetch(tmp_path, [[ref], [ref]])
+    [reference] = to_request(second, second.pop("_audio")).references
+    data = BELINDA.read_bytes()
+    assert reference.audio == data and reference.cache_key == content_hash(data)
 
 
 def test_a_reference_that_does_not_decode_errors_its_row_naming_the_reference(tmp_path):
