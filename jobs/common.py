@@ -162,11 +162,15 @@ def engine_options(cfg: DictConfig):
     )
 
 
+def _is_count(value: object) -> bool:
+    """A whole number of at least 1 (YAML's true is not one)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def kv_reserve(value: object) -> str | int:
     """generation.engine.reserve, checked: estimate, max_new_tokens, or a count of frames."""
-    counted = not isinstance(value, bool) and isinstance(value, int) and value >= 1
     require(
-        counted or value in ("estimate", "max_new_tokens"),
+        _is_count(value) or value in ("estimate", "max_new_tokens"),
         f"generation.engine.reserve must be estimate, max_new_tokens or a count of frames, got {value!r}",
     )
     return value
@@ -178,7 +182,7 @@ def batch_size(runtime: DictConfig) -> int:
     if value == "auto":
         return 0
     require(
-        not isinstance(value, bool) and isinstance(value, int) and value >= 1,
+        _is_count(value),
         f"runtime.batch_size must be a count of rows, or auto, got {value!r}",
     )
     return value

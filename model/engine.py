@@ -48,6 +48,12 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * width
 
 
+def audio_steps(frames: int, num_codebooks: int) -> int:
+    """Decode steps a row takes for `frames` frames of audio: the opening bos frame and the delay pattern's
+    staircase come on top."""
+    return frames + 1 + num_codebooks
+
+
 def slot_reserve(estimated_steps: int, limit: int) -> int:
     """The decode steps a slot is sized for, for a row estimated at `estimated_steps` under its max_new_tokens
     `limit`: all of `limit` where the estimate is over half of it. Under half the slot saved is not worth it:
@@ -270,11 +276,10 @@ class SynthesisEngine:
         reserve = self.options.reserve
         if reserve == "max_new_tokens" or self.options.ignore_eos or not self.options.static_cache:
             return limit
-        # The opening bos frame and the delay pattern's staircase come on top of the audio's frames.
-        extra = 1 + self.num_codebooks
         if reserve != "estimate":
-            return min(limit, int(reserve) + extra)
-        return slot_reserve(math.ceil(estimate_seconds(request.text) * self._frame_rate) + extra, limit)
+            return min(limit, audio_steps(int(reserve), self.num_codebooks))
+        frames = math.ceil(estimate_seconds(request.text) * self._frame_rate)
+        return slot_reserve(audio_steps(frames, self.num_codebooks), limit)
 
     @cached_property
     def _frame_rate(self) -> float:

@@ -12,7 +12,8 @@ the same uncompiled; `unshared`: `graphs` with every row prefilling its whole pr
 one reference turn; `whole_prompts`: `graphs` with that shared turn in every slot, not kept once beside them;
 `previous`: the defaults before GPU run 6 (whole prompts, one codec call per length, a batch's first rows
 prefilled in one forward, rows admitted by prompt length); `prompt_order`: `graphs` admitting rows by prompt
-length alone, not the longest first; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
+length alone, not the longest first; `refill_at_share`: `graphs` refilling only once 1/8 of the slots is
+free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
@@ -321,12 +322,13 @@ def dataset_reserve(engine: SynthesisEngine, mode: str) -> Iterator[None]:
     if policy is None:
         yield
         return
-    extra = 1 + engine.num_codebooks  # the bos frame and the delay pattern's staircase
+    codebooks = engine.num_codebooks
 
     def reserve(request: SynthesisRequest) -> int:
         if policy == "max_new_tokens":
             return DATASET_MAX_NEW_TOKENS
-        estimated = int(DATASET_MARGIN * (request.max_new_tokens - extra)) + extra
+        frames = request.max_new_tokens - engine_module.audio_steps(0, codebooks)
+        estimated = engine_module.audio_steps(int(DATASET_MARGIN * frames), codebooks)
         return engine_module.slot_reserve(estimated, DATASET_MAX_NEW_TOKENS)
 
     engine._reserve = reserve
@@ -336,11 +338,16 @@ def dataset_reserve(engine: SynthesisEngine, mode: str) -> Iterator[None]:
         del engine._reserve  # the instance attribute; the method shows through again
 
 
-@contextmanager
-def mode_constants(mode: str) -> Iterator[None]:
+def mode_constants(mode: str):
     """model.engine's constants as `mode` sets them (MODE_CONSTANTS), for the block."""
+    return engine_constants(MODE_CONSTANTS.get(mode, {}))
+
+
+@contextmanager
+def engine_constants(constants: dict) -> Iterator[None]:
+    """model.engine's constants at the values `constants` names, for the block, then back at their own."""
     with ExitStack() as stack:
-        for name, value in MODE_CONSTANTS.get(mode, {}).items():
+        for name, value in constants.items():
             stack.enter_context(engine_constant(name, value))
         yield
 

@@ -21,7 +21,6 @@ speech length (generation.engine.reserve) instead of max_new_tokens, and the lon
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -36,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.engine import fitting_batch_size, slot_reserve  # noqa: E402
+from model.engine import audio_steps, fitting_batch_size, slot_reserve  # noqa: E402
 from model.requests import SynthesisRequest  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
 from model.speech_length import estimate_seconds  # noqa: E402
 from model.tiny import build_text_tokenizer, build_tiny_checkpoint, real_model_config  # noqa: E402
-from scripts.bench_gpu import counting_steps, engine_constant, watch_prefills  # noqa: E402
+from scripts.bench_gpu import counting_steps, engine_constants, watch_prefills  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
 
 
@@ -57,7 +56,9 @@ def example_texts() -> list[str]:
 def plan(args: argparse.Namespace) -> dict:
     config = real_model_config(build_text_tokenizer())
     free = int(args.free_gb * 1e9)
-    frames = [math.ceil(estimate_seconds(text) * 25) + 1 + config.num_codebooks for text in example_texts()]
+    frames = [
+        audio_steps(math.ceil(estimate_seconds(text) * 25), config.num_codebooks) for text in example_texts()
+    ]
     report = {"rows": len(frames), "free_gb": args.free_gb, "estimated_frames": _spread(frames)}
     # A call's slots fit its longest row: one of the longest example texts, or of the median one.
     policies = {
@@ -168,9 +169,7 @@ def admission_order(loaded, calls: list[int], slots: int) -> list[dict]:
                 engine = SynthesisEngine(loaded, EngineOptions(max_batch_size=slots, ignore_eos=True))
                 engine.generate([replace(r, max_new_tokens=16) for r in requests[:2]])  # warm-up
                 groups = watch_prefills(engine)
-                with contextlib.ExitStack() as stack:
-                    for constant, value in constants.items():
-                        stack.enter_context(engine_constant(constant, value))
+                with engine_constants(constants):
                     steps.clear()
                     started = time.perf_counter()
                     engine.generate(requests)
