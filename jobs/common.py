@@ -155,6 +155,7 @@ def engine_options(cfg: DictConfig):
         compile=bool(engine.compile),
         fused_norms=bool(engine.fused_norms),
         fused_projections=bool(engine.fused_projections),
+        flex_decode=bool(engine.flex_decode),
         share_prefix=bool(engine.share_prefix),
         shared_prefix_cache=bool(engine.shared_prefix_cache),
         vocode_windows=None if engine.vocode_windows is None else bool(engine.vocode_windows),

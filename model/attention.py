@@ -10,17 +10,28 @@ With a shared prompt prefix (`slot_prefix`, see model.slot_cache), a decode step
 prefix every row of the batch shares (system prompt and reference voice), stored once, and each row's own
 tokens in its slot. The prefix is read once per step for all rows instead of once per row: rows of one
 reference voice repeat ~350 of a ~700-token prompt, which at large batches is most of the memory a step reads.
+
+With `flex_decode` (RowBlocks), each row reads its own slot only up to its last written column, in blocks of
+FLEX_BLOCK, through FlexAttention: sdpa reads every row up to the batch's span, the longest row's, and rows
+of a refilled batch are at all stages of their audio (about a third of the span unused on average for rows
+of 6-14 s: scripts/bench_attention.py --own-spread 225). FlexAttention is compiled on a GPU (a fused kernel that skips the unused blocks); on a CPU
+it runs its unfused reference implementation (same results, for tests).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
+log = logging.getLogger(__name__)
 PACKED_SDPA = "higgs_batch_packed_sdpa"
+FLEX_BLOCK = 128  # FlexAttention's default sparse block: the unit a row's reads are rounded up to
 
 
 def packed_sdpa_attention(
@@ -31,11 +42,15 @@ def packed_sdpa_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     slot_prefix=None,
+    slot_blocks: BlockMask | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if slot_blocks is not None and query.shape[2] == 1:
+        prefix = slot_prefix.prefix_for(module.layer_idx) if slot_prefix is not None else None
+        return flex_decode_attention(query, key, value, slot_blocks, scale, prefix), None
     if slot_prefix is not None and query.shape[2] == 1:
         keys, values, mask = slot_prefix.prefix_for(module.layer_idx)
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
@@ -90,11 +105,113 @@ def prefix_attention(
     return out.to(query.dtype).reshape(b, heads, 1, d).transpose(1, 2).contiguous()
 
 
+class RowBlocks:
+    """Which of its slot's columns each row reads in a decode step: 0 through its write position (the token
+    this step writes), as FlexAttention's block mask. Built in the step from the slots' write positions, so a
+    captured graph replays it with the step."""
+
+    def __init__(self, write_pos: torch.Tensor, length: int) -> None:
+        if length % FLEX_BLOCK:
+            raise ValueError(f"slots of {length} columns are not whole blocks of {FLEX_BLOCK}")
+        self.write_pos, self.length = write_pos, length
+        blocks = length // FLEX_BLOCK
+        # Every row's blocks in order; the kernel reads the first kv_num_blocks of them.
+        order = torch.arange(blocks, dtype=torch.int32, device=write_pos.device)
+        self.order = order.expand(write_pos.shape[0], 1, 1, blocks).contiguous()  # the kernel's layout
+
+        # Reads the write positions when the kernel runs: in a replayed graph, that step's.
+        def within_row(b, h, q, kv):
+            return kv <= write_pos[b]
+
+        self.within_row = within_row
+
+    def mask(self, rows: int) -> BlockMask:
+        """The block mask of the first `rows` slots."""
+        used = torch.div(self.write_pos[:rows] + FLEX_BLOCK, FLEX_BLOCK, rounding_mode="floor")
+        return BlockMask.from_kv_blocks(
+            used.to(torch.int32).view(rows, 1, 1),
+            self.order[:rows],
+            BLOCK_SIZE=FLEX_BLOCK,
+            mask_mod=self.within_row,
+            seq_lengths=(1, self.length),
+            compute_q_blocks=False,  # only the backward pass needs them
+        )
+
+
+def flex_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocks: BlockMask,
+    scale: float,
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One query token per row over the blocks of its own slot that `blocks` (RowBlocks.mask) lets it read,
+    and, given `prefix` (keys, values, bias as prefix_attention takes them), over the batch's shared prefix
+    too, as one softmax: the two parts meet through their log-sum-exps.
+
+    query (b, heads, 1, d); key/value (b, kv_heads, length, d), whole slots. Returns (b, 1, heads, d)."""
+    if prefix is None:
+        return _flex(query, key, value, blocks, scale).transpose(1, 2).contiguous()
+    # Compiled on a CPU, FlexAttention gives no log-sum-exp (torch 2.11): a compiled step falls back to eager.
+    out, aux = _flex(query, key, value, blocks, scale, return_aux=AuxRequest(lse=True))
+    prefix_keys, prefix_values, bias = prefix
+    b, heads, _, d = query.shape
+    kv_heads = prefix_keys.shape[0]
+    groups = heads // kv_heads
+    q = query.reshape(b, kv_heads, groups, d).transpose(0, 1).reshape(kv_heads, b * groups, d)
+    # Every row's queries against the one prefix, (kv_heads, b * groups, p), as in prefix_attention.
+    scores = torch.add(bias, _matmul(q, prefix_keys.transpose(1, 2)), alpha=scale)
+    shared_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - shared_lse).to(prefix_values.dtype)
+    shared = _matmul(weights, prefix_values).view(kv_heads, b, groups, d).transpose(0, 1).reshape(b, heads, d)
+    shared_lse = shared_lse.view(kv_heads, b, groups).transpose(0, 1).reshape(b, heads, 1)
+    own_lse = aux.lse.reshape(b, heads, 1).to(shared_lse.dtype)
+    total = torch.logaddexp(shared_lse, own_lse)
+    own = out.reshape(b, heads, d).to(shared.dtype)
+    merged = shared * torch.exp(shared_lse - total) + own * torch.exp(own_lse - total)
+    return merged.to(query.dtype).view(b, 1, heads, d)
+
+
+def flex_runs(keys: torch.Tensor, query_heads: int) -> bool:
+    """Whether FlexAttention runs (compiles, on a GPU) on slots like `keys` (slots, kv_heads, length, d): tried
+    on two empty rows before a decode step relies on it, so a GPU without a working Triton decodes with sdpa
+    instead of failing a step halfway through."""
+    _, kv_heads, length, dim = keys.shape
+    rows = keys.new_zeros((2, kv_heads, length, dim))
+    query = keys.new_zeros((2, query_heads, 1, dim))
+    blocks = RowBlocks(torch.zeros(2, dtype=torch.long, device=keys.device), length)
+    try:
+        flex_decode_attention(query, rows, rows, blocks.mask(2), 1.0)
+    except Exception as exc:  # Triton missing or rejecting the kernel: the compiler's errors vary
+        log.warning("FlexAttention does not run here (%s); decoding with sdpa", str(exc).splitlines()[0])
+        return False
+    return True
+
+
+_compiled_flex = None
+
+
+def _flex(query, key, value, blocks: BlockMask, scale: float, **aux):
+    """FlexAttention, compiled on a GPU, where uncompiled it would read every column."""
+    global _compiled_flex
+    run = flex_attention
+    if query.device.type == "cuda" and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, fullgraph=True)
+        run = _compiled_flex
+    return run(query, key, value, block_mask=blocks, scale=scale, enable_gqa=True, **aux)
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched a @ b in float32, without float32 copies of the operands (the keys and values)."""
+    """Batched a @ b in at least float32, without float32 copies of the operands (the keys and values)."""
     if a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a, b).float()
+    return torch.bmm(a, b).to(_accumulated(a.dtype))
+
+
+def _accumulated(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def use_packed_sdpa(model) -> bool:

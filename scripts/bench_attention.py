@@ -1,13 +1,18 @@
 """One decode step's attention at the release's head shapes: every row's whole prompt in its slot (sdpa over
 the packed query heads, the default) vs the rows' shared prefix kept once beside the slots
-(model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), as JSON.
+(model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), each also as FlexAttention
+reading every row's own blocks only (model.attention.flex_decode_attention, `generation.engine.flex_decode`),
+as JSON.
 
     python scripts/bench_attention.py                                   # CPU, float32
     python scripts/bench_attention.py --device cuda --out attention.json   # GPU, bfloat16
 
 Rows of one reference voice: a --prefix-token shared prompt prefix (system prompt and 10 s reference turn)
-and --own-tokens of their own (script and frames so far). Times one layer's attention, averaged over
---repeats calls, per batch size; a step runs it once per layer (28 in the release).
+and --own-tokens of their own (script and frames so far) on average, spread evenly over +-(--own-spread)
+as a refilled batch's rows are at all stages of their audio; sdpa reads every row up to the longest one,
+rounded up as the engine's span is. Times one layer's attention, averaged over --repeats calls, per batch
+size; a step runs it once per layer (28 in the release). FlexAttention is compiled on a GPU; on a CPU it
+runs unfused unless --compile-flex (torch 2.11 compiles it there without the prefix's log-sum-exp only).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.attention import packed_sdpa_attention, prefix_attention  # noqa: E402
+from model.attention import RowBlocks, flex_decode_attention, packed_sdpa_attention, prefix_attention  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
@@ -48,10 +53,14 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def measure(
-    batch: int, prefix: int, own: int, dtype: torch.dtype, device: torch.device, repeats: int
-) -> dict:
+    batch: int, prefix: int, own: int, spread: int, dtype: torch.dtype, device: torch.device, repeats: int,
+    flex=flex_decode_attention,
+) -> dict:  # fmt: skip
     lowest = torch.finfo(dtype).min
     scale = HEAD_DIM**-0.5
+    # Each row's own tokens; its write position is the last of them.
+    spread = spread if batch > 1 else 0
+    owns = torch.linspace(own - spread, own + spread, batch).round().long().clamp(min=1).to(device)
 
     def slots(columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Slots longer than the span in use, as a KV cache reserving max_new_tokens has them.
@@ -59,36 +68,57 @@ def measure(
         keys, values = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
         return keys[:, :, :columns], values[:, :, :columns]
 
-    def mask(columns: int, used: int) -> torch.Tensor:
+    def mask(columns: int, used: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros((batch, 1, 1, columns), dtype=dtype, device=device)
-        bias[..., used:] = lowest
-        return bias
+        return bias.masked_fill_(torch.arange(columns, device=device) >= used[:, None, None, None], lowest)
+
+    def blocks(columns: int, used: torch.Tensor):
+        return RowBlocks(used - 1, columns).mask(batch)
+
+    def run(name: str, fn) -> float | None:
+        try:
+            return round(timed(fn, repeats, device), 4)
+        except Exception as exc:  # a compiler that cannot build this variant here
+            print(f"{name}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return None
 
     query = torch.randn((batch, HEADS, 1, HEAD_DIM), dtype=dtype, device=device)
-    whole = round_up(prefix + own)
+    whole = round_up(prefix + int(owns.max()))
     keys, values = slots(whole)
-    whole_mask = mask(whole, prefix + own)
-    whole_ms = timed(
-        lambda: packed_sdpa_attention(_Layer(), query, keys, values, whole_mask, scaling=scale),
-        repeats,
-        device,
-    )
+    times = {
+        "whole_prompt_in_slots_ms": run(
+            "whole", lambda: packed_sdpa_attention(_Layer(), query, keys, values, mask(whole, prefix + owns), scaling=scale)
+        ),
+        "whole_prompt_flex_ms": run(
+            "whole_flex", lambda: flex(query, keys, values, blocks(whole, prefix + owns), scale)
+        ),
+    }  # fmt: skip
     del keys, values
-    span, shared_span = round_up(own), round_up(prefix)
+    span, shared_span = round_up(int(owns.max())), round_up(prefix)
     keys, values = slots(span)
-    own_mask = mask(span, own)
     shared = [torch.randn((KV_HEADS, shared_span, HEAD_DIM), dtype=dtype, device=device) for _ in range(2)]
     shared_mask = torch.zeros(shared_span, dtype=torch.float32, device=device)
     shared_mask[prefix:] = torch.finfo(torch.float32).min
-    once_ms = timed(
-        lambda: prefix_attention(query, keys, values, own_mask, *shared, shared_mask, scale), repeats, device
+    times["prefix_once_ms"] = run(
+        "prefix_once",
+        lambda: prefix_attention(query, keys, values, mask(span, owns), *shared, shared_mask, scale),
     )
+    times["prefix_once_flex_ms"] = run(
+        "prefix_once_flex", lambda: flex(query, keys, values, blocks(span, owns), scale, (*shared, shared_mask))
+    )  # fmt: skip
+    base = times["whole_prompt_in_slots_ms"]
     return {
         "batch_size": batch,
-        "whole_prompt_in_slots_ms": round(whole_ms, 4),
-        "prefix_once_ms": round(once_ms, 4),
-        "ratio": round(whole_ms / once_ms, 2),
-        "columns_read_per_row": {"whole": whole, "prefix_once": span + shared_span / batch},
+        **times,
+        "speed_up_vs_whole_prompt": {k: round(base / v, 2) for k, v in times.items() if v and base},
+        "columns_read_per_row": {
+            "whole": whole,
+            "whole_flex": round(float(((prefix + owns + 127) // 128 * 128).float().mean()), 1),
+            "prefix_once": span + shared_span / batch,
+            "prefix_once_flex": round(
+                float(((owns + 127) // 128 * 128).float().mean()) + shared_span / batch, 1
+            ),
+        },
     }
 
 
@@ -100,6 +130,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64,128,256")
     parser.add_argument("--prefix-tokens", type=int, default=357, help="the bench_gpu rows' shared prefix")
     parser.add_argument("--own-tokens", type=int, default=456, help="331 of script + 125 frames so far")
+    parser.add_argument("--own-spread", type=int, default=0, help="rows' own tokens spread evenly +- this")
+    parser.add_argument("--compile-flex", action="store_true", help="compile FlexAttention on a CPU too")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -110,11 +142,15 @@ def main() -> None:
         "dtype": str(dtype),
         "prefix_tokens": args.prefix_tokens,
         "own_tokens": args.own_tokens,
+        "own_spread": args.own_spread,
         "runs": [],
     }
+    flex = torch.compile(flex_decode_attention) if args.compile_flex else flex_decode_attention
     with torch.inference_mode():
         for batch in (int(n) for n in args.batch_sizes.split(",")):
-            run = measure(batch, args.prefix_tokens, args.own_tokens, dtype, device, args.repeats)
+            run = measure(
+                batch, args.prefix_tokens, args.own_tokens, args.own_spread, dtype, device, args.repeats, flex
+            )
             report["runs"].append(run)
             print(run, file=sys.stderr, flush=True)
     emit(report, args.out)

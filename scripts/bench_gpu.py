@@ -15,7 +15,8 @@ prefilled in one forward, rows admitted by prompt length); `prompt_order`: `grap
 length alone, not the longest first; `refill_at_share`: `graphs` refilling only once 1/8 of the slots is
 free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
-`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `static`: the
+`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `flex` /
+`compiled_flex`: `graphs` / `compiled` with FlexAttention reading each row's own KV blocks; `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -101,6 +102,10 @@ MODES = {
     # the same compiled.
     "fused": {"static_cache": True, "cuda_graphs": True, "fused_projections": True},
     "compiled_fused": {"static_cache": True, "cuda_graphs": True, "compile": True, "fused_projections": True},
+    # The default with decode attention reading each row's own KV blocks only (flex_decode), and the same
+    # compiled.
+    "flex": {"static_cache": True, "cuda_graphs": True, "flex_decode": True},
+    "compiled_flex": {"static_cache": True, "cuda_graphs": True, "compile": True, "flex_decode": True},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -235,6 +240,7 @@ def measure(
         out["kv_slots"] = slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
+        out["flex_decode"] = engine._decode_step.blocks is not None  # asked for and running
     return out
 
 
@@ -554,6 +560,7 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         "identical_rows": sum(same),
         "frames": [x.generated_frames for x in a],
         "cuda_graph_buckets": fast._decode_step.captured if fast._decode_step else [],
+        "flex_decode": bool(fast._decode_step and fast._decode_step.blocks is not None),
     }
 
 
@@ -877,7 +884,7 @@ def main() -> None:
         save()
     if args.check_rows:
         checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
-                  ("compiled", "compiled", False))  # fmt: skip
+                  ("compiled", "compiled", False), ("flex", "flex", False), ("flex_prefix_once", "flex", True))  # fmt: skip
         for name, mode, one_voice in checks:
             report[f"exactness_tiny_fp32_{name}"] = attempt(
                 f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)

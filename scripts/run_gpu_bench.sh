@@ -16,36 +16,37 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# GPU run 5 (docs/benchmarks.md) measured bench_attention.py and bench_vocoding.py; run 6's new defaults
-# lost their mixed-length run to a free-memory bug. First, then, where the GPU time of a 256-row decode step
-# and of a 64-row prefill goes (~20 s; run 5 profiled one row's step), and prefill groups of 1, 8 and 64 rows
-# with tokens routed by boolean masks (transformers' layers) against by index lists (model.token_routing,
-# the default since the CPU session of 2026-11-26 14:10 UTC; ~10 s). Then what decides the dataset
-# pipeline's goal: 1,024 rows of 150-349 frames with the slots that fit free memory
-# (runtime.batch_size=auto) in one call (the dataset job's 1,024 rows a call; run 6 used calls of 512), each
-# mode ~60 s with its warm-up, as the budget allows: the defaults (slots sized exactly: the rows stop at
-# their own lengths); the slots a dataset's rows would get, ending on stream-eos under max_new_tokens 2,048,
-# sized by each text's estimate (`dataset_estimate`); refills that wait for 1/8 of the slots instead of
-# prefilling ahead (`refill_at_share`; 1.16x the decode steps on the CPU at 4 rows a slot); slots sized by
-# max_new_tokens as before the estimate (`dataset_2048`); rows admitted by prompt length instead of
-# longest first (`prompt_order`; 1.03-1.19x the steps); the engine before run 6's changes (`previous`, 276x
-# then).
-timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 250 --no-baseline \
+# First, one layer's decode attention with rows at all stages of their audio, as a refilled batch has them
+# (own tokens spread 231-681 after a 357-token prefix): sdpa reading every row up to the longest one
+# against FlexAttention reading each row's own blocks (`flex_decode`, since the CPU session of 2026-11-26
+# 16:00 UTC; never measured on a GPU; ~40 s with its compilation).
+timeout 75 python3 scripts/bench_attention.py --device cuda --batch-sizes 1,64,256 --own-spread 225 \
+  --out "$out/bench_attention.json" 2>&1 | tail -60 | tee "$out/bench_attention.log"
+# Then where the GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one
+# row's step), and prefill groups of 1, 8 and 64 rows with tokens routed by boolean masks (transformers'
+# layers) against by index lists (model.token_routing, the default since 2026-11-26 14:10 UTC; ~10 s). Then
+# what decides the dataset pipeline's goal: 1,024 rows of 150-349 frames with the slots that fit free
+# memory (runtime.batch_size=auto) in one call (the dataset job's 1,024 rows a call), each mode ~60 s with
+# its warm-up, as the budget allows: the defaults (slots sized exactly: the rows stop at their own
+# lengths); the same with FlexAttention (`flex`); the slots a dataset's rows would get, sized by each
+# text's estimate (`dataset_estimate`); refills that wait for 1/8 of the slots instead of prefilling ahead
+# (`refill_at_share`; 1.16x the decode steps on the CPU at 4 rows a slot); the engine before run 6's
+# changes (`previous`, 276x then).
+timeout 270 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 240 --no-baseline \
   --modes "" --profile 256 --profile-prefill 64 --prefill-routing 1,8,64 \
   --refill-rows 1024 --refill-runs auto:1024 \
-  --refill-modes graphs,dataset_estimate,refill_at_share,dataset_2048,prompt_order,previous \
+  --refill-modes graphs,flex,dataset_estimate,refill_at_share,previous \
   --span-batch 0 --check-rows 0 \
   2>&1 | tee "$out/bench_refill.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
-timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
+timeout 50 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
   --out "$out/bench_codec.json" 2>&1 | tail -40 | tee "$out/bench_codec.log"
-# Then one request and the largest batches: the default (CUDA graphs of the uncompiled step) at 1, 256 and
-# 384 rows (slots sized by each text's estimate leave room for more than fitting_batch_size's cap of 256:
-# does a larger batch still pay?), with fused q/k/v and gate/up projections (`fused`), compiled (its warm-up
-# took 78 s on an H100; a new slot count compiles again), and compiled with fused projections at 1 row, in
-# that order as the budget allows; exactness checks last (transformers' generate, 0.62x real time in runs
-# 4 and 5, is not rerun).
-timeout 230 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 195 --no-baseline \
-  --modes graphs=1/256/384,fused=1/256,compiled=1/256,compiled_fused=1 --span-batch 0 \
+# Then one request and the largest batch: the default (CUDA graphs of the uncompiled step) at 1 and 256
+# rows, FlexAttention at 256 rows (all rows in step: it reads little less than sdpa there), compiled (its
+# warm-up took 78 s on an H100) and with fused q/k/v and gate/up projections (`fused`) at 1 row, in that
+# order as the budget allows; the exactness checks on the tiny config last (flex included; transformers'
+# generate, 0.62x real time in runs 4 and 5, is not rerun).
+timeout 170 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 140 --no-baseline \
+  --modes graphs=1/256,flex=256,compiled=1,fused=1 --span-batch 0 --check-rows 1 \
   2>&1 | tee "$out/bench_gpu.log"
