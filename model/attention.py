@@ -20,6 +20,7 @@ it runs its unfused reference implementation (same results, for tests).
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -173,34 +174,55 @@ def flex_decode_attention(
     return merged.to(query.dtype).view(b, 1, heads, d)
 
 
-def flex_runs(keys: torch.Tensor, query_heads: int) -> bool:
-    """Whether FlexAttention runs (compiles, on a GPU) on slots like `keys` (slots, kv_heads, length, d): tried
-    on two empty rows before a decode step relies on it, so a GPU without a working Triton decodes with sdpa
-    instead of failing a step halfway through."""
+def flex_runs(keys: torch.Tensor, query_heads: int, prefix: bool = False) -> bool:
+    """Whether compiled FlexAttention runs on slots like `keys` (slots, kv_heads, length, d), and with a
+    shared prefix beside them where the cache has room for one: tried on one and on two empty rows (its
+    compilations: one row, and any number) before a decode step relies on it, so that a GPU without a
+    working Triton decodes with sdpa."""
     _, kv_heads, length, dim = keys.shape
-    rows = keys.new_zeros((2, kv_heads, length, dim))
-    query = keys.new_zeros((2, query_heads, 1, dim))
-    blocks = RowBlocks(torch.zeros(2, dtype=torch.long, device=keys.device), length)
     try:
-        flex_decode_attention(query, rows, rows, blocks.mask(2), 1.0)
-    except Exception as exc:  # Triton missing or rejecting the kernel: the compiler's errors vary
+        for rows, with_prefix in itertools.product((1, 2), (False, True) if prefix else (False,)):
+            # Keys and values apart: compiled FlexAttention rejects one buffer for both.
+            key, value = (keys.new_zeros((rows, kv_heads, length, dim)) for _ in range(2))
+            query = keys.new_zeros((rows, query_heads, 1, dim))
+            blocks = RowBlocks(torch.zeros(rows, dtype=torch.long, device=keys.device), length).mask(rows)
+            shared = (keys.new_zeros((kv_heads, FLEX_BLOCK, dim)),) * 2
+            bias = torch.zeros(FLEX_BLOCK, dtype=torch.float32, device=keys.device)
+            flex_decode_attention(query, key, value, blocks, 1.0, (*shared, bias) if with_prefix else None)
+    except Exception as exc:  # noqa: BLE001 - the kernel's compiler fails in many ways
         log.warning("FlexAttention does not run here (%s); decoding with sdpa", str(exc).splitlines()[0])
         return False
-    return True
+    return not _flex.failed
 
 
-_compiled_flex = None
+class FlexKernel:
+    """FlexAttention, compiled on a GPU (uncompiled, it reads every column): once, for any number of rows and
+    slot length. Should a later compilation fail, the same attention runs unfused from then on: mid-step,
+    the rows' state has already moved on."""
+
+    def __init__(self, compiled_on: tuple[str, ...] = ("cuda",)) -> None:
+        self.compiled_on = compiled_on
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, query, key, value, blocks: BlockMask, scale: float, **aux):
+        args = (query, key, value)
+        options = {"block_mask": blocks, "scale": scale, "enable_gqa": True, **aux}
+        if query.device.type not in self.compiled_on or torch.compiler.is_compiling() or self.failed:
+            return flex_attention(*args, **options)
+        if self.compiled is None:
+            self.compiled = torch.compile(flex_attention, fullgraph=True, dynamic=True)
+        try:
+            return self.compiled(*args, **options)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - compiler failures come as many types
+            log.warning("FlexAttention not compiled (%s); running it unfused", str(exc).splitlines()[0])
+            self.failed = True
+            return flex_attention(*args, **options)
 
 
-def _flex(query, key, value, blocks: BlockMask, scale: float, **aux):
-    """FlexAttention, compiled on a GPU, where uncompiled it would read every column."""
-    global _compiled_flex
-    run = flex_attention
-    if query.device.type == "cuda" and not torch.compiler.is_compiling():
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, fullgraph=True)
-        run = _compiled_flex
-    return run(query, key, value, block_mask=blocks, scale=scale, enable_gqa=True, **aux)
+_flex = FlexKernel()
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

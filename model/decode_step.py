@@ -59,7 +59,7 @@ class DecodeStep:
                 "a shared prefix in the KV cache or flex_decode needs the model on sdpa attention"
             )
         heads = model.config.num_attention_heads
-        flex = flex and flex_runs(cache.layers[0].keys, heads)
+        flex = flex and flex_runs(cache.layers[0].keys, heads, prefix=cache.prefix_capacity > 0)
         self.blocks = RowBlocks(cache.write_pos, cache.length) if flex else None
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled

@@ -43,6 +43,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import model.attention as attention  # noqa: E402
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.decode_step import DecodeStep  # noqa: E402
@@ -240,8 +241,14 @@ def measure(
         out["kv_slots"] = slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
-        out["flex_decode"] = engine._decode_step.blocks is not None  # asked for and running
+        out["flex_decode"] = flex_running(engine._decode_step)
     return out
+
+
+def flex_running(step: DecodeStep) -> bool:
+    """Whether the step's attention runs as compiled FlexAttention (on a GPU; not fallen back to sdpa or to
+    the unfused kernel)."""
+    return step.blocks is not None and not (step.cache.mask.is_cuda and attention._flex.failed)
 
 
 @contextmanager
@@ -560,7 +567,7 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         "identical_rows": sum(same),
         "frames": [x.generated_frames for x in a],
         "cuda_graph_buckets": fast._decode_step.captured if fast._decode_step else [],
-        "flex_decode": bool(fast._decode_step and fast._decode_step.blocks is not None),
+        "flex_decode": bool(fast._decode_step and flex_running(fast._decode_step)),
     }
 
 

@@ -6,7 +6,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model.attention import RowBlocks, flex_decode_attention, packed_sdpa_attention, prefix_attention
+from model.attention import (
+    FlexKernel,
+    RowBlocks,
+    flex_decode_attention,
+    packed_sdpa_attention,
+    prefix_attention,
+)
 
 
 def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
@@ -112,3 +118,18 @@ def test_row_blocks_let_each_row_read_only_the_blocks_holding_its_tokens():
     # The first three slots: column 0 (an empty slot), a block's last column, the next block's first.
     assert blocks.mask(3).kv_num_blocks.flatten().tolist() == [1, 1, 2]
     assert blocks.mask(6).kv_num_blocks.flatten().tolist() == [1, 1, 2, 3, 4, 1]
+
+
+def test_flex_attention_whose_compilation_fails_runs_unfused_with_the_same_result():
+    query, key, value, mask, blocks = _rows_at([3, 40, 200, 130], columns=256)
+    flex = FlexKernel(compiled_on=("cpu",))
+
+    def compiler_failure(*args, **kwargs):
+        raise RuntimeError("C++ compile error")
+
+    flex.compiled = compiler_failure  # as a later shape's compilation fails, mid-step
+    got = flex(query, key, value, blocks.mask(4), 0.25)
+
+    assert flex.failed
+    expected = flex_decode_attention(query, key, value, blocks.mask(4), 0.25)
+    torch.testing.assert_close(got.transpose(1, 2), expected)
