@@ -26,6 +26,7 @@ from tests.helpers import (
     assert_output_contract,
     by_id,
     cli_env,
+    cmdline,
     generate_command,
     group_members,
     kill_all,
@@ -116,10 +117,12 @@ def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir:
             driver.wait(timeout=30)
         log.close()
     assert driver.returncode == -signal.SIGKILL
-    # Ray's workers sit in process groups of their own, but exit once their raylet is gone.
-    left = wait_gone(ray_processes, timeout=60)
+    # Ray's workers sit in process groups of their own, but exit once their raylet is gone; a process that
+    # only sees the GCS gone waits for it to come back for RAY_gcs_rpc_server_reconnect_timeout_s (60 s).
+    left = wait_gone(ray_processes, timeout=90)
+    survivors = {pid: cmdline(pid)[:200] for pid in sorted(left)}
     kill_all(left)
-    assert not left, f"processes of the killed run still alive: {sorted(left)}"
+    assert not left, f"processes of the killed run still alive: {survivors}"
 
     killed = by_id(read_metadata(LOCAL, str(out)))
     assert 0 < len(killed) < len(ids), "the kill did not land half-way"
