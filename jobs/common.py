@@ -30,6 +30,17 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def flag(section: DictConfig, key: str, default: bool | None = None, nullable: bool = False) -> bool | None:
+    """A true/false setting, checked: bool("flase") would be true."""
+    value = section.get(key, default)
+    allowed = "true, false or null" if nullable else "true or false"
+    require(
+        isinstance(value, bool) or (nullable and value is None),
+        f"{section._get_full_key(key)} must be {allowed}, got {value!r}",
+    )
+    return value
+
+
 def checked(build: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run a job's config checks; on a ConfigError say why on stderr (SystemExit prints nothing for an
     integer code) and exit with status 2."""
@@ -94,7 +105,7 @@ def init_ray(runtime: DictConfig) -> None:
         ray.init(address=runtime.address, **kwargs)
     else:
         ray.init(num_cpus=runtime.get("num_cpus"), include_dashboard=False, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = bool(runtime.get("progress_bars", False))
+    ray.data.DataContext.get_current().enable_progress_bars = flag(runtime, "progress_bars", False)
 
 
 def run_output(cfg: DictConfig) -> str:
@@ -149,16 +160,16 @@ def engine_options(cfg: DictConfig):
         max_batch_size=batch_size(cfg.runtime),
         reference_cache_size=int(engine.reference_cache_size),
         max_reference_seconds=float(engine.max_reference_seconds),
-        ras_enabled=bool(engine.ras_enabled),
-        static_cache=bool(engine.static_cache),
-        cuda_graphs=bool(engine.cuda_graphs),
-        compile=bool(engine.compile),
-        fused_norms=bool(engine.fused_norms),
-        fused_projections=bool(engine.fused_projections),
-        flex_decode=bool(engine.flex_decode),
-        share_prefix=bool(engine.share_prefix),
-        shared_prefix_cache=bool(engine.shared_prefix_cache),
-        vocode_windows=None if engine.vocode_windows is None else bool(engine.vocode_windows),
+        ras_enabled=flag(engine, "ras_enabled"),
+        static_cache=flag(engine, "static_cache"),
+        cuda_graphs=flag(engine, "cuda_graphs"),
+        compile=flag(engine, "compile"),
+        fused_norms=flag(engine, "fused_norms"),
+        fused_projections=flag(engine, "fused_projections"),
+        flex_decode=flag(engine, "flex_decode"),
+        share_prefix=flag(engine, "share_prefix"),
+        shared_prefix_cache=flag(engine, "shared_prefix_cache"),
+        vocode_windows=flag(engine, "vocode_windows", nullable=True),
         reserve=kv_reserve(engine.reserve),
     )
 
@@ -219,7 +230,7 @@ def fetch_policy(section: DictConfig, options: dict | None):
 
     return FetchPolicy(
         allowed_roots=tuple(str(Path(p).resolve()) for p in section.allowed_roots or ()),
-        allow_private_urls=bool(section.allow_private_urls),
+        allow_private_urls=flag(section, "allow_private_urls"),
         timeout_s=float(section.fetch_timeout_s),
         max_bytes=int(section.max_bytes),
         storage_options=options,

@@ -15,6 +15,7 @@ from jobs.common import (
     checkpoint_spec,
     engine_options,
     fetch_policy,
+    flag,
     init_ray,
     manifest_rules,
     redacted_yaml,
@@ -45,7 +46,7 @@ def build_job(cfg: DictConfig) -> DatasetJob:
         fetch=fetch_policy(cfg.voices, options),
         resources=res,
         storage_options=options,
-        retry_errors=bool(cfg.retry_errors),
+        retry_errors=flag(cfg, "retry_errors"),
         config_yaml=redacted_yaml(cfg),
     )
 

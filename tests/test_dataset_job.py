@@ -220,6 +220,38 @@ def test_a_reserve_neither_a_count_nor_a_known_policy_is_a_configuration_error(
         dataset_job_of(tiny_checkpoint, tmp_path, f"generation.engine.reserve={value}")
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "generation.engine.static_cache=flase",
+        "generation.engine.flex_decode=1",
+        "voices.allow_private_urls=yes",
+    ],
+)
+def test_a_switch_set_to_anything_but_true_or_false_is_a_configuration_error(
+    tiny_checkpoint, tmp_path, setting
+):
+    from jobs.common import ConfigError
+
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError, match=f"{key} must be true or false, got '?{value}'?"):
+        dataset_job_of(tiny_checkpoint, tmp_path, setting)
+
+
+def test_vocode_windows_may_be_left_null_for_the_device_to_decide(tiny_checkpoint, tmp_path):
+    from jobs.common import ConfigError
+
+    assert dataset_job_of(tiny_checkpoint, tmp_path).engine.vocode_windows is None
+    assert (
+        dataset_job_of(
+            tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=false"
+        ).engine.vocode_windows
+        is False
+    )
+    with pytest.raises(ConfigError, match="vocode_windows must be true, false or null, got 'gpu'"):
+        dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=gpu")
+
+
 @pytest.mark.parametrize("value", ["0", "many", "true"])
 def test_a_batch_size_neither_a_count_nor_auto_is_a_configuration_error(tiny_checkpoint, tmp_path, value):
     from jobs.common import ConfigError
