@@ -36,9 +36,25 @@ def flag(section: DictConfig, key: str, default: bool | None = None, nullable: b
     allowed = "true, false or null" if nullable else "true or false"
     require(
         isinstance(value, bool) or (nullable and value is None),
-        f"{section._get_full_key(key)} must be {allowed}, got {value!r}",
+        f"{section._get_full_key(key)}={value!r} must be {allowed}",
     )
     return value
+
+
+def number(section: DictConfig, key: str, kind: type, low: float | None = None, optional: bool = False):
+    """A count (kind int) or an amount (float) setting, checked, at least `low`; None where `optional`."""
+    value = section.get(key)
+    if value is None and optional:
+        return None
+    name = f"{section._get_full_key(key)}={value!r}"
+    try:
+        result = kind(value)
+        ok = not isinstance(value, bool) and (kind is float or float(value) == result)
+    except (TypeError, ValueError):
+        ok = False
+    require(ok, f"{name} must be {'an integer' if kind is int else 'a number'}")
+    require(low is None or result >= low, f"{name} must be at least {low}")
+    return result
 
 
 def checked(build: Callable[[DictConfig], T], cfg: DictConfig) -> T:
@@ -144,7 +160,7 @@ def manifest_rules(cfg: DictConfig, **extra):
     try:
         return ManifestRules(
             voice_library=str(Path(cfg.voices.library).resolve()) if cfg.voices.library else None,
-            max_text_chars=int(gen.max_text_chars),
+            max_text_chars=number(gen, "max_text_chars", int, 1),
             defaults={k: gen[k] for k in GENERATION_DEFAULTS},
             **extra,
         )
@@ -158,8 +174,8 @@ def engine_options(cfg: DictConfig):
     engine = cfg.generation.engine
     return EngineOptions(
         max_batch_size=batch_size(cfg.runtime),
-        reference_cache_size=int(engine.reference_cache_size),
-        max_reference_seconds=float(engine.max_reference_seconds),
+        reference_cache_size=number(engine, "reference_cache_size", int, 0),
+        max_reference_seconds=number(engine, "max_reference_seconds", float, 0.1),
         ras_enabled=flag(engine, "ras_enabled"),
         static_cache=flag(engine, "static_cache"),
         cuda_graphs=flag(engine, "cuda_graphs"),
@@ -205,22 +221,15 @@ def resources(runtime: DictConfig):
     from pipeline.dataset_job import Resources
 
     size = batch_size(runtime)
-    for key in ("actors", "cpu_stage_workers"):
-        require(int(runtime[key]) >= 1, f"runtime.{key} must be at least 1, got {runtime[key]}")
-    require(float(runtime.gpus_per_actor) >= 0, "runtime.gpus_per_actor must be >= 0")
-    rows_per_call = runtime.get("rows_per_call")
-    require(
-        rows_per_call is None or int(rows_per_call) >= 1,
-        f"runtime.rows_per_call must be at least 1 (or null for 4 x runtime.batch_size), got {rows_per_call}",
-    )
+    rows_per_call = number(runtime, "rows_per_call", int, 1, optional=True)  # null: 4 x runtime.batch_size
     return Resources(
-        actors=int(runtime.actors),
-        gpus_per_actor=float(runtime.gpus_per_actor),
-        cpus_per_actor=float(runtime.cpus_per_actor),
+        actors=number(runtime, "actors", int, 1),
+        gpus_per_actor=number(runtime, "gpus_per_actor", float, 0.0),
+        cpus_per_actor=number(runtime, "cpus_per_actor", float, 0.0),
         batch_size=size,
-        rows_per_call=int(rows_per_call or 0),
-        cpu_stage_workers=int(runtime.cpu_stage_workers),
-        cpu_stage_cpus=float(runtime.cpu_stage_cpus),
+        rows_per_call=rows_per_call or 0,
+        cpu_stage_workers=number(runtime, "cpu_stage_workers", int, 1),
+        cpu_stage_cpus=number(runtime, "cpu_stage_cpus", float, 0.0),
     )
 
 
@@ -231,7 +240,7 @@ def fetch_policy(section: DictConfig, options: dict | None):
     return FetchPolicy(
         allowed_roots=tuple(str(Path(p).resolve()) for p in section.allowed_roots or ()),
         allow_private_urls=flag(section, "allow_private_urls"),
-        timeout_s=float(section.fetch_timeout_s),
-        max_bytes=int(section.max_bytes),
+        timeout_s=number(section, "fetch_timeout_s", float, 0.1),
+        max_bytes=number(section, "max_bytes", int, 1),
         storage_options=options,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from jobs.common import checked, init_ray, require, run_output, storage_options
+from jobs.common import checked, flag, init_ray, number, require, run_output, storage_options
 from jobs.generate_dataset import build_job
 from pipeline.eval_job import EMERGENT, EVAL_SETS, MANIFEST, SEEDTTS, EvalJob, prepare_inputs, run_eval_job
 from pipeline.eval_scoring import ScoringOptions, format_scores
@@ -77,18 +77,16 @@ def _voice(cfg: DictConfig) -> str | dict | None:
 def _scoring(cfg: DictConfig) -> ScoringOptions:
     sc = cfg.scoring
     opts = ScoringOptions(
-        enabled=bool(sc.enabled),
+        enabled=flag(sc, "enabled"),
         asr_model=str(sc.asr_model),
         sv_model=str(sc.sv_model),
         language=cfg.language,
-        actors=int(sc.actors),
-        gpus_per_actor=float(sc.gpus_per_actor),
-        cpus_per_actor=float(sc.cpus_per_actor),
-        batch_size=int(sc.batch_size),
+        actors=number(sc, "actors", int, 1),
+        gpus_per_actor=number(sc, "gpus_per_actor", float, 0.0),
+        cpus_per_actor=number(sc, "cpus_per_actor", float, 0.0),
+        batch_size=number(sc, "batch_size", int, 1),
         device=sc.device,
     )
-    require(opts.actors >= 1 and opts.batch_size >= 1, "scoring.actors and scoring.batch_size must be >= 1")
-    require(opts.gpus_per_actor >= 0, "scoring.gpus_per_actor must be >= 0")
     return opts
 
 

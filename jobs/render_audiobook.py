@@ -18,6 +18,7 @@ from jobs.common import (
     fetch_policy,
     init_ray,
     manifest_rules,
+    number,
     redacted_yaml,
     require,
     resources,
@@ -33,20 +34,6 @@ from pipeline.reader import iter_ids
 
 # libmp3lame's constant bit rates; anything else is silently rounded by the encoder.
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
-
-
-def _number(cfg: DictConfig, key: str, kind: type, low: float | None = None, optional: bool = False):
-    value = cfg.get(key)
-    if value is None and optional:
-        return None
-    try:
-        number = kind(value)
-        ok = not isinstance(value, bool) and (kind is float or float(value) == number)
-    except (TypeError, ValueError):
-        ok = False
-    require(ok, f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
-    require(low is None or number >= low, f"{key}={value!r} must be at least {low}")
-    return number
 
 
 def build_job(cfg: DictConfig) -> AudiobookJob:
@@ -66,23 +53,23 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
     )
     chunk_settings = ChunkingSettings(
         method=str(chunking.method),
-        max_words=_number(chunking, "max_words", int, 1, optional=True),
-        max_turns=_number(chunking, "max_turns", int, 1),
+        max_words=number(chunking, "max_words", int, 1, optional=True),
+        max_turns=number(chunking, "max_turns", int, 1),
     )
     pauses = Pauses(
         **{
-            k: _number(cfg.pauses, k, float, 0.0)
+            k: number(cfg.pauses, k, float, 0.0)
             for k in ("sentence_s", "paragraph_s", "chapter_head_s", "chapter_tail_s")
         }
     )
     m = cfg.mastering
     mastering = Mastering(
         pauses=pauses,
-        target_rms_db=_number(m, "target_rms_db", float),
-        peak_ceiling_db=_number(m, "peak_ceiling_db", float),
-        noise_floor_db=_number(m, "noise_floor_db", float),
-        mp3_bitrate_kbps=_number(m, "mp3_bitrate_kbps", int),
-        m4b_bitrate_kbps=_number(m, "m4b_bitrate_kbps", int, 16),
+        target_rms_db=number(m, "target_rms_db", float),
+        peak_ceiling_db=number(m, "peak_ceiling_db", float),
+        noise_floor_db=number(m, "noise_floor_db", float),
+        mp3_bitrate_kbps=number(m, "mp3_bitrate_kbps", int),
+        m4b_bitrate_kbps=number(m, "m4b_bitrate_kbps", int, 16),
     )
     require(
         mastering.noise_floor_db < mastering.target_rms_db < mastering.peak_ceiling_db <= 0,
@@ -105,14 +92,14 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
             voices=fetch_policy(cfg.voices, options),
             sources=fetch_policy(cfg.sources, options),
             chunking=chunk_settings,
-            max_book_words=_number(cfg, "max_book_words", int, 1),
+            max_book_words=number(cfg, "max_book_words", int, 1),
             base_dir=os.getcwd(),
         ),
         engine=engine_options(cfg),
         mastering=mastering,
         resources=res,
-        buffer_size=_number(cfg, "buffer_size", int, 0, optional=True),
-        max_new_chunks=_number(cfg, "max_new_chunks", int, 1, optional=True),
+        buffer_size=number(cfg, "buffer_size", int, 0, optional=True),
+        max_new_chunks=number(cfg, "max_new_chunks", int, 1, optional=True),
         storage_options=options,
         config_yaml=redacted_yaml(cfg),
     )

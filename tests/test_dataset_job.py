@@ -234,8 +234,30 @@ def test_a_switch_set_to_anything_but_true_or_false_is_a_configuration_error(
     from jobs.common import ConfigError
 
     key, value = setting.split("=")
-    with pytest.raises(ConfigError, match=f"{key} must be true or false, got '?{value}'?"):
+    with pytest.raises(ConfigError, match=f"{key}='?{value}'? must be true or false"):
         dataset_job_of(tiny_checkpoint, tmp_path, setting)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("generation.engine.reference_cache_size=abc", "reference_cache_size='abc' must be an integer"),
+        ("generation.engine.max_reference_seconds=-5", "max_reference_seconds=-5 must be at least 0.1"),
+        ("generation.max_text_chars=1.5", "generation.max_text_chars=1.5 must be an integer"),
+        ("runtime.actors=0", "runtime.actors=0 must be at least 1"),
+        ("runtime.gpus_per_actor=one", "runtime.gpus_per_actor='one' must be a number"),
+        ("runtime.rows_per_call=0", "runtime.rows_per_call=0 must be at least 1"),
+        ("voices.max_bytes=big", "voices.max_bytes='big' must be an integer"),
+    ],
+)
+def test_a_number_out_of_range_or_not_a_number_is_a_configuration_error(
+    tiny_checkpoint, tmp_path, setting, message
+):
+    from jobs.common import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        dataset_job_of(tiny_checkpoint, tmp_path, setting)
+    assert message in str(err.value)
 
 
 def test_vocode_windows_may_be_left_null_for_the_device_to_decide(tiny_checkpoint, tmp_path):
@@ -248,7 +270,7 @@ def test_vocode_windows_may_be_left_null_for_the_device_to_decide(tiny_checkpoin
         ).engine.vocode_windows
         is False
     )
-    with pytest.raises(ConfigError, match="vocode_windows must be true, false or null, got 'gpu'"):
+    with pytest.raises(ConfigError, match="vocode_windows='gpu' must be true, false or null"):
         dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=gpu")
 
 
