@@ -14,8 +14,9 @@ reference voice repeat ~350 of a ~700-token prompt, which at large batches is mo
 With `flex_decode` (RowBlocks), each row reads its own slot only up to its last written column, in blocks of
 FLEX_BLOCK, through FlexAttention: sdpa reads every row up to the batch's span, the longest row's, and rows
 of a refilled batch are at all stages of their audio (about a third of the span unused on average for rows
-of 6-14 s: scripts/bench_attention.py --own-spread 225). FlexAttention is compiled on a GPU (a fused kernel that skips the unused blocks); on a CPU
-it runs its unfused reference implementation (same results, for tests).
+of 6-14 s: scripts/bench_attention.py --own-spread 225). FlexAttention is compiled on a GPU (a fused kernel
+that skips the unused blocks); on a CPU it runs its unfused reference implementation (same results, for
+tests).
 """
 
 from __future__ import annotations
