@@ -82,15 +82,18 @@ def checkpoint_spec(model: DictConfig, storage_options: dict | None) -> Checkpoi
             Path(source).is_dir(),
             f"model.source={source!r} is not a folder; pass a hub id, folder or s3:// URI",
         )
-    return CheckpointSpec(
-        source=source,
-        audio_tokenizer=model.get("audio_tokenizer"),
-        device=model.get("device"),
-        dtype=model.get("dtype"),
-        attn_implementation=model.get("attn_implementation"),
-        cache_dir=model.get("cache_dir"),
-        storage_options=storage_options if is_remote_uri(source) else None,
-    )
+    try:
+        return CheckpointSpec(
+            source=source,
+            audio_tokenizer=model.get("audio_tokenizer"),
+            device=model.get("device"),
+            dtype=model.get("dtype"),
+            attn_implementation=model.get("attn_implementation"),
+            cache_dir=model.get("cache_dir"),
+            storage_options=storage_options if is_remote_uri(source) else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def storage_options(cfg: DictConfig) -> dict | None:
@@ -221,6 +224,7 @@ def resources(runtime: DictConfig):
     from pipeline.dataset_job import Resources
 
     size = batch_size(runtime)
+    number(runtime, "num_cpus", int, 1, optional=True)  # a local Ray's CPUs (init_ray); null: all
     rows_per_call = number(runtime, "rows_per_call", int, 1, optional=True)  # null: 4 x runtime.batch_size
     return Resources(
         actors=number(runtime, "actors", int, 1),

@@ -7,6 +7,7 @@ synthesis actors, which load the model, import model.checkpoint and model.engine
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ def is_remote_uri(source: str) -> bool:
     return "://" in source and not source.startswith("file://")
 
 
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+_DEVICE = re.compile(r"(cpu|mps|(cuda|xpu)(:\d+)?)")
+
+
 @dataclass(frozen=True)
 class CheckpointSpec:
     source: str = DEFAULT_MODEL_ID
@@ -31,6 +36,15 @@ class CheckpointSpec:
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
     cache_dir: str | None = None
     storage_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where the run is configured: an actor would only find out after Ray and its workers start.
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(FLOAT_DTYPES)} (or null)")
+        if self.device is not None and not _DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"model.device={self.device!r}: use cpu, cuda, cuda:N, mps, or null for cuda if present"
+            )
 
 
 @dataclass

@@ -56,10 +56,22 @@ def test_a_missing_local_folder_fails_with_its_path(tmp_path):
         load_checkpoint(CheckpointSpec(source=str(tmp_path / "nowhere"), device="cpu"))
 
 
-def test_dtype_defaults_to_float32_on_cpu_and_rejects_unknown_names():
+def test_dtype_defaults_to_float32_on_cpu_and_bfloat16_on_gpu():
     import torch
 
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
-    with pytest.raises(ValueError, match="bfloat16"):
-        resolve_dtype("int8", torch.device("cpu"))
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"dtype": "int8"}, "model.dtype='int8' is not one of bfloat16"),
+        ({"device": "tpu"}, "model.device='tpu'"),
+    ],
+)
+def test_a_checkpoint_spec_rejects_unknown_dtypes_and_devices_when_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        CheckpointSpec(source="eustlb/higgs-audio-v2-generation-3B-base", **setting)
+    assert CheckpointSpec(source="x", device="cuda:1", dtype="bfloat16").device == "cuda:1"

@@ -248,6 +248,9 @@ def test_a_switch_set_to_anything_but_true_or_false_is_a_configuration_error(
         ("runtime.gpus_per_actor=one", "runtime.gpus_per_actor='one' must be a number"),
         ("runtime.rows_per_call=0", "runtime.rows_per_call=0 must be at least 1"),
         ("voices.max_bytes=big", "voices.max_bytes='big' must be an integer"),
+        ("runtime.num_cpus=two", "runtime.num_cpus='two' must be an integer"),
+        ("model.dtype=float17", "model.dtype='float17' is not one of bfloat16, float16, float32, float64"),
+        ("model.device=tpu", "model.device='tpu': use cpu, cuda, cuda:N, mps"),
     ],
 )
 def test_a_number_out_of_range_or_not_a_number_is_a_configuration_error(
