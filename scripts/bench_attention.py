@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import model.attention as attention  # noqa: E402
 from model.attention import RowBlocks, flex_decode_attention, packed_sdpa_attention, prefix_attention  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
@@ -153,6 +154,8 @@ def main() -> None:
             )
             report["runs"].append(run)
             print(run, file=sys.stderr, flush=True)
+    # On a GPU, whether FlexAttention ran compiled throughout (a failed compilation falls back to unfused).
+    report["flex_fell_back_to_unfused"] = attention._flex.failed
     emit(report, args.out)
 
 

@@ -19,8 +19,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # First, one layer's decode attention with rows at all stages of their audio, as a refilled batch has them
 # (own tokens spread 231-681 after a 357-token prefix): sdpa reading every row up to the longest one
 # against FlexAttention reading each row's own blocks (`flex_decode`, since the CPU session of 2026-11-26
-# 16:00 UTC; never measured on a GPU; ~40 s with its compilation).
-timeout 75 python3 scripts/bench_attention.py --device cuda --batch-sizes 1,64,256 --own-spread 225 \
+# 16:00 UTC; never measured on a GPU; its four compilations, dynamic shapes with and without the prefix's
+# log-sum-exp, may take a minute: the largest batch first, each printed as it is measured).
+timeout 100 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,64,1 --own-spread 225 \
   --out "$out/bench_attention.json" 2>&1 | tail -60 | tee "$out/bench_attention.log"
 # Then where the GPU time of a 256-row decode step and of a 64-row prefill goes (~20 s; run 5 profiled one
 # row's step), and prefill groups of 1, 8 and 64 rows with tokens routed by boolean masks (transformers'
@@ -47,6 +48,6 @@ timeout 50 python3 scripts/bench_vocoding.py --config real --rows 64 --check-row
 # warm-up took 78 s on an H100) and with fused q/k/v and gate/up projections (`fused`) at 1 row, in that
 # order as the budget allows; the exactness checks on the tiny config last (flex included; transformers'
 # generate, 0.62x real time in runs 4 and 5, is not rerun).
-timeout 170 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 140 --no-baseline \
+timeout 145 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 115 --no-baseline \
   --modes graphs=1/256,flex=256,compiled=1,fused=1 --span-batch 0 --check-rows 1 \
   2>&1 | tee "$out/bench_gpu.log"
