@@ -92,8 +92,7 @@ def prefix_attention(
     # keys must be read where they lie, never copied.
     q = query.reshape(b, kv_heads, groups, d)
     own = _matmul(q.view(b * kv_heads, groups, d), key.view(b * kv_heads, span, d).transpose(1, 2))
-    # Every row's queries against the one prefix, (kv_heads, b * groups, p): the prefix is read once.
-    shared = _matmul(q.transpose(0, 1).reshape(kv_heads, b * groups, d), prefix_keys.transpose(1, 2))
+    shared = _against_prefix(query, prefix_keys)
     scores = torch.cat(
         [shared.view(kv_heads, b, groups, p).transpose(0, 1), own.view(b, kv_heads, groups, span)], dim=-1
     )
@@ -161,9 +160,7 @@ def flex_decode_attention(
     b, heads, _, d = query.shape
     kv_heads = prefix_keys.shape[0]
     groups = heads // kv_heads
-    q = query.reshape(b, kv_heads, groups, d).transpose(0, 1).reshape(kv_heads, b * groups, d)
-    # Every row's queries against the one prefix, (kv_heads, b * groups, p), as in prefix_attention.
-    scores = torch.add(bias, _matmul(q, prefix_keys.transpose(1, 2)), alpha=scale)
+    scores = torch.add(bias, _against_prefix(query, prefix_keys), alpha=scale)
     shared_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = torch.exp(scores - shared_lse).to(prefix_values.dtype)
     shared = _matmul(weights, prefix_values).view(kv_heads, b, groups, d).transpose(0, 1).reshape(b, heads, d)
@@ -224,6 +221,16 @@ class FlexKernel:
 
 
 _flex = FlexKernel()
+
+
+def _against_prefix(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:
+    """Every row's queries (b, heads, 1, d) against the batch's one shared prefix (kv_heads, p, d), as
+    (kv_heads, b * groups, p) raw scores: a key/value head's query heads of all rows in one matrix product,
+    so the prefix is read once."""
+    b, heads, _, d = query.shape
+    kv_heads = prefix_keys.shape[0]
+    q = query.reshape(b, kv_heads, heads // kv_heads, d).transpose(0, 1).reshape(kv_heads, -1, d)
+    return _matmul(q, prefix_keys.transpose(1, 2))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

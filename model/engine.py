@@ -130,6 +130,11 @@ REFILL_SHARE = 1 / 8
 PREFILL_AHEAD = True
 
 
+def _refill_rows(slots: int) -> int:
+    """REFILL_SHARE of a batch's slots, in rows."""
+    return math.ceil(slots * REFILL_SHARE)
+
+
 @dataclass
 class _Prefix:
     """Prompt tokens that rows share (a prefill group's, or a whole call's), run through the model once: a
@@ -487,14 +492,14 @@ class SynthesisEngine:
             return True
         if not self.options.refill:
             return False
-        return PREFILL_AHEAD or free >= min(len(waiting), math.ceil(size * REFILL_SHARE))
+        return PREFILL_AHEAD or free >= min(len(waiting), _refill_rows(size))
 
     def _group_size(self, state, size: int, free: int) -> int:
         """Rows the next prefill group takes (at most; see _admit): the free slots, and while a batch runs at
         least REFILL_SHARE of its slots, the rows beyond the free ones prefilled ahead."""
         if state is None or not PREFILL_AHEAD:
             return free
-        return max(free, math.ceil(size * REFILL_SHARE))
+        return max(free, _refill_rows(size))
 
     def _failure(self, item: _Prepared, field_name: str, message: str) -> SynthesisResult:
         return SynthesisResult(
