@@ -81,7 +81,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
         f"mastering.mp3_bitrate_kbps={mastering.mp3_bitrate_kbps} is not an MP3 bit rate ({MP3_BITRATES})",
     )
 
-    res = resources(cfg.runtime)  # batch_size: chapters per engine lockstep (auto: AUTO_CHAPTERS)
+    res = resources(cfg.runtime)  # batch_size: chapters an engine renders together (auto: AUTO_CHAPTERS)
     return AudiobookJob(
         books=str(cfg.books),
         output=run_output(cfg),

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -39,6 +40,9 @@ from model.token_routing import use_indexed_routing
 from model.vocoding import margin_for, probe_reach, vocode_rows
 
 log = logging.getLogger(__name__)
+
+# Given a request and its result (codes, not yet audio), the request to generate next, or None.
+Follow = Callable[[SynthesisRequest, SynthesisResult], SynthesisRequest | None]
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -128,6 +132,12 @@ ADMIT_WINDOW = 2
 REFILL_SHARE = 1 / 8
 # Whether refills prefill ahead as above; False: the rule before (bench_gpu.py's `refill_at_share` mode).
 PREFILL_AHEAD = True
+# Rows that join a running call one at a time (generate_chained's next chunks) wait up to this many looks
+# (model.slot_batch.LOOK_EVERY steps each) for more to prefill with, unless REFILL_SHARE of the slots' rows
+# already wait: a prefill forward has a fixed cost (on an H100 one 688-token row took 42 ms, ~2-4 decode
+# steps of a full batch, against 7.5 ms a row at 128 rows) that stalls every slot, while a waiting row idles
+# only its own. scripts/bench_longform.py measures both.
+FOLLOWER_LOOKS = 2
 
 
 def _refill_rows(slots: int) -> int:
@@ -142,6 +152,16 @@ class _Prefix:
 
     tokens: int
     cache: DynamicCache
+    ids: list[int]  # the tokens
+    audio: torch.Tensor | None  # the audio frames among them
+
+    def covers(self, item: _Prepared) -> bool:
+        """Whether `item`'s prompt starts with these tokens and frames (a row that joins a call late)."""
+        if item.input_ids[: self.tokens] != self.ids:
+            return False
+        if self.audio is None:
+            return True
+        return bool(torch.equal(item.audio_codes[: len(self.audio)], self.audio))
 
     def for_rows(self, rows: int, config) -> DynamicCache:
         """A DynamicCache holding these keys and values for each of `rows` rows (a prefill's starting point)."""
@@ -314,19 +334,52 @@ class SynthesisEngine:
 
     def generate(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
         """One result per request, in order. A bad request yields an error result; the others go on."""
+        results: list[SynthesisResult | None] = [None] * len(requests)
+        prepared = self._prepare_all(requests, results)
+        for item, result in self._decode_all(prepared):
+            results[item.index] = result
+        self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
+        return [r for r in results if r is not None]
+
+    def generate_chained(
+        self, requests: list[SynthesisRequest], follow: Follow
+    ) -> Iterator[tuple[SynthesisRequest, SynthesisResult]]:
+        """(request, result) for `requests` and for every request `follow` names, in the order rows finish.
+
+        `follow(request, result)` is called as each row leaves the batch, with its codes but before its
+        audio is decoded, and returns the request to generate next, or None. That request joins the running
+        batch as its slots free (continuous batching), so chains of requests that each need the last one's
+        codes (a chapter's chunks, model.longform) keep the batch full instead of waiting for each other.
+        Results come out in groups as they are vocoded, in calls as large as `generate`'s.
+        """
+        results: list[SynthesisResult | None] = [None] * len(requests)
+        prepared = self._prepare_all(requests, results)
+        yield from ((request, r) for request, r in zip(requests, results, strict=True) if r is not None)
+        ready: list[tuple[SynthesisRequest, SynthesisResult]] = []
+        frames = 0
+        for item, result in self._decode_all(prepared, follow=follow):
+            ready.append((item.request, result))
+            frames += result.generated_frames
+            if frames >= self._vocode_budget():
+                self._vocode_results([r for _, r in ready if r.ok])
+                yield from ready
+                ready, frames = [], 0
+        self._vocode_results([r for _, r in ready if r.ok])
+        yield from ready
+
+    def _prepare_all(
+        self, requests: list[SynthesisRequest], results: list[SynthesisResult | None]
+    ) -> list[_Prepared]:
+        """The requests prepared for generation; one that cannot be gets its error in `results`."""
         use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
         use_fused_projections(self.model, self.options.fused_projections)
-        results: list[SynthesisResult | None] = [None] * len(requests)
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
             try:
                 prepared.append(self._prepare(i, request))
             except RequestError as err:
                 results[i] = SynthesisResult(id=request.id, error=err.message, error_field=err.field)
-        for item, result in self._decode_all(prepared):
-            results[item.index] = result
-        self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
-        return [r for r in results if r is not None]
+        return prepared
 
     def _call_layout(self, prepared: list[_Prepared], size: int | None) -> tuple[_Prefix | None, int]:
         """The call's prefix kept once (see _call_prefix) and its slots: `size`, or as many as fit free
@@ -408,10 +461,15 @@ class SynthesisEngine:
         return group
 
     @torch.inference_mode()
-    def _decode_all(self, prepared: list[_Prepared], size: int | None = None):
+    def _decode_all(self, prepared: list[_Prepared], size: int | None = None, follow: Follow | None = None):
         """Yield (item, result) as rows finish. Rows leave the batch when done; with `refill`, waiting rows
         join the running batch in their place (continuous batching). Rows that outgrow the slot their text's
         length reserved (EngineOptions.reserve) run again after the others, with all of max_new_tokens.
+
+        `follow(request, result)`, called as each row leaves the batch, may name a request to generate next
+        (see generate_chained): it waits with the call's other rows. One that does not fit the call's slots
+        (a longer prompt, another prefix) stops the refills instead; once the batch has drained, the slots
+        are laid out again for every row left.
 
         Out of memory: the rows in flight go back to the queue and the batch size halves. A row's codes depend
         only on its request and seed, so restarting it loses time, not correctness. Any other failure is
@@ -419,11 +477,47 @@ class SynthesisEngine:
         """
         waiting = self._order(prepared)
         asked = size
-        prefix, size = self._call_layout(prepared, size)
+        layout = prepared  # the rows the slots are sized for
+        prefix, size = self._call_layout(layout, size)
+        fits = self._fitting(layout, prefix)
         state: DynamicBatch | SlotBatch | None = None
         staged: DynamicBatch | None = None  # rows prefilled ahead of the slots they join (REFILL_SHARE)
         outgrown: list[_Prepared] = []
-        while waiting or staged is not None or state is not None:
+        unfit: list[_Prepared] = []  # followers for the next layout
+        looks = 0  # the waiting followers have waited (FOLLOWER_LOOKS)
+
+        def finished(pairs):
+            for item, result in pairs:
+                chain = [(item, result)]
+                while chain:
+                    item, result = chain.pop()
+                    request = follow(item.request, result) if follow is not None else None
+                    if request is not None:
+                        try:
+                            joining = self._prepare(-1, request)
+                        except RequestError as err:
+                            failed = _Prepared(-1, request, [], None)
+                            chain.append((failed, self._failure(failed, err.field, err.message)))
+                        else:
+                            (waiting if fits(joining) else unfit).append(joining)
+                    yield item, result
+
+        while waiting or staged is not None or state is not None or unfit or outgrown:
+            if state is None and staged is None and (unfit or not waiting):
+                # The batch drained: slots for the followers that did not fit, or else (the call's other
+                # rows done) for the rows that outgrew theirs.
+                if not unfit:
+                    log.info(
+                        "%d rows outgrew the KV slot their text's length reserved; generating them again "
+                        "with their whole max_new_tokens",
+                        len(outgrown),
+                    )
+                layout = [*waiting, *unfit] if unfit else list(outgrown)
+                outgrown[:] = outgrown if unfit else []
+                unfit.clear()
+                waiting = self._order(layout)
+                prefix, size = self._call_layout(layout, asked)
+                fits = self._fitting(layout, prefix)
             involved: list[_Prepared] = [
                 *([] if state is None else state.items),
                 *([] if staged is None else staged.items),
@@ -432,13 +526,21 @@ class SynthesisEngine:
                 free = size - (0 if state is None else len(state))
                 # Free slots fill before the next step, from rows prefilled ahead or else from a new prefill
                 # group of at most max_prefill_rows rows.
+                gathering = (
+                    follow is not None
+                    and state is not None
+                    and len(waiting) < _refill_rows(size)
+                    and looks < FOLLOWER_LOOKS
+                )
                 while free > 0 and (
-                    staged is not None or (waiting and self._refills(state, size, free, waiting))
+                    staged is not None
+                    or (waiting and not (unfit or gathering) and self._refills(state, size, free, waiting))
                 ):
                     if staged is None:
                         group = self._admit(waiting, self._group_size(state, size, free))
                         involved += group
                         staged = self._prefill(group, prefix)
+                        looks = 0
                     if free >= len(staged):
                         joining, staged = staged, None
                     else:
@@ -448,9 +550,12 @@ class SynthesisEngine:
                         state = joining
                     else:
                         if state is None:
-                            state = SlotBatch(self._slots(size, prepared, prefix))
+                            # Sized for the waiting rows too: ones that joined late fit the slots before.
+                            state = SlotBatch(self._slots(size, [*layout, *waiting], prefix))
+                            fits = self._fitting(layout, prefix, state.step.cache)  # maybe larger
                         state.merge(joining)
-                yield from self._step(state, outgrown)
+                yield from finished(self._step(state, outgrown))
+                looks = looks + 1 if waiting else 0
                 if not len(state):
                     state = None
             except torch.OutOfMemoryError as exc:
@@ -458,8 +563,10 @@ class SynthesisEngine:
                 self._drop_step()  # rebuilt for the smaller batch
                 self._release_memory()
                 if size == 1:
-                    for item in involved:
-                        yield item, self._failure(item, "synthesis", f"out of memory at batch size 1: {exc}")
+                    yield from finished(
+                        (item, self._failure(item, "synthesis", f"out of memory at batch size 1: {exc}"))
+                        for item in involved
+                    )
                     continue
                 size = max(1, size // 2)
                 log.warning(
@@ -472,18 +579,30 @@ class SynthesisEngine:
                 state = staged = None
                 if len(involved) == 1:
                     log.warning("request %r failed: %s", involved[0].request.id, exc)
-                    yield involved[0], self._failure(involved[0], "synthesis", f"generation failed: {exc}")
+                    failure = self._failure(involved[0], "synthesis", f"generation failed: {exc}")
+                    yield from finished([(involved[0], failure)])
                     continue
                 for item in involved:
-                    yield from self._decode_all([item], size=1)
-        if outgrown:
-            # After the call's other rows: their slots, longer now, may be fewer.
-            log.info(
-                "%d rows outgrew the KV slot their text's length reserved; generating them again with their "
-                "whole max_new_tokens",
-                len(outgrown),
-            )
-            yield from self._decode_all(outgrown, asked)
+                    yield from finished(self._decode_all([item], size=1))
+
+    def _fitting(
+        self, rows: list[_Prepared], prefix: _Prefix | None, cache: SlotCache | None = None
+    ) -> Callable[[_Prepared], bool]:
+        """Whether a row that joins a call late fits its slots: `cache` once built, else slots for `rows`,
+        with the call's `prefix`."""
+        if not self.options.static_cache:
+            return lambda item: True
+        if cache is None and not rows:
+            return lambda item: False
+        length, steps, window = (
+            (cache.length, cache.max_steps, cache.window) if cache else self._bounds(rows, prefix)
+        )
+
+        def fits(item: _Prepared) -> bool:
+            needs = zip(self._bounds([item], prefix), (length, steps, window), strict=True)
+            return (prefix is None or prefix.covers(item)) and all(need <= has for need, has in needs)
+
+        return fits
 
     def _refills(self, state, size: int, free: int, waiting: deque) -> bool:
         """Whether waiting rows are prefilled now: always into an empty batch; into a running one with
@@ -518,10 +637,7 @@ class SynthesisEngine:
         """The decode step over a SlotCache of `size` slots that fits every row of `prepared` (and holds the
         call's shared `prefix`), kept from call to call while it fits (sizes rounded up by round_up); a cache
         over twice as long as needed is rebuilt: its memory could hold a larger batch."""
-        length = self._slot_length(prepared, prefix.tokens if prefix else 0)
-        # A row takes as many steps as its slot's columns allow, up to max_new_tokens (SlotCache.admit).
-        max_steps = min(length, round_up(max(p.request.max_new_tokens for p in prepared)))
-        window = max(self._ras_window(p.request) for p in prepared)
+        length, max_steps, window = self._bounds(prepared, prefix)
         needed = round_up(prefix.tokens) if prefix else 0
         step = self._decode_step
         if step is None or not step.cache.fits(size, length, max_steps, window, needed):
@@ -532,6 +648,13 @@ class SynthesisEngine:
         if prefix:
             step.cache.set_prefix(prefix.cache)
         return step
+
+    def _bounds(self, rows: list[_Prepared], prefix: _Prefix | None) -> tuple[int, int, int]:
+        """The columns (less the `prefix` kept once), frames and RAS window slots for `rows` need."""
+        length = self._slot_length(rows, prefix.tokens if prefix else 0)
+        # A row takes as many steps as its slot's columns allow, up to max_new_tokens (SlotCache.admit).
+        max_steps = min(length, round_up(max(p.request.max_new_tokens for p in rows)))
+        return length, max_steps, max(self._ras_window(p.request) for p in rows)
 
     def _new_step(self, size: int, length: int, max_steps: int, window: int, prefix: int) -> DecodeStep:
         cache = SlotCache(
@@ -669,10 +792,11 @@ class SynthesisEngine:
             "position_ids": torch.arange(shared, device=device)[None, :],
         }
         frames = self._frames_before(item, shared)
-        if frames:
-            inputs["audio_input_ids"] = item.audio_codes[None, :frames].to(device)
+        audio = item.audio_codes[:frames] if frames else None
+        if audio is not None:
+            inputs["audio_input_ids"] = audio[None].to(device)
         self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return _Prefix(shared, cache)
+        return _Prefix(shared, cache, item.input_ids[:shared], audio)
 
     def _step(self, state: DynamicBatch | SlotBatch, outgrown: list[_Prepared]):
         """Advance the batch and yield the rows that finished; rows that outgrew their slot go to `outgrown`
@@ -748,11 +872,7 @@ class SynthesisEngine:
         if not results:
             return
         on_gpu = self.device.type == "cuda"
-        budget = VOCODE_CPU_FRAMES
-        if on_gpu:
-            step = self._decode_step
-            slots = step.cache.slots if step is not None else self.options.max_batch_size
-            budget = min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
+        budget = self._vocode_budget()
         windows = self.options.vocode_windows
         if windows is None:
             windows = on_gpu
@@ -781,6 +901,14 @@ class SynthesisEngine:
         for result, waveform, spent in zip(results, waveforms, seconds, strict=True):
             result.waveform = waveform
             result.timings["vocode_s"] = spent
+
+    def _vocode_budget(self) -> int:
+        """Frames one vocoding call takes (see _vocode_results)."""
+        if self.device.type != "cuda":
+            return VOCODE_CPU_FRAMES
+        step = self._decode_step
+        slots = step.cache.slots if step is not None else self.options.max_batch_size
+        return min(max(1, slots or 16) * VOCODE_FRAMES_PER_ROW, VOCODE_MAX_FRAMES)
 
     def _strip(self, frames: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """(steps, C) delayed frames -> (C, frames) codes without stream bos/eos, and whether the model ended

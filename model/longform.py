@@ -2,7 +2,7 @@
 
 A text is split into chunks that are generated in order; each chunk sees the references and the last N
 generated chunks (text + codes) as earlier turns, so the narrator does not drift. Many texts (chapters)
-advance in lockstep: chunk k of every text goes through the engine in one batch.
+go through the engine together, each chunk joining the running batch as soon as the one before it is done.
 """
 
 from __future__ import annotations
@@ -48,20 +48,38 @@ def generate_longform(
     buffer_size: int | None = 2,
     on_chunk: Callable[[LongformText, int, SynthesisResult], None] | None = None,
 ) -> list[LongformText]:
-    """Generate every missing chunk; `on_chunk` sees each new chunk (to persist it) as soon as it exists.
+    """Generate every missing chunk; `on_chunk` sees each new chunk (to persist it) once its audio exists,
+    a text's chunks in order.
 
-    A chunk that fails stops its text (error set); the other texts go on.
+    A text's next chunk starts as soon as its last one's codes exist: it joins the engine's running batch
+    (SynthesisEngine.generate_chained) rather than waiting for the other texts' chunks. A chunk that fails
+    stops its text (error set); the other texts go on.
     """
-    while True:
-        active = [t for t in texts if t.error is None and len(t.done) < len(t.chunks)]
-        if not active:
-            return texts
-        requests = [chunk_request(t, len(t.done), buffer_size) for t in active]
-        for text, result in zip(active, engine.generate(requests), strict=True):
-            k = len(text.done)
-            if not result.ok:
-                text.error = f"chunk {k}: {result.error}"
-                continue
-            text.done.append(ContextTurn(text.chunks[k], result.audio_codes))
-            if on_chunk is not None:
-                on_chunk(text, k, result)
+    # By request object: follow and the results hand back the very requests made here.
+    owners: dict[int, tuple[SynthesisRequest, LongformText, int]] = {}
+
+    def next_chunk(text: LongformText) -> SynthesisRequest | None:
+        k = len(text.done)
+        if text.error is not None or k >= len(text.chunks):
+            return None
+        request = chunk_request(text, k, buffer_size)
+        owners[id(request)] = (request, text, k)
+        return request
+
+    def follow(request: SynthesisRequest, result: SynthesisResult) -> SynthesisRequest | None:
+        _, text, k = owners[id(request)]
+        if not result.ok or text.error is not None:
+            return None
+        text.done.append(ContextTurn(text.chunks[k], result.audio_codes))
+        return next_chunk(text)
+
+    first = [request for request in map(next_chunk, texts) if request is not None]
+    for request, result in engine.generate_chained(first, follow):
+        _, text, k = owners.pop(id(request))
+        if text.error is not None:
+            continue
+        if not result.ok:
+            text.error = f"chunk {k}: {result.error}"
+        elif on_chunk is not None:
+            on_chunk(text, k, result)
+    return texts

@@ -1,7 +1,7 @@
 """The audiobook run: books manifest -> chapters -> chunks -> mastered MP3s -> one M4B per book.
 
 read books -> BookStage (CPU: check, parse, chunk; one row per chapter)
-           -> ChapterStage (one engine per actor: chapters in lockstep, every chunk persisted)
+           -> ChapterStage (one engine per actor: chapters together, every chunk persisted)
            -> MasterStage (CPU: stitch, master to ACX, MP3, QC on the MP3)
            -> driver: per book, once all its chapters are in, a Ray task builds the M4B and qc.csv
 
@@ -42,9 +42,9 @@ from pipeline.stages import unpack
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
-# Chapters in lockstep per actor when the engine sizes its batch from free GPU memory (batch_size 0): the
-# most slots it takes (model.engine.fitting_batch_size's cap). Each lockstep call holds one chunk per
-# chapter; where fewer slots fit, the call's waiting chunks take the slots of those that finish.
+# Chapters together per actor when the engine sizes its batch from free GPU memory (batch_size 0): the
+# most slots it takes (model.engine.fitting_batch_size's cap). Each chapter has one chunk in the call at a
+# time; where fewer slots fit, waiting chunks take the slots of those that finish.
 AUTO_CHAPTERS = 256
 
 
@@ -150,7 +150,7 @@ def run_audiobook_job(job: AudiobookJob) -> dict:
         ChapterStage,
         fn_constructor_kwargs={"settings": chapter},
         batch_format="pyarrow",
-        batch_size=chapters,  # chapters per engine lockstep
+        batch_size=chapters,  # chapters an engine renders together
         # A batch keeps an engine busy for long; queueing a second one on the same actor would leave
         # another actor idle while there is work.
         compute=ray.data.ActorPoolStrategy(size=res.actors, max_tasks_in_flight_per_actor=1),

@@ -1,7 +1,7 @@
 """Chapter rows -> generated chunks, persisted one by one (the GPU stage of the audiobook run).
 
-Each actor holds one engine and advances a batch of chapters in lockstep with `generate_longform`, every
-chunk conditioned on the voice and the last `buffer_size` chunks. Every chunk is stored the moment it exists,
+Each actor holds one engine and renders a batch of chapters together with `generate_longform` (each
+chapter's next chunk joins the running batch as soon as the last one is done), every chunk conditioned on the voice and the last `buffer_size` chunks. Every chunk is stored the moment it exists,
 so a run killed after hours loses at most one chunk per chapter: the next run loads the stored chunks back
 as the chapters' history and generates only what is missing.
 """
@@ -100,7 +100,7 @@ class ChunkStore:
 
 
 class ChapterStage:
-    """One engine per actor; a batch of chapters goes through it chunk by chunk, in lockstep."""
+    """One engine per actor; a batch of chapters goes through it together, each chapter chunk by chunk."""
 
     def __init__(self, settings: ChapterSettings, engine: Any = None) -> None:
         if engine is None:
@@ -143,7 +143,7 @@ class ChapterStage:
         return pack(rows)
 
     def _render(self, texts: list[LongformText], persist) -> None:
-        """Generate the chapters' missing chunks in lockstep, guarded against chapters that kill the actor
+        """Generate the chapters' missing chunks together, guarded against chapters that kill the actor
         (pipeline.attempts). A start is marked with the chunk each chapter starts from: chunks are stored
         as they come, so a start that got further is a new start from there."""
 

@@ -494,9 +494,15 @@ class SpyEngine:
         self.engine = engine
         self.requests = []
 
-    def generate(self, requests):
+    def generate_chained(self, requests, follow):
         self.requests += requests
-        return self.engine.generate(requests)
+
+        def kept(request, result):
+            later = follow(request, result)
+            self.requests += [] if later is None else [later]
+            return later
+
+        return self.engine.generate_chained(requests, kept)
 
 
 def _chapter_rows(
@@ -595,16 +601,19 @@ def _stage_after_deaths(tmp_path: Path, checkpoint: str, engine, *dead: list[str
     return ChapterStage(settings, engine=engine)
 
 
-def test_chapters_whose_lockstep_start_killed_the_worker_twice_render_one_at_a_time(
+def test_chapters_whose_joint_start_killed_the_worker_twice_render_one_at_a_time(
     engine, tiny_checkpoint, tmp_path
 ) -> None:
     spy = SpyEngine(engine)
     calls: list[int] = []
-    spy.generate = lambda requests: calls.append(len(requests)) or SpyEngine.generate(spy, requests)
+    spy.generate_chained = lambda requests, follow: (
+        calls.append(len(requests)) or SpyEngine.generate_chained(spy, requests, follow)
+    )
     stage = _stage_after_deaths(tmp_path, tiny_checkpoint, spy, ["b#1@0", "b#2@0"])
     rows = unpack(stage(_two_chapters(tmp_path)))
     assert [r["status"] for r in rows] == ["rendered", "rendered"]
-    assert calls == [1, 1, 1, 1]  # two chunks of chapter 1 alone, then two of chapter 2
+    assert calls == [1, 1]  # chapter 1 alone, then chapter 2
+    assert [r.text for r in spy.requests] == ["One.", "Two.", "Three.", "Four."]
     assert not list((tmp_path / "out").glob(f"{ATTEMPTS_DIR}/*"))  # every start returned
 
 

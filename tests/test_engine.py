@@ -492,3 +492,28 @@ def test_rows_whose_audio_differs_behind_alike_placeholders_share_up_to_the_firs
     alone = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
     for a, b in zip(alone, batched.generate(rows), strict=True):
         np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+
+
+def test_generate_chained_runs_the_requests_follow_names_with_the_codes_generate_gives_them(engine64):
+    followed = []
+
+    def follow(request, result):
+        followed.append((request.id, result.waveform is None))
+        return replace(smart(9), id=f"after-{request.id}") if not request.id.startswith("after") else None
+
+    out = {request.id: result for request, result in engine64.generate_chained([smart(1), clone(2)], follow)}
+    # follow saw every row as it left the batch, before its audio was decoded.
+    assert sorted(followed) == [(i, True) for i in ["after-clone2", "after-smart1", "clone2", "smart1"]]
+    assert sorted(out) == ["after-clone2", "after-smart1", "clone2", "smart1"]
+    assert all(r.ok and r.waveform is not None for r in out.values())
+    (alone,) = engine64.generate([smart(9)])
+    np.testing.assert_array_equal(out["after-smart1"].audio_codes, alone.audio_codes)
+    np.testing.assert_array_equal(out["after-clone2"].audio_codes, alone.audio_codes)
+
+
+def test_generate_chained_reports_a_request_follow_names_that_cannot_be_prepared(engine64):
+    bad = SynthesisRequest(id="bad", text="Fine.", max_new_tokens=10**6)
+    follow = lambda request, result: bad if request.id == "smart1" else None  # noqa: E731
+    out = {request.id: result for request, result in engine64.generate_chained([smart(1)], follow)}
+    assert out["smart1"].ok
+    assert (out["bad"].ok, out["bad"].error_field) == (False, "max_new_tokens")

@@ -66,10 +66,62 @@ def test_a_resumed_text_generates_only_its_missing_chunks_and_matches_an_uninter
         np.testing.assert_array_equal(a.codes, b.codes)
 
 
-def test_chapters_advance_in_lockstep_and_a_failing_one_stops_alone(engine):
+def test_a_failing_chapter_stops_alone(engine):
     bad = LongformText(key="bad", base=base(), chunks=["Fine.", " \n "])
     good = chapter("good", 3)
     generate_longform(engine, [bad, good], buffer_size=1)
     assert bad.error is not None and bad.error.startswith("chunk 1:")
     assert len(bad.done) == 1
     assert good.error is None and len(good.done) == 3
+
+
+def running_to_max_new_tokens(engine64, **options):
+    """The float64 tiny engine, every row running to max_new_tokens: chunk lengths are set by the test."""
+    from model.engine import EngineOptions, SynthesisEngine
+
+    return SynthesisEngine(engine64.checkpoint, EngineOptions(ignore_eos=True, **options))
+
+
+def paced(key: str, n: int, frames: int) -> LongformText:
+    return LongformText(
+        key=key,
+        base=SynthesisRequest(text="", max_new_tokens=frames, seed=len(key)),
+        chunks=[f"Part {i} of {key}." for i in range(n)],
+    )
+
+
+def test_a_chapters_next_chunk_starts_without_waiting_for_the_other_chapters_chunks(engine64):
+    engine = running_to_max_new_tokens(engine64, max_batch_size=4)
+    seen = []
+    generate_longform(
+        engine,
+        [paced("slow", 2, 90), paced("quick", 3, 16)],
+        buffer_size=2,
+        on_chunk=lambda t, k, r: seen.append(f"{t.key}#{k}"),
+    )
+    assert seen == ["quick#0", "quick#1", "quick#2", "slow#0", "slow#1"]
+
+
+def test_chapters_generated_together_match_each_chapter_generated_alone(engine64):
+    engine = running_to_max_new_tokens(engine64, max_batch_size=3)
+    together = generate_longform(
+        engine, [paced("a", 4, 20), paced("bb", 2, 45), paced("ccc", 3, 12)], buffer_size=2
+    )
+    for text in together:
+        (alone,) = generate_longform(engine, [paced(text.key, len(text.chunks), text.base.max_new_tokens)])
+        assert len(alone.done) == len(text.done)
+        for a, b in zip(alone.done, text.done, strict=True):
+            np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def test_a_chunk_whose_prompt_outgrows_the_slots_waits_for_them_to_be_laid_out_again(engine64):
+    engine = running_to_max_new_tokens(engine64, max_batch_size=2)
+    columns = []
+    step = engine._step
+    engine._step = lambda state, outgrown: columns.append(state.step.cache.length) or step(state, outgrown)
+    # Chunk 1 of "grows" holds chunk 0's 150 frames in its prompt: more columns than the call's slots have.
+    grows, other = generate_longform(engine, [paced("grows", 2, 150), paced("other", 1, 200)], buffer_size=1)
+    assert len(grows.done) == 2 and len(other.done) == 1
+    assert columns[0] < columns[-1] and columns == sorted(columns)
+    (alone,) = engine.generate([chunk_request(grows, 1, buffer_size=1)])
+    np.testing.assert_array_equal(alone.audio_codes, grows.done[1].codes)
