@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the engine in one call, for a lent GPU machine (see docs/benchmarks.md):
 #   bash scripts/run_gpu_bench.sh OUT_DIR
-# About 9.5 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
+# About 9.7 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. bench_gpu
 # writes its JSON after every measurement and starts nothing new after its --budget-s, so a cut-off run
 # keeps what it measured.
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
@@ -30,15 +30,22 @@ timeout 100 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,6
 # memory (runtime.batch_size=auto) in one call (the dataset job's 1,024 rows a call), each mode ~60 s with
 # its warm-up, as the budget allows: the defaults (slots sized exactly: the rows stop at their own
 # lengths); the same with FlexAttention (`flex`); the slots a dataset's rows would get, sized by each
-# text's estimate (`dataset_estimate`); refills that wait for 1/8 of the slots instead of prefilling ahead
-# (`refill_at_share`; 1.16x the decode steps on the CPU at 4 rows a slot); the engine before run 6's
-# changes (`previous`, 276x then).
-timeout 270 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 240 --no-baseline \
+# text's estimate (`dataset_estimate`); the engine before run 6's changes (`previous`, 276x then).
+timeout 210 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 180 --no-baseline \
   --modes "" --profile 256 --profile-prefill 64 --prefill-routing 1,8,64 \
   --refill-rows 1024 --refill-runs auto:1024 \
-  --refill-modes graphs,flex,dataset_estimate,refill_at_share,previous \
+  --refill-modes graphs,flex,dataset_estimate,previous \
   --span-batch 0 --check-rows 0 \
   2>&1 | tee "$out/bench_refill.log"
+# Audiobook chapters at the release's size: chunk k of every chapter per engine call (`lockstep`, the order
+# before 2026-11-26 18:30 UTC) against each chapter's next chunk joining the running batch (`chained`, the
+# order now; `chained_ungathered` without waiting for others to prefill with), 32 chapters of 2-4 chunks of
+# 120-360 steps through 32 slots (~50 s; on the CPU's tiny config 1.37x fewer decode steps at one chapter
+# a slot). A decode step costs little more at 32 rows than at 20 (run 5: 5.5 ms at 1 row, 11.8 ms at 128),
+# so the steps saved count nearly in full, less the extra prefill forwards' fixed cost.
+timeout 70 python3 scripts/bench_longform.py --config real --device cuda --chapters 32 --slots 32 \
+  --chunks 2,4 --steps 120,360 --text-tokens 160 --out "$out/bench_longform.json" 2>&1 | tail -70 \
+  | tee "$out/bench_longform.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
 timeout 50 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
