@@ -1,9 +1,11 @@
 """Chapter rows -> generated chunks, persisted one by one (the GPU stage of the audiobook run).
 
 Each actor holds one engine and renders a batch of chapters together with `generate_longform` (each
-chapter's next chunk joins the running batch as soon as the last one is done), every chunk conditioned on the voice and the last `buffer_size` chunks. Every chunk is stored the moment it exists,
-so a run killed after hours loses at most one chunk per chapter: the next run loads the stored chunks back
-as the chapters' history and generates only what is missing.
+chapter's next chunk joins the running batch as soon as the last one is done), every chunk conditioned on
+the voice and the last `buffer_size` chunks. Every chunk is stored as soon as its audio is decoded (in
+calls that take the chunks finished meanwhile), so a run killed after hours loses about the chunk each
+chapter had in flight: the next run loads the stored chunks back as the chapters' history and generates
+only what is missing.
 """
 
 from __future__ import annotations
