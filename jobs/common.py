@@ -123,7 +123,8 @@ def init_ray(runtime: DictConfig) -> None:
     if runtime.address:
         ray.init(address=runtime.address, **kwargs)
     else:
-        ray.init(num_cpus=runtime.get("num_cpus"), include_dashboard=False, **kwargs)
+        cpus = number(runtime, "num_cpus", int, 1, optional=True)  # checked with the job (resources)
+        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = flag(runtime, "progress_bars", False)
 
 
