@@ -8,6 +8,7 @@ forward in a left-padded batch and selects every row's next frame with its own p
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Given a request and its result (codes, not yet audio), the request to generate next, or None.
 Follow = Callable[[SynthesisRequest, SynthesisResult], SynthesisRequest | None]
+# A request's priority among the waiting rows of a call: the highest goes first.
+Priority = Callable[[SynthesisRequest], float]
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -145,6 +148,13 @@ def _refill_rows(slots: int) -> int:
     return math.ceil(slots * REFILL_SHARE)
 
 
+def _rank(p: _Prepared) -> tuple:
+    """A row's place among the waiting ones (SynthesisEngine._order), the first first: the highest priority,
+    then each voice run together, the longest expected audio (its reserve, in classes of LENGTH_CLASS
+    steps), the shortest prompt."""
+    return (-p.priority, p.run, -(p.reserve // LENGTH_CLASS), len(p.input_ids))
+
+
 @dataclass
 class _Prefix:
     """Prompt tokens that rows share (a prefill group's, or a whole call's), run through the model once: a
@@ -184,6 +194,7 @@ class _Prepared:
     # share their prompt's leading tokens (SynthesisEngine._shared_prefix). None without audio.
     voice: bytes | None = None
     run: int = -1  # the voice run it prefills in (SynthesisEngine._order); -1: with the rows of no run
+    priority: float = 0.0  # among the waiting rows, the highest first (generate_chained)
     reserve: int = 0  # steps of audio its KV slot is sized for (SynthesisEngine._reserve)
 
 
@@ -242,7 +253,7 @@ class SynthesisEngine:
         prepared = self._prepare(0, request)
         return prepared.input_ids, prepared.audio_codes
 
-    def _prepare(self, index: int, request: SynthesisRequest) -> _Prepared:
+    def _prepare(self, index: int, request: SynthesisRequest, priority: Priority | None = None) -> _Prepared:
         conversation = build_conversation(request)
         text = render(conversation, self.processor)
         started = time.perf_counter()
@@ -290,6 +301,7 @@ class SynthesisEngine:
             encode_s=encode_s,
             voice=voice,
             reserve=self._reserve(request),
+            priority=0.0 if priority is None else float(priority(request)),
         )
 
     def _reserve(self, request: SynthesisRequest) -> int:
@@ -342,7 +354,7 @@ class SynthesisEngine:
         return [r for r in results if r is not None]
 
     def generate_chained(
-        self, requests: list[SynthesisRequest], follow: Follow
+        self, requests: list[SynthesisRequest], follow: Follow, priority: Priority | None = None
     ) -> Iterator[tuple[SynthesisRequest, SynthesisResult]]:
         """(request, result) for `requests` and for every request `follow` names, in the order rows finish.
 
@@ -350,14 +362,16 @@ class SynthesisEngine:
         audio is decoded, and returns the request to generate next, or None. That request joins the running
         batch as its slots free (continuous batching), so chains of requests that each need the last one's
         codes (a chapter's chunks, model.longform) keep the batch full instead of waiting for each other.
+        Waiting requests take free slots in the order of `priority` (highest first): chains with the most
+        left to generate first keep the call from ending on a few long ones with its slots idle.
         Results come out in groups as they are vocoded, in calls as large as `generate`'s.
         """
         results: list[SynthesisResult | None] = [None] * len(requests)
-        prepared = self._prepare_all(requests, results)
+        prepared = self._prepare_all(requests, results, priority)
         yield from ((request, r) for request, r in zip(requests, results, strict=True) if r is not None)
         ready: list[tuple[SynthesisRequest, SynthesisResult]] = []
         frames = 0
-        for item, result in self._decode_all(prepared, follow=follow):
+        for item, result in self._decode_all(prepared, follow=follow, priority=priority):
             ready.append((item.request, result))
             frames += result.generated_frames
             if frames >= self._vocode_budget():
@@ -368,7 +382,10 @@ class SynthesisEngine:
         yield from ready
 
     def _prepare_all(
-        self, requests: list[SynthesisRequest], results: list[SynthesisResult | None]
+        self,
+        requests: list[SynthesisRequest],
+        results: list[SynthesisResult | None],
+        priority: Priority | None = None,
     ) -> list[_Prepared]:
         """The requests prepared for generation; one that cannot be gets its error in `results`."""
         use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
@@ -376,7 +393,7 @@ class SynthesisEngine:
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
             try:
-                prepared.append(self._prepare(i, request))
+                prepared.append(self._prepare(i, request, priority))
             except RequestError as err:
                 results[i] = SynthesisResult(id=request.id, error=err.message, error_field=err.field)
         return prepared
@@ -427,15 +444,15 @@ class SynthesisEngine:
         )
 
     def _order(self, prepared: list[_Prepared]) -> deque[_Prepared]:
-        """The call's rows in prefill order: each voice with at least MIN_VOICE_RUN rows as a run of its own
-        (with share_prefix), then the other rows together; within those, the longest expected audio first
-        (its reserve, in classes of LENGTH_CLASS steps), and shortest prompts first within a class."""
+        """The call's rows in prefill order (_rank): each voice with at least MIN_VOICE_RUN rows as a run of
+        its own (with share_prefix), then the other rows together; within those, the longest expected audio
+        first (its reserve, in classes of LENGTH_CLASS steps), and shortest prompts first within a class."""
         counts = Counter(p.voice for p in prepared)
         big = [v for v, n in counts.items() if v is not None and n >= MIN_VOICE_RUN]
         runs = {voice: i for i, voice in enumerate(big)} if self.options.share_prefix else {}
         for p in prepared:
             p.run = runs.get(p.voice, -1)
-        return deque(sorted(prepared, key=lambda p: (p.run, -(p.reserve // LENGTH_CLASS), len(p.input_ids))))
+        return deque(sorted(prepared, key=_rank))
 
     def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
         """The next prefill group: the first waiting row (see _order), then the rows of its run among the next
@@ -461,13 +478,20 @@ class SynthesisEngine:
         return group
 
     @torch.inference_mode()
-    def _decode_all(self, prepared: list[_Prepared], size: int | None = None, follow: Follow | None = None):
+    def _decode_all(
+        self,
+        prepared: list[_Prepared],
+        size: int | None = None,
+        follow: Follow | None = None,
+        priority: Priority | None = None,
+    ):
         """Yield (item, result) as rows finish. Rows leave the batch when done; with `refill`, waiting rows
         join the running batch in their place (continuous batching). Rows that outgrow the slot their text's
         length reserved (EngineOptions.reserve) run again after the others, with all of max_new_tokens.
 
         `follow(request, result)`, called as each row leaves the batch, may name a request to generate next
-        (see generate_chained): it waits with the call's other rows. One that does not fit the call's slots
+        (see generate_chained): it waits with the call's other rows, in its place by `priority`. One that
+        does not fit the call's slots
         (a longer prompt, another prefix) stops the refills instead; once the batch has drained, the slots
         are laid out again for every row left.
 
@@ -494,12 +518,15 @@ class SynthesisEngine:
                     request = follow(item.request, result) if follow is not None else None
                     if request is not None:
                         try:
-                            joining = self._prepare(-1, request)
+                            joining = self._prepare(-1, request, priority)
                         except RequestError as err:
                             failed = _Prepared(-1, request, [], None)
                             chain.append((failed, self._failure(failed, err.field, err.message)))
                         else:
-                            (waiting if fits(joining) else unfit).append(joining)
+                            if fits(joining):
+                                bisect.insort(waiting, joining, key=_rank)
+                            else:
+                                unfit.append(joining)
                     yield item, result
 
         while waiting or staged is not None or state is not None or unfit or outgrown:

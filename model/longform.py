@@ -73,8 +73,14 @@ def generate_longform(
         text.done.append(ContextTurn(text.chunks[k], result.audio_codes))
         return next_chunk(text)
 
+    def left(request: SynthesisRequest) -> float:
+        """The text still to speak from this chunk on: the texts with most left go first, so the batch does
+        not end on a few long ones."""
+        _, text, k = owners[id(request)]
+        return sum(len(chunk) for chunk in text.chunks[k:])
+
     first = [request for request in map(next_chunk, texts) if request is not None]
-    for request, result in engine.generate_chained(first, follow):
+    for request, result in engine.generate_chained(first, follow, priority=left):
         _, text, k = owners.pop(id(request))
         if text.error is not None:
             continue

@@ -494,7 +494,7 @@ class SpyEngine:
         self.engine = engine
         self.requests = []
 
-    def generate_chained(self, requests, follow):
+    def generate_chained(self, requests, follow, priority=None):
         self.requests += requests
 
         def kept(request, result):
@@ -502,7 +502,7 @@ class SpyEngine:
             self.requests += [] if later is None else [later]
             return later
 
-        return self.engine.generate_chained(requests, kept)
+        return self.engine.generate_chained(requests, kept, priority)
 
 
 def _chapter_rows(
@@ -606,8 +606,8 @@ def test_chapters_whose_joint_start_killed_the_worker_twice_render_one_at_a_time
 ) -> None:
     spy = SpyEngine(engine)
     calls: list[int] = []
-    spy.generate_chained = lambda requests, follow: (
-        calls.append(len(requests)) or SpyEngine.generate_chained(spy, requests, follow)
+    spy.generate_chained = lambda requests, follow, priority: (
+        calls.append(len(requests)) or SpyEngine.generate_chained(spy, requests, follow, priority)
     )
     stage = _stage_after_deaths(tmp_path, tiny_checkpoint, spy, ["b#1@0", "b#2@0"])
     rows = unpack(stage(_two_chapters(tmp_path)))

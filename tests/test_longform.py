@@ -125,3 +125,14 @@ def test_a_chunk_whose_prompt_outgrows_the_slots_waits_for_them_to_be_laid_out_a
     assert columns[0] < columns[-1] and columns == sorted(columns)
     (alone,) = engine.generate([chunk_request(grows, 1, buffer_size=1)])
     np.testing.assert_array_equal(alone.audio_codes, grows.done[1].codes)
+
+
+def test_the_chapters_with_the_most_text_left_take_free_slots_first(engine):
+    from model.engine import EngineOptions, SynthesisEngine
+
+    one_slot = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=1))
+    short = LongformText(key="short", base=base(), chunks=["Hi."])
+    long = LongformText(key="long", base=base(), chunks=[f"Part {i} of the long one." for i in range(3)])
+    seen = []
+    generate_longform(one_slot, [short, long], on_chunk=lambda t, k, r: seen.append(f"{t.key}#{k}"))
+    assert seen == ["long#0", "long#1", "long#2", "short#0"]
