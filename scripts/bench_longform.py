@@ -3,16 +3,18 @@
     python scripts/bench_longform.py                 # tiny config: 16 chapters of 2-12 chunks, 8 slots, CPU
     python scripts/bench_longform.py --chapters 32 --slots 32 --out r.json
     python scripts/bench_longform.py --config real --device cuda --chapters 48 --slots 32 --chunks 2,5 \
-        --steps 150,450 --text-tokens 160          # the release's size, random bf16 weights
+        --steps 150,450                            # the release's size, random bf16 weights
 
 An audiobook's chapters go through the engine together, each chunk with the last ones' codes in its prompt.
 `lockstep` is the order before 2026-11-26 18:30 UTC: chunk k of every chapter in one engine call, the next
 call once the longest of them is done. `chained` is model.longform's now: a chapter's next chunk joins the
 running batch as soon as its last one is done (SynthesisEngine.generate_chained), waiting up to
-engine.FOLLOWER_LOOKS looks for others to prefill with; `chained_ungathered` prefills each as it comes. Chunk lengths are drawn
-per chunk (stream-eos ignored, so each runs to its length), as sentence chunking's chunks vary with their
-paragraphs; each chapter's chunk count too. Chunks carry no reference voice (their prompts: the system
-prompt, the last buffer_size chunks, their text). Every order must give every chunk the same codes (on a GPU
+engine.FOLLOWER_LOOKS looks for others to prefill with, the chapters with the most text left first;
+`chained_ungathered` prefills each as it comes, `chained_unranked` takes waiting chunks in arrival order.
+Chunk lengths are drawn per chunk (stream-eos ignored, so each runs to its length), as sentence chunking's
+chunks vary with their paragraphs, and each chunk's text is as long as its audio; each chapter's chunk
+count is drawn too. Chunks carry no reference voice (their prompts: the system prompt, the last
+buffer_size chunks, their text). Every order must give every chunk the same codes (on a GPU
 in bf16, batch mates may flip a near-tied code, as in bench_gpu.py's agreement check).
 """
 
@@ -24,6 +26,7 @@ import random
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +72,9 @@ def lockstep(engine, plan: dict[str, list[int]], words, buffer_size: int) -> lis
     return chapters
 
 
-def chained(engine, plan: dict[str, list[int]], words, buffer_size: int) -> list[LongformText]:
+def chained(
+    engine, plan: dict[str, list[int]], words, buffer_size: int, ranked: bool = True
+) -> list[LongformText]:
     chapters = texts(plan, words)
     by_key = {t.key: t for t in chapters}
 
@@ -78,7 +83,12 @@ def chained(engine, plan: dict[str, list[int]], words, buffer_size: int) -> list
         text.done.append(ContextTurn(text.chunks[len(text.done)], result.audio_codes))
         return request(text, plan, buffer_size) if len(text.done) < len(text.chunks) else None
 
-    for _ in engine.generate_chained([request(t, plan, buffer_size) for t in chapters], follow):
+    def left(req: SynthesisRequest) -> float:  # as model.longform ranks them: the text left to speak
+        key, k = req.id.split("#")
+        return sum(len(chunk) for chunk in by_key[key].chunks[int(k) :])
+
+    first = [request(t, plan, buffer_size) for t in chapters]
+    for _ in engine.generate_chained(first, follow, priority=left if ranked else None):
         pass
     return chapters
 
@@ -116,7 +126,9 @@ def main() -> None:
     parser.add_argument("--buffer-size", type=int, default=2)
     parser.add_argument("--config", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--device", default=None, help="default: cuda where there is one")
-    parser.add_argument("--text-tokens", type=int, default=24, help="a chunk's text")
+    parser.add_argument(
+        "--tokens-a-step", type=float, default=0.2, help="a chunk's text tokens per decode step it takes"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -129,9 +141,10 @@ def main() -> None:
     loaded = random_checkpoint(args.config, device)
     engine = SynthesisEngine(loaded, EngineOptions(max_batch_size=args.slots, ignore_eos=True))
     tokenizer = loaded.processor.tokenizer
-    most = max(map(len, plan.values()))
+    # Each chunk's text as long as its audio: what model.longform ranks chapters by.
     words = [
-        [script(100 * i + k, args.text_tokens, tokenizer) for k in range(most)] for i in range(len(plan))
+        [script(100 * i + k, max(4, round(n * args.tokens_a_step)), tokenizer) for k, n in enumerate(lengths)]
+        for i, lengths in enumerate(plan.values())
     ]
     # Warm-up (CUDA graphs of each bucket, the slots): the same chapters, an eighth of the steps.
     warm = {key: [max(16, n // 8) for n in lengths] for key, lengths in plan.items()}
@@ -154,10 +167,12 @@ def main() -> None:
         }
     )
     runs = {}
+    gathered = engine_module.FOLLOWER_LOOKS
     for name, order, looks in (
-        ("lockstep", lockstep, engine_module.FOLLOWER_LOOKS),
-        ("chained", chained, engine_module.FOLLOWER_LOOKS),
+        ("lockstep", lockstep, gathered),
+        ("chained", chained, gathered),
         ("chained_ungathered", chained, 0),
+        ("chained_unranked", partial(chained, ranked=False), gathered),
     ):
         default, engine_module.FOLLOWER_LOOKS = engine_module.FOLLOWER_LOOKS, looks
         try:
