@@ -639,7 +639,7 @@ def _compose(*overrides: str):
         return compose(config_name="render_audiobook", overrides=list(overrides))
 
 
-def test_batch_size_auto_puts_auto_chapters_in_lockstep_and_lets_the_engine_size_its_slots(
+def test_batch_size_auto_puts_auto_chapters_together_and_lets_the_engine_size_its_slots(
     monkeypatch, tiny_checkpoint
 ) -> None:
     from jobs.render_audiobook import build_job
