@@ -40,11 +40,11 @@ timeout 210 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget
 # Audiobook chapters at the release's size: chunk k of every chapter per engine call (`lockstep`, the order
 # before 2026-11-26 18:30 UTC) against each chapter's next chunk joining the running batch (`chained`, the
 # order now; `chained_ungathered` without waiting for others to prefill with, `chained_unranked` without
-# the chapters with most text left first), 32 chapters of 2-4 chunks of 120-360 steps through 32 slots
-# (~60 s; on the CPU's tiny config 1.27x fewer decode steps at one chapter a slot). A decode step costs little more at 32 rows than at 20 (run 5: 5.5 ms at 1 row, 11.8 ms at 128),
+# the chapters with most text left first), 24 chapters of 4-10 chunks of 60-150 steps through 24 slots
+# (~55 s; the same shape on the CPU's tiny config: 1,427 / 1,233 / 1,204 / 1,233 decode steps, 1.16x). A decode step costs little more at 32 rows than at 20 (run 5: 5.5 ms at 1 row, 11.8 ms at 128),
 # so the steps saved count nearly in full, less the extra prefill forwards' fixed cost.
-timeout 75 python3 scripts/bench_longform.py --config real --device cuda --chapters 32 --slots 32 \
-  --chunks 2,4 --steps 120,360 --out "$out/bench_longform.json" 2>&1 | tail -70 \
+timeout 80 python3 scripts/bench_longform.py --config real --device cuda --chapters 24 --slots 24 \
+  --chunks 4,10 --steps 60,150 --out "$out/bench_longform.json" 2>&1 | tail -70 \
   | tee "$out/bench_longform.log"
 # The release's codec: reference clips encoded one at a time, as an evaluation set's rows each bring their
 # own voice (never measured on a GPU: it may rival synthesis for such sets), and 64 rows vocoded (~20 s).
@@ -55,6 +55,6 @@ timeout 50 python3 scripts/bench_vocoding.py --config real --rows 64 --check-row
 # warm-up took 78 s on an H100) and with fused q/k/v and gate/up projections (`fused`) at 1 row, in that
 # order as the budget allows; the exactness checks on the tiny config last (flex included; transformers'
 # generate, 0.62x real time in runs 4 and 5, is not rerun).
-timeout 140 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 110 --no-baseline \
+timeout 135 python3 scripts/bench_gpu.py --out "$out/bench_gpu.json" --budget-s 105 --no-baseline \
   --modes graphs=1/256,flex=256,compiled=1,fused=1 --span-batch 0 --check-rows 1 \
   2>&1 | tee "$out/bench_gpu.log"
