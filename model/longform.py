@@ -55,7 +55,8 @@ def generate_longform(
     (SynthesisEngine.generate_chained) rather than waiting for the other texts' chunks. A chunk that fails
     stops its text (error set); the other texts go on.
     """
-    # By request object: follow and the results hand back the very requests made here.
+    # By request object (follow and the results hand back the very requests made here, and texts' keys need
+    # not be unique); each entry holds its request, so no id is reused while it is in use.
     owners: dict[int, tuple[SynthesisRequest, LongformText, int]] = {}
 
     def next_chunk(text: LongformText) -> SynthesisRequest | None:
