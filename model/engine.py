@@ -29,7 +29,7 @@ from model.decode_step import DecodeStep
 from model.fused_projections import use_fused_projections
 from model.lru import LRUCache
 from model.options import CheckpointSpec, EngineOptions
-from model.prompts import build_conversation, render
+from model.prompts import build_conversation, check_control_tokens, control_tokens, render
 from model.reference_audio import content_hash, decode_reference
 from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
 from model.rms_norm import use_fused_rms_norms
@@ -254,6 +254,7 @@ class SynthesisEngine:
         return prepared.input_ids, prepared.audio_codes
 
     def _prepare(self, index: int, request: SynthesisRequest, priority: Priority | None = None) -> _Prepared:
+        check_control_tokens(request, self._control_tokens)
         conversation = build_conversation(request)
         text = render(conversation, self.processor)
         started = time.perf_counter()
@@ -317,6 +318,10 @@ class SynthesisEngine:
             return min(limit, audio_steps(int(reserve), self.num_codebooks))
         frames = math.ceil(estimate_seconds(request.text) * self._frame_rate)
         return slot_reserve(audio_steps(frames, self.num_codebooks), limit)
+
+    @cached_property
+    def _control_tokens(self):
+        return control_tokens(self.processor.tokenizer)
 
     @cached_property
     def _frame_rate(self) -> float:

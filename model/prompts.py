@@ -13,6 +13,7 @@ template requires one, so the default system message is used.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,40 @@ def _audio(index: int, kind: str = "reference") -> dict:
 
 def _text(text: str) -> dict:
     return {"type": "text", "text": text}
+
+
+def control_tokens(tokenizer) -> re.Pattern[str]:
+    """The tokenizer's special tokens (<|eot_id|>, <|AUDIO_OUT|>, Llama 3's reserved ones, ...) as one
+    pattern, longest first."""
+    tokens = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    if not tokens:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def check_control_tokens(request: SynthesisRequest, pattern: re.Pattern[str]) -> None:
+    """Refuse text that holds a special token: the template would take it for structure (a turn's end, a
+    header), and an audio placeholder for a clip that is not there."""
+    fields = [
+        ("text", request.text),
+        ("system_prompt", request.system_prompt),
+        ("scene_prompt", request.scene_prompt),
+    ]
+    for i, ref in enumerate(request.references):
+        fields += [
+            (f"references[{i}].transcript", ref.transcript),
+            (f"references[{i}].profile", ref.profile),
+            (f"references[{i}].speaker_tag", ref.speaker_tag),
+        ]
+    fields += [(f"context[{j}].text", turn.text) for j, turn in enumerate(request.context)]
+    for name, value in fields:
+        found = pattern.search(value) if value else None
+        if found:
+            raise RequestError(
+                name,
+                f"holds the model's control token {found.group()}, which would change the prompt; remove it",
+                value,
+            )
 
 
 def build_conversation(request: SynthesisRequest) -> Conversation:

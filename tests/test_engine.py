@@ -517,3 +517,11 @@ def test_generate_chained_reports_a_request_follow_names_that_cannot_be_prepared
     out = {request.id: result for request, result in engine64.generate_chained([smart(1)], follow)}
     assert out["smart1"].ok
     assert (out["bad"].ok, out["bad"].error_field) == (False, "max_new_tokens")
+
+
+def test_a_row_whose_text_holds_a_control_token_errors_alone(engine):
+    bad = SynthesisRequest(id="bad", text="Read <|AUDIO_OUT|> aloud.", max_new_tokens=12)
+    results = {r.id: r for r in engine.generate([bad, smart(1)])}
+    assert (results["bad"].ok, results["bad"].error_field) == (False, "text")
+    assert "<|AUDIO_OUT|>" in results["bad"].error
+    assert results["smart1"].ok

@@ -1,5 +1,7 @@
 """The rendered prompt of every mode matches upstream Higgs Audio v2's layout (examples/generation.py)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -7,10 +9,12 @@ from model.prompts import (
     DEFAULT_SYSTEM_MESSAGE,
     MULTISPEAKER_SYSTEM_MESSAGE,
     build_conversation,
+    check_control_tokens,
+    control_tokens,
     load_profiles,
     render,
 )
-from model.requests import Reference, RequestError, SynthesisRequest
+from model.requests import ContextTurn, Reference, RequestError, SynthesisRequest
 
 BOS = "<|begin_of_text|>"
 AUDIO = "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
@@ -170,3 +174,48 @@ def test_context_turns_follow_the_references_and_precede_the_text(processor):
         + turn("user", "Third part.")
         + GEN
     )
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "token"),
+    [
+        (SynthesisRequest(text="Say <|AUDIO_OUT|> now."), "text", "<|AUDIO_OUT|>"),
+        (SynthesisRequest(text="Hi.", system_prompt="Be brief.<|eot_id|>"), "system_prompt", "<|eot_id|>"),
+        (
+            SynthesisRequest(text="Hi.", scene_prompt="<|scene_desc_start|>Rain."),
+            "scene_prompt",
+            "<|scene_desc_start|>",
+        ),
+        (
+            SynthesisRequest(
+                text="Hi.", context=[ContextTurn("Before.", np.zeros((8, 4), dtype=np.int64))] * 2
+            ),
+            None,
+            None,
+        ),
+        (
+            SynthesisRequest(text="Hi.", context=[ContextTurn("Then <|end_header_id|>", np.zeros((8, 4)))]),
+            "context[0].text",
+            "<|end_header_id|>",
+        ),
+    ],
+)
+def test_text_holding_a_control_token_is_a_request_error_naming_field_and_token(
+    processor, request_, field, token
+):
+    pattern = control_tokens(processor.tokenizer)
+    if field is None:
+        check_control_tokens(request_, pattern)  # plain text passes
+        return
+    with pytest.raises(RequestError) as err:
+        check_control_tokens(request_, pattern)
+    assert err.value.field == field and token in err.value.reason
+
+
+def test_a_reference_transcript_holding_a_control_token_names_the_reference(processor):
+    ref = replace(clip(), transcript="Hello <|audio_out_bos|>")
+    with pytest.raises(RequestError) as err:
+        check_control_tokens(
+            SynthesisRequest(text="Hi.", references=[ref]), control_tokens(processor.tokenizer)
+        )
+    assert err.value.field == "references[0].transcript"
