@@ -525,3 +525,32 @@ def test_a_row_whose_text_holds_a_control_token_errors_alone(engine):
     assert (results["bad"].ok, results["bad"].error_field) == (False, "text")
     assert "<|AUDIO_OUT|>" in results["bad"].error
     assert results["smart1"].ok
+
+
+def test_prompt_ids_are_the_tokenized_prompt_with_every_clip_spelled_out_in_placeholders(engine):
+    from model.prompts import build_conversation, render
+
+    processor = engine.processor
+    before = ContextTurn("Before.", np.arange(8 * 5).reshape(8, 5) % 1024)
+    two_voices = SynthesisRequest(
+        text="[SPEAKER0] One. [SPEAKER1] Two.", references=[voice("en_woman"), voice("en_man")]
+    )
+    for request in [smart(1), clone(2), replace(clone(3), context=[before, before]), two_voices]:
+        ids, _ = engine.prepare(request)
+        conversation = build_conversation(request)
+        widths = iter(
+            (
+                request.context[i].codes
+                if kind == "context"
+                else engine.encode_reference(request.references[i])
+            ).shape[1]
+            + 2  # stream bos and eos
+            + engine.num_codebooks
+            - 1  # the delay pattern's staircase
+            for kind, i in conversation.audio_order
+        )
+        pieces = render(conversation, processor).split(processor.audio_token)
+        spelled = pieces[0] + "".join(
+            processor.get_audio_tokens(next(widths)) + piece for piece in pieces[1:]
+        )
+        assert ids == processor.tokenizer(spelled, add_special_tokens=False).input_ids, request.id
