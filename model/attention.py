@@ -237,11 +237,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b in at least float32, without float32 copies of the operands (the keys and values)."""
     if a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a, b).to(_accumulated(a.dtype))
-
-
-def _accumulated(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+    return torch.bmm(a, b).to(torch.promote_types(a.dtype, torch.float32))
 
 
 def use_packed_sdpa(model) -> bool:

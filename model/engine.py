@@ -511,9 +511,8 @@ class SynthesisEngine:
 
         `follow(request, result)`, called as each row leaves the batch, may name a request to generate next
         (see generate_chained): it waits with the call's other rows, in its place by `priority`. One that
-        does not fit the call's slots
-        (a longer prompt, another prefix) stops the refills instead; once the batch has drained, the slots
-        are laid out again for every row left.
+        does not fit the call's slots (a longer prompt, another prefix) stops the refills instead; once the
+        batch has drained, the slots are laid out again for every row left.
 
         Out of memory: the rows in flight go back to the queue and the batch size halves. A row's codes depend
         only on its request and seed, so restarting it loses time, not correctness. Any other failure is
@@ -553,15 +552,17 @@ class SynthesisEngine:
             if state is None and staged is None and (unfit or not waiting):
                 # The batch drained: slots for the followers that did not fit, or else (the call's other
                 # rows done) for the rows that outgrew theirs.
-                if not unfit:
+                if unfit:
+                    layout = [*waiting, *unfit]
+                    unfit.clear()
+                else:
                     log.info(
                         "%d rows outgrew the KV slot their text's length reserved; generating them again "
                         "with their whole max_new_tokens",
                         len(outgrown),
                     )
-                layout = [*waiting, *unfit] if unfit else list(outgrown)
-                outgrown[:] = outgrown if unfit else []
-                unfit.clear()
+                    layout = list(outgrown)
+                    outgrown.clear()
                 waiting = self._order(layout)
                 prefix, size = self._call_layout(layout, asked)
                 fits = self._fitting(layout, prefix)
