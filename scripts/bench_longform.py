@@ -7,10 +7,10 @@
 
 An audiobook's chapters go through the engine together, each chunk with the last ones' codes in its prompt.
 `lockstep` is the order before 2026-11-26 18:30 UTC: chunk k of every chapter in one engine call, the next
-call once the longest of them is done. `chained` is model.longform's now: a chapter's next chunk joins the
-running batch as soon as its last one is done (SynthesisEngine.generate_chained), waiting up to
-engine.FOLLOWER_LOOKS looks for others to prefill with, the chapters with the most text left first;
-`chained_ungathered` prefills each as it comes, `chained_unranked` takes waiting chunks in arrival order.
+call once the longest of them is done. `chained` is model.longform.generate_longform itself: a chapter's
+next chunk joins the running batch as soon as its last one is done (SynthesisEngine.generate_chained),
+waiting up to engine.FOLLOWER_LOOKS looks for others to prefill with, the chapters with the most text left
+first; `chained_ungathered` prefills each as it comes, `chained_unranked` takes waiting chunks in arrival order.
 Chunk lengths are drawn per chunk (stream-eos ignored, so each runs to its length), as sentence chunking's
 chunks vary with their paragraphs, and each chunk's text is as long as its audio; each chapter's chunk
 count is drawn too. Chunks carry no reference voice (their prompts: the system prompt, the last
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
-from model.longform import LongformText, chunk_request  # noqa: E402
+from model.longform import LongformText, chunk_request, generate_longform  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
 from model.tiny import random_checkpoint  # noqa: E402
 from scripts.bench_gpu import counting_steps, script, watch_prefills  # noqa: E402
@@ -72,25 +72,39 @@ def lockstep(engine, plan: dict[str, list[int]], words, buffer_size: int) -> lis
     return chapters
 
 
+class Paced:
+    """The engine, each chunk's max_new_tokens taken from the plan (generate_longform gives every chunk its
+    chapter's); the rest is the engine's generate_chained, ranked by generate_longform's priority or not."""
+
+    def __init__(self, engine, plan: dict[str, list[int]], ranked: bool) -> None:
+        self.engine, self.plan, self.ranked = engine, plan, ranked
+
+    def generate_chained(self, requests, follow, priority=None):
+        asked = {}  # by the paced request's id: it (kept alive) and generate_longform's own request
+
+        def paced(request: SynthesisRequest | None) -> SynthesisRequest | None:
+            if request is None:
+                return None
+            key, k = request.id.rsplit("#", 1)
+            own = replace(request, max_new_tokens=self.plan[key][int(k)])
+            asked[id(own)] = (own, request)
+            return own
+
+        def theirs(own: SynthesisRequest) -> SynthesisRequest:
+            return asked[id(own)][1]
+
+        rank = (lambda own: priority(theirs(own))) if priority and self.ranked else None
+        chained = self.engine.generate_chained(
+            [paced(r) for r in requests], lambda own, result: paced(follow(theirs(own), result)), rank
+        )
+        for own, result in chained:
+            yield asked.pop(id(own))[1], result
+
+
 def chained(
     engine, plan: dict[str, list[int]], words, buffer_size: int, ranked: bool = True
 ) -> list[LongformText]:
-    chapters = texts(plan, words)
-    by_key = {t.key: t for t in chapters}
-
-    def follow(req: SynthesisRequest, result) -> SynthesisRequest | None:
-        text = by_key[req.id.split("#")[0]]
-        text.done.append(ContextTurn(text.chunks[len(text.done)], result.audio_codes))
-        return request(text, plan, buffer_size) if len(text.done) < len(text.chunks) else None
-
-    def left(req: SynthesisRequest) -> float:  # as model.longform ranks them: the text left to speak
-        key, k = req.id.split("#")
-        return sum(len(chunk) for chunk in by_key[key].chunks[int(k) :])
-
-    first = [request(t, plan, buffer_size) for t in chapters]
-    for _ in engine.generate_chained(first, follow, priority=left if ranked else None):
-        pass
-    return chapters
+    return generate_longform(Paced(engine, plan, ranked), texts(plan, words), buffer_size)
 
 
 def measure(engine, order, plan: dict[str, list[int]], words, buffer_size: int) -> tuple[dict, list]:
