@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from model.options import CheckpointSpec, is_remote_uri
+from model.options import MIN_REFERENCE_SECONDS, CheckpointSpec, is_remote_uri
 from pipeline.secrets import redact
 
 T = TypeVar("T")
@@ -179,7 +179,7 @@ def engine_options(cfg: DictConfig):
     return EngineOptions(
         max_batch_size=batch_size(cfg.runtime),
         reference_cache_size=number(engine, "reference_cache_size", int, 0),
-        max_reference_seconds=number(engine, "max_reference_seconds", float, 0.1),
+        max_reference_seconds=number(engine, "max_reference_seconds", float, MIN_REFERENCE_SECONDS),
         ras_enabled=flag(engine, "ras_enabled"),
         static_cache=flag(engine, "static_cache"),
         cuda_graphs=flag(engine, "cuda_graphs"),

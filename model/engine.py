@@ -31,7 +31,7 @@ from model.lru import LRUCache
 from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, check_control_tokens, control_tokens, render
 from model.reference_audio import content_hash, decode_reference
-from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult
+from model.requests import Reference, RequestError, SynthesisRequest, SynthesisResult, check_parameters
 from model.rms_norm import use_fused_rms_norms
 from model.sampling import RowParams
 from model.slot_batch import SlotBatch
@@ -254,6 +254,7 @@ class SynthesisEngine:
         return prepared.input_ids, prepared.audio_codes
 
     def _prepare(self, index: int, request: SynthesisRequest, priority: Priority | None = None) -> _Prepared:
+        check_parameters(request)
         check_control_tokens(request, self._control_tokens)
         conversation = build_conversation(request)
         text = render(conversation, self.processor)
@@ -412,11 +413,26 @@ class SynthesisEngine:
         use_fused_projections(self.model, self.options.fused_projections)
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
-            try:
-                prepared.append(self._prepare(i, request, priority))
-            except RequestError as err:
-                results[i] = SynthesisResult(id=request.id, error=err.message, error_field=err.field)
+            outcome = self._try_prepare(i, request, priority)
+            if isinstance(outcome, SynthesisResult):
+                results[i] = outcome
+            else:
+                prepared.append(outcome)
         return prepared
+
+    def _try_prepare(
+        self, index: int, request: SynthesisRequest, priority: Priority | None = None
+    ) -> _Prepared | SynthesisResult:
+        """The request prepared, or the failed result that says why it cannot be."""
+        try:
+            return self._prepare(index, request, priority)
+        except RequestError as err:
+            return SynthesisResult(id=request.id, error=err.message, error_field=err.field)
+        except Exception as exc:  # noqa: BLE001 - as in decoding: a row's failure must stay its own
+            log.warning("request %r could not be prepared: %s", request.id, exc)
+            return SynthesisResult(
+                id=request.id, error=f"preparing the prompt failed: {exc}", error_field="synthesis"
+            )
 
     def _call_layout(self, prepared: list[_Prepared], size: int | None) -> tuple[_Prefix | None, int]:
         """The call's prefix kept once (see _call_prefix) and its slots: `size`, or as many as fit free
@@ -535,17 +551,14 @@ class SynthesisEngine:
                 while chain:
                     item, result = chain.pop()
                     request = follow(item.request, result) if follow is not None else None
-                    if request is not None:
-                        try:
-                            joining = self._prepare(-1, request, priority)
-                        except RequestError as err:
-                            failed = _Prepared(-1, request, [], None)
-                            chain.append((failed, self._failure(failed, err.field, err.message)))
+                    joining = None if request is None else self._try_prepare(-1, request, priority)
+                    if isinstance(joining, SynthesisResult):
+                        chain.append((_Prepared(-1, request, [], None), joining))
+                    elif joining is not None:
+                        if fits(joining):
+                            bisect.insort(waiting, joining, key=_rank)
                         else:
-                            if fits(joining):
-                                bisect.insort(waiting, joining, key=_rank)
-                            else:
-                                unfit.append(joining)
+                            unfit.append(joining)
                     yield item, result
 
         while waiting or staged is not None or state is not None or unfit or outgrown:

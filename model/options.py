@@ -15,6 +15,9 @@ from pathlib import Path
 DEFAULT_MODEL_ID = "eustlb/higgs-audio-v2-generation-3B-base"
 DEFAULT_AUDIO_TOKENIZER_ID = "eustlb/higgs-audio-v2-tokenizer"
 AUDIO_TOKENIZER_SUBFOLDER = "audio_tokenizer"
+# Reference clips must be at least this long: shorter ones carry too little voice to clone, and under 119
+# samples the codec's encoder cannot run at all (its convolutions outgrow the input).
+MIN_REFERENCE_SECONDS = 0.5
 DEFAULT_CACHE_DIR = Path(os.environ.get("HIGGS_BATCH_CACHE", Path.home() / ".cache" / "higgs-batch"))
 
 

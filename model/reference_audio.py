@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from model.options import MIN_REFERENCE_SECONDS
 from model.requests import RequestError
 
 # -80 dBFS: below this a clip carries no voice to clone, only dither or digital silence, and the
@@ -36,7 +37,7 @@ def decode_reference(
     """Return `data` as a mono float32 1-D waveform at `target_sample_rate`.
 
     `data` is either an encoded file's bytes or a waveform (1-D, or frames x channels) at `sample_rate`.
-    Raises RequestError(field, ...) for empty, undecodable, non-finite, silent or over-long clips.
+    Raises RequestError(field, ...) for empty, undecodable, non-finite, silent, too short or over-long clips.
     """
     if isinstance(data, np.ndarray):
         frames, rate = _from_array(data, sample_rate, max_seconds, field)
@@ -47,6 +48,11 @@ def decode_reference(
             field, f"expected encoded audio bytes or a numpy waveform, got {type(data).__name__}"
         )
 
+    if len(frames) < MIN_REFERENCE_SECONDS * rate:
+        raise RequestError(
+            field,
+            f"clip is {len(frames) / rate:.3g} s long; reference clips must be at least {MIN_REFERENCE_SECONDS:g} s",
+        )
     if not np.isfinite(frames).all():
         raise RequestError(field, "waveform contains NaN or infinite samples")
 
@@ -76,12 +82,16 @@ def content_hash(data: bytes | np.ndarray, sample_rate: int | None = None) -> st
     digest = hashlib.sha256()
     if isinstance(data, np.ndarray):
         if sample_rate is None:
-            raise ValueError("content_hash of a waveform needs its sample_rate")
+            raise RequestError("references.audio", "a waveform needs its sample_rate")
         array = np.ascontiguousarray(data)
         digest.update(f"waveform:{array.dtype.str}:{array.shape}:{int(sample_rate)}:".encode())
         digest.update(array.tobytes())
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        digest.update(data)
     else:
-        digest.update(bytes(data))
+        raise RequestError(
+            "references.audio", f"expected encoded audio bytes or a numpy waveform, got {type(data).__name__}"
+        )
     return digest.hexdigest()
 
 
@@ -118,6 +128,12 @@ def _from_array(
     rate = int(sample_rate)
     if data.ndim not in (1, 2):
         raise RequestError(field, f"waveform must be 1-D or (frames, channels), got shape {data.shape}")
+    if data.ndim == 2 and data.shape[1] > data.shape[0]:
+        raise RequestError(
+            field,
+            f"waveform of shape {data.shape} has more channels than frames; pass (frames, channels), "
+            "e.g. torchaudio.load's (channels, frames) transposed",
+        )
     frames = data[:, None] if data.ndim == 1 else data
     if frames.size == 0:
         raise RequestError(field, "waveform is empty (0 samples)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +36,62 @@ class RequestError(ValueError):
 def _preview(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A sampling parameter's type, inclusive range and default."""
+
+    kind: type  # int or float
+    low: float
+    high: float | None  # None: no fixed bound (max_new_tokens: the model's context, or a job's limit)
+    default: float
+    low_open: bool = False  # low itself excluded
+
+
+# Every name is also a SynthesisRequest field.
+PARAMETERS: dict[str, Parameter] = {
+    "temperature": Parameter(float, 0, 2, DEFAULT_TEMPERATURE),
+    "top_p": Parameter(float, 0, 1, DEFAULT_TOP_P, low_open=True),
+    "top_k": Parameter(int, 0, 1026, DEFAULT_TOP_K),
+    "max_new_tokens": Parameter(int, 1, None, DEFAULT_MAX_NEW_TOKENS),
+    "ras_win_len": Parameter(int, 0, 64, DEFAULT_RAS_WIN_LEN),
+    "ras_win_max_num_repeat": Parameter(int, 1, 64, DEFAULT_RAS_WIN_MAX_NUM_REPEAT),
+    "seed": Parameter(int, 0, 2**63 - 1, 0),
+}
+
+
+def parameter_value(
+    name: str, value: object, high: float | None = None, *, lenient: bool = False
+) -> int | float:
+    """`value` checked as the sampling parameter `name` (type and range; `high` overrides the upper bound)
+    and returned as its plain Python type. `lenient` takes integral floats for integer parameters, as
+    manifests need: pandas turns an integer column with gaps into floats."""
+    spec = PARAMETERS[name]
+    expected = "an integer" if spec.kind is int else "a number"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise RequestError(name, f"must be {expected}, got {type(value).__name__}", value)
+    number: int | float = int(value) if isinstance(value, numbers.Integral) else float(value)
+    if isinstance(number, float) and math.isnan(number):
+        raise RequestError(name, "is NaN", value)
+    if spec.kind is int and isinstance(number, float):
+        if not (lenient and number.is_integer()):
+            raise RequestError(name, f"must be {expected}, got {number!r}", value)
+        number = int(number)
+    high = spec.high if high is None else high
+    if number < spec.low or (high is not None and number > high) or (spec.low_open and number == spec.low):
+        interval = f"{'(' if spec.low_open else '['}{spec.low}, {'inf' if high is None else high}]"
+        raise RequestError(name, f"must be in {interval}", value)
+    return spec.kind(number)
+
+
+def check_parameters(request: SynthesisRequest) -> None:
+    """Refuse a request whose sampling parameters have the wrong type or lie out of range, naming the
+    first such field; None turns RAS off."""
+    for name in PARAMETERS:
+        value = getattr(request, name)
+        if not (name == "ras_win_len" and value is None):
+            parameter_value(name, value)
 
 
 # The audio tokenizer's rate: reference clips decoded ahead of the engine are resampled to it.

@@ -39,28 +39,9 @@ _ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-@dataclass(frozen=True)
-class _Param:
-    kind: type  # int or float
-    low: float
-    high: float | None  # None: the rules' max_new_tokens_limit
-    default: float
-    low_open: bool = False
-
-
-# Sampling parameters; every name is also a SynthesisRequest field.
-_PARAMS: dict[str, _Param] = {
-    "temperature": _Param(float, 0, 2, rq.DEFAULT_TEMPERATURE),
-    "top_p": _Param(float, 0, 1, rq.DEFAULT_TOP_P, low_open=True),
-    "top_k": _Param(int, 0, 1026, rq.DEFAULT_TOP_K),
-    "max_new_tokens": _Param(int, 1, None, rq.DEFAULT_MAX_NEW_TOKENS),
-    "ras_win_len": _Param(int, 0, 64, rq.DEFAULT_RAS_WIN_LEN),
-    "ras_win_max_num_repeat": _Param(int, 1, 64, rq.DEFAULT_RAS_WIN_MAX_NUM_REPEAT),
-    "seed": _Param(int, 0, 2**63 - 1, 0),
-}
 CANONICAL_COLUMNS: tuple[str, ...] = (
     *("id", "text", "system_prompt", "scene_prompt", "speaker_tag", "references"),
-    *_PARAMS,
+    *rq.PARAMETERS,
     "response_format",
 )
 # Input columns folded into canonical ones (or rewritten); every other column passes through untouched.
@@ -79,9 +60,9 @@ class ManifestRules:
     defaults: dict = field(default_factory=dict)  # generation defaults overriding model/requests.py
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.defaults) - set(_PARAMS))
+        unknown = sorted(set(self.defaults) - set(rq.PARAMETERS))
         if unknown:
-            raise ValueError(f"unknown generation defaults {unknown}; known: {', '.join(_PARAMS)}")
+            raise ValueError(f"unknown generation defaults {unknown}; known: {', '.join(rq.PARAMETERS)}")
         for name, value in self.defaults.items():
             try:
                 _param(name, value, self)
@@ -169,7 +150,7 @@ def to_request(
         scene_prompt=row.get("scene_prompt"),
         references=refs,
         # Arrow round trips may hand numbers back as numpy scalars.
-        **{name: spec.kind(row[name]) for name, spec in _PARAMS.items()},
+        **{name: spec.kind(row[name]) for name, spec in rq.PARAMETERS.items()},
     )
 
 
@@ -181,11 +162,11 @@ def _canonical(row: dict, rules: ManifestRules) -> dict:
     for name in ("system_prompt", "scene_prompt", "speaker_tag"):
         out[name] = _optional_text(row.get(name), MAX_PROMPT_CHARS, name)
     out["references"] = _voices(row, rules)
-    for name in _PARAMS:
+    for name in rq.PARAMETERS:
         value = row.get(name)
         # NaN is deliberately not "missing": in a float column it is a value someone wrote.
         if value is None or _is_na(value):
-            value = rules.defaults.get(name, _PARAMS[name].default)
+            value = rules.defaults.get(name, rq.PARAMETERS[name].default)
         out[name] = _param(name, value, rules)
     out["response_format"] = _response_format(row.get("response_format"), rules)
     return out
@@ -270,22 +251,8 @@ def _optional_text(value: object, limit: int, name: str, label: str = "") -> str
 
 
 def _param(name: str, value: object, rules: ManifestRules) -> int | float:
-    spec = _PARAMS[name]
-    expected = "an integer" if spec.kind is int else "a number"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise RequestError(name, f"must be {expected}, got {type(value).__name__}", value)
-    number: int | float = int(value) if isinstance(value, numbers.Integral) else float(value)
-    if isinstance(number, float) and math.isnan(number):
-        raise RequestError(name, "is NaN", value)
-    if spec.kind is int and isinstance(number, float):
-        if not number.is_integer():  # pandas turns int columns with gaps into floats: 7.0 is fine
-            raise RequestError(name, f"must be {expected}, got {number!r}", value)
-        number = int(number)
-    high = rules.max_new_tokens_limit if spec.high is None else spec.high
-    if number < spec.low or number > high or (spec.low_open and number == spec.low):
-        interval = f"{'(' if spec.low_open else '['}{spec.low}, {high}]"
-        raise RequestError(name, f"must be in {interval}", value)
-    return spec.kind(number)
+    high = rules.max_new_tokens_limit if name == "max_new_tokens" else None
+    return rq.parameter_value(name, value, high, lenient=True)
 
 
 def _response_format(value: object, rules: ManifestRules) -> str:

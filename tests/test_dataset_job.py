@@ -242,7 +242,7 @@ def test_a_switch_set_to_anything_but_true_or_false_is_a_configuration_error(
     ("setting", "message"),
     [
         ("generation.engine.reference_cache_size=abc", "reference_cache_size='abc' must be an integer"),
-        ("generation.engine.max_reference_seconds=-5", "max_reference_seconds=-5 must be at least 0.1"),
+        ("generation.engine.max_reference_seconds=-5", "max_reference_seconds=-5 must be at least 0.5"),
         ("generation.max_text_chars=1.5", "generation.max_text_chars=1.5 must be an integer"),
         ("runtime.actors=0", "runtime.actors=0 must be at least 1"),
         ("runtime.gpus_per_actor=one", "runtime.gpus_per_actor='one' must be a number"),

@@ -358,6 +358,56 @@ def test_a_request_that_breaks_generation_errors_alone(engine, monkeypatch):
     assert "generation failed: a kernel failed" in results["broken"].error
 
 
+def test_a_reference_clip_too_short_for_the_codec_errors_its_row_and_its_batch_mates_succeed(engine):
+    # 100 samples: the codec's encoder cannot run on fewer than 119, and its failure took the whole call.
+    click = Reference(audio=np.full(100, 0.25, np.float32), sample_rate=24000, transcript="Hi.")
+    short = SynthesisRequest(id="click", text="Hello.", references=[click], max_new_tokens=12)
+    results = {r.id: r for r in engine.generate([smart(1), short, clone(1)])}
+    assert results["smart1"].ok and results["clone1"].ok
+    assert results["click"].error_field == "references[0].audio"
+    assert "clip is 0.00417 s long; reference clips must be at least 0.5 s" in results["click"].error
+
+
+def test_a_row_whose_preparation_fails_unexpectedly_errors_alone(engine, monkeypatch):
+    from model.engine import SynthesisEngine
+
+    fragile = SynthesisEngine(engine.checkpoint, engine.options)
+    encode = fragile.encode_reference
+
+    def failing(ref):
+        if ref.transcript == "broken":
+            raise RuntimeError("the codec failed")
+        return encode(ref)
+
+    monkeypatch.setattr(fragile, "encode_reference", failing)
+    broken = replace(clone(2), id="broken", references=[replace(voice("en_man"), transcript="broken")])
+    results = {r.id: r for r in fragile.generate([smart(1), broken, clone(1)])}
+    assert results["smart1"].ok and results["clone1"].ok
+    assert results["broken"].error_field == "synthesis"
+    assert "preparing the prompt failed: the codec failed" in results["broken"].error
+
+
+@pytest.mark.parametrize(
+    "name, value, reason",
+    [
+        ("seed", -1, "must be in [0, 9223372036854775807]"),
+        ("seed", 2**70, "must be in [0, 9223372036854775807]"),
+        ("max_new_tokens", 20.0, "must be an integer, got 20.0"),
+        ("temperature", "0.7", "must be a number, got str"),
+        ("top_p", 0.0, "must be in (0, 1]"),
+        ("ras_win_len", -1, "must be in [0, 64]"),
+    ],
+)
+def test_a_sampling_parameter_of_the_wrong_type_or_range_errors_its_row_naming_it(
+    engine, name, value, reason
+):
+    bad = replace(smart(2), id="bad", **{name: value})
+    results = {r.id: r for r in engine.generate([smart(1), bad])}
+    assert results["smart1"].ok
+    assert results["bad"].error_field == name
+    assert reason in results["bad"].error
+
+
 @pytest.mark.parametrize(
     "codes, reason",
     [

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torchaudio
 
+from model.options import MIN_REFERENCE_SECONDS
 from model.reference_audio import SILENCE_PEAK_THRESHOLD, content_hash, decode_reference
 from model.requests import RequestError
 
@@ -172,6 +173,29 @@ def test_ndarray_with_three_dimensions_is_rejected():
     assert caught.value.field == FIELD
 
 
+def test_channels_first_ndarray_is_rejected_with_how_to_lay_it_out():
+    stereo = np.stack([sine(1.0, TARGET), sine(1.0, TARGET)])  # torchaudio.load's (channels, frames)
+
+    with pytest.raises(RequestError, match=r"more channels than frames; pass \(frames, channels\)") as caught:
+        decode_reference(stereo, TARGET, sample_rate=TARGET, field=FIELD)
+    assert caught.value.field == FIELD
+
+
+def test_clip_shorter_than_the_minimum_is_rejected_with_its_duration(tmp_path):
+    # 100 samples: too short for the codec's encoder to run at all.
+    data = encode(tmp_path, np.full(100, 0.25, np.float32), TARGET, "WAV", "PCM_16")
+
+    with pytest.raises(RequestError, match=r"clip is 0.00417 s long; .* at least 0.5 s") as caught:
+        decode_reference(data, TARGET, field=FIELD)
+    assert caught.value.field == FIELD
+
+
+def test_clip_exactly_at_the_minimum_is_accepted():
+    waveform = sine(MIN_REFERENCE_SECONDS, 16000)
+
+    assert len(decode_reference(waveform, TARGET, sample_rate=16000)) == MIN_REFERENCE_SECONDS * TARGET
+
+
 def test_empty_bytes_are_rejected():
     with pytest.raises(RequestError, match="empty") as caught:
         decode_reference(b"", TARGET, field=FIELD)
@@ -287,8 +311,13 @@ def test_content_hash_differs_for_same_samples_at_another_rate():
 
 
 def test_content_hash_of_waveform_needs_sample_rate():
-    with pytest.raises(ValueError, match="sample_rate"):
+    with pytest.raises(RequestError, match="sample_rate"):
         content_hash(sine(1.0, TARGET))
+
+
+def test_content_hash_refuses_audio_that_is_neither_bytes_nor_an_array():
+    with pytest.raises(RequestError, match="expected encoded audio bytes or a numpy waveform, got list"):
+        content_hash([0.1, 0.2], TARGET)
 
 
 def test_content_hash_of_waveform_ignores_memory_layout():

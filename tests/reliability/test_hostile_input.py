@@ -112,6 +112,12 @@ def cases(voices: Voices, server_url: str) -> list[Case]:
             "clip is 600.0 s long; reference clips may be at most 60 s",
             references=reference(str(root / "ten-minutes.wav")),
         ),
+        bad(
+            "ref-too-short-clip",
+            ref,
+            "clip is 0.00417 s long; reference clips must be at least 0.5 s",
+            references=reference(str(root / "click.wav")),
+        ),
         bad("ref-directory", ref, "is a directory, not a file", references=reference(str(root / "a-folder"))),
         bad("ref-fifo", ref, "is not a regular file", references=reference(str(root / "fifo.wav"))),
         bad(
@@ -162,6 +168,8 @@ def make_voices(folder: Path) -> Voices:
     outside.write_bytes((root / "en_man.wav").read_bytes())
     (root / "corrupt.wav").write_bytes(b"RIFF\x00\x01\x00\x00WAVEjunk" + os.urandom(2048))
     sf.write(root / "silent.wav", np.zeros(24_000, dtype=np.int16), 24_000)
+    # 100 samples: shorter than the codec's encoder can take at all (119).
+    sf.write(root / "click.wav", np.full(100, 8000, dtype=np.int16), 24_000)
     # Ten minutes at 8 kHz (9.6 MB): a quiet tone, so only its length is wrong with it.
     period = (1000 * np.sin(np.linspace(0, 2 * np.pi, 80, endpoint=False))).astype(np.int16)
     sf.write(root / "ten-minutes.wav", np.tile(period, 600 * 8000 // 80), 8000)
