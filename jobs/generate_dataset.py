@@ -25,15 +25,17 @@ from jobs.common import (
     storage_options,
 )
 from pipeline.dataset_job import DatasetJob, run_dataset_job
-from pipeline.reader import manifest_files
+from pipeline.reader import iter_ids
 
 
 def build_job(cfg: DictConfig) -> DatasetJob:
     """Everything checked that can be checked before a model loads; errors say which key to change."""
     options = storage_options(cfg)
     try:
-        manifest_files(str(cfg.manifest), options)
-    except (FileNotFoundError, ValueError) as exc:
+        # Reading the ids finds a missing, unreadable or unparsable manifest before Ray starts.
+        for _ in iter_ids(str(cfg.manifest), options):
+            pass
+    except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
         require(False, f"manifest={cfg.manifest!r}: {exc}")
     rules = manifest_rules(cfg, default_response_format=str(cfg.generation.response_format))
     res = resources(cfg.runtime)
@@ -60,7 +62,8 @@ def main(cfg: DictConfig) -> dict:
     run = summary["this_run"]
     print(f"rows this run: {run['rows']} {run['by_status']}, {run['audio_seconds']} s of audio")
     print(f"audio:    {root}/audio/")
-    print(f"metadata: {root}/metadata/ (all rows) and {root}/metadata.parquet (AudioFolder index)")
+    index = f" and {root}/metadata.parquet (AudioFolder index)" if summary["audiofolder_rows"] else ""
+    print(f"metadata: {root}/metadata/ (all rows){index}")
     print(f"summary:  {root}/summary.json")
     return summary
 

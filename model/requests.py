@@ -65,10 +65,13 @@ def parameter_value(
     name: str, value: object, high: float | None = None, *, lenient: bool = False
 ) -> int | float:
     """`value` checked as the sampling parameter `name` (type and range; `high` overrides the upper bound)
-    and returned as its plain Python type. `lenient` takes integral floats for integer parameters, as
-    manifests need: pandas turns an integer column with gaps into floats."""
+    and returned as its plain Python type. `lenient` is for manifests: it takes integral floats for integer
+    parameters (pandas turns an integer column with gaps into floats) and numbers written as text (a CSV
+    column with one non-number in it is read as text, every row's number too)."""
     spec = PARAMETERS[name]
     expected = "an integer" if spec.kind is int else "a number"
+    if lenient and isinstance(value, str):
+        value = _number_in(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise RequestError(name, f"must be {expected}, got {type(value).__name__}", value)
     number: int | float = int(value) if isinstance(value, numbers.Integral) else float(value)
@@ -83,6 +86,16 @@ def parameter_value(
         interval = f"{'(' if spec.low_open else '['}{spec.low}, {'inf' if high is None else high}]"
         raise RequestError(name, f"must be in {interval}", value)
     return spec.kind(number)
+
+
+def _number_in(text: str) -> int | float | str:
+    """The number `text` spells, or `text` itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def check_parameters(request: SynthesisRequest) -> None:

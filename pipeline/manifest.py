@@ -164,8 +164,9 @@ def _canonical(row: dict, rules: ManifestRules) -> dict:
     out["references"] = _voices(row, rules)
     for name in rq.PARAMETERS:
         value = row.get(name)
-        # NaN is deliberately not "missing": in a float column it is a value someone wrote.
-        if value is None or _is_na(value):
+        # NaN is deliberately not "missing": in a float column it is a value someone wrote. A blank string
+        # is: an empty cell of a CSV column read as text.
+        if value is None or _is_na(value) or (isinstance(value, str) and not value.strip()):
             value = rules.defaults.get(name, rq.PARAMETERS[name].default)
         out[name] = _param(name, value, rules)
     out["response_format"] = _response_format(row.get("response_format"), rules)
