@@ -12,7 +12,8 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from model.options import MIN_REFERENCE_SECONDS, CheckpointSpec, is_remote_uri
-from pipeline.secrets import redact
+from pipeline.secrets import redact, scrub, secret_values
+from pipeline.storage import Storage
 
 T = TypeVar("T")
 
@@ -128,8 +129,19 @@ def init_ray(runtime: DictConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = flag(runtime, "progress_bars", False)
 
 
-def run_output(cfg: DictConfig) -> str:
-    """The output URI of this run: in a --multirun sweep each job gets <output>/<its overrides>."""
+def run_output(cfg: DictConfig, storage_options: dict | None) -> str:
+    """The output URI of this run, checked writable: in a --multirun sweep each job gets
+    <output>/<its overrides>."""
+    output = _run_output(cfg)
+    try:
+        Storage(output, storage_options, retries=2).check_writable()
+    except Exception as exc:  # noqa: BLE001 - whatever stops the write (SDKs raise their own types) is the answer
+        reason = scrub(f"{type(exc).__name__}: {exc}", secret_values(storage_options or {}))
+        require(False, f"output={output!r} cannot be written: {reason}")
+    return output
+
+
+def _run_output(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -41,7 +41,7 @@ def build_job(cfg: DictConfig) -> DatasetJob:
     res = resources(cfg.runtime)
     return DatasetJob(
         manifest=str(cfg.manifest),
-        output=run_output(cfg),
+        output=run_output(cfg, options),
         checkpoint=checkpoint_spec(cfg.model, options),
         engine=engine_options(cfg),
         rules=rules,

@@ -42,7 +42,7 @@ def build_eval_job(cfg: DictConfig) -> EvalJob:
         inputs = prepare_inputs(
             eval_set,
             str(cfg.meta),
-            run_output(cfg),
+            run_output(cfg, options),
             options,
             voice=voice,
             language=cfg.language,

@@ -84,7 +84,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
     res = resources(cfg.runtime)  # batch_size: chapters an engine renders together (auto: AUTO_CHAPTERS)
     return AudiobookJob(
         books=str(cfg.books),
-        output=run_output(cfg),
+        output=run_output(cfg, options),
         checkpoint=checkpoint_spec(cfg.model, options),
         book=BookSettings(
             output="",  # the job fills in its own output

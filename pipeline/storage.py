@@ -197,6 +197,25 @@ class Storage:
 
         self._call("write", self.uri(key), attempt)
 
+    def check_writable(self) -> None:
+        """Write and remove an empty object under ``_tmp/``, raising what a run's first write would (a root
+        that is a file, no permission, no bucket, no credentials) before any work starts. A local root
+        that did not exist before is not left behind."""
+        folder = f"{self.root}/{TMP_DIR}"
+        tmp = f"{folder}/check-{uuid.uuid4().hex}"
+        existed = not self.is_local or os.path.exists(self.root)
+
+        def attempt() -> None:
+            if self.is_local:
+                self.fs.makedirs(folder, exist_ok=True)
+            self.fs.pipe_file(tmp, b"")
+            self.fs.rm_file(tmp)
+
+        self._call("write", self.fs.unstrip_protocol(tmp), attempt)
+        self._drop_empty(folder)
+        if not existed:
+            self._drop_empty(self.root)
+
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
 

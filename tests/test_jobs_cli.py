@@ -290,3 +290,15 @@ def test_a_manifest_that_cannot_be_parsed_exits_2_naming_it_before_ray_starts(tm
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
     assert not out.exists()
+
+
+def test_an_output_that_cannot_be_written_exits_2_naming_it_before_ray_starts(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "manifest.jsonl", text_rows(2, max_new_tokens=20))
+    proc = generate(
+        tmp_path, f"manifest={manifest}", f"output={manifest}", f"model.source={tmp_path}/x", timeout=60
+    )
+
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"configuration error: output='{manifest}' cannot be written" in proc.stderr
+    assert "Not a directory" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr

@@ -43,7 +43,7 @@ def test_the_context_of_chunk_k_holds_the_codes_of_chunks_k_minus_n_to_k_minus_1
 
 
 def test_the_reference_is_always_kept_ahead_of_the_buffer(engine):
-    ref = engine.generate([SynthesisRequest(text="Voice.", max_new_tokens=20, seed=1)])[0]
+    ref = engine.generate([SynthesisRequest(text="Voice.", max_new_tokens=30, seed=1)])[0]
     from model.requests import Reference
 
     reference = Reference(audio=ref.waveform, sample_rate=ref.sample_rate, transcript="Voice.")

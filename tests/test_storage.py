@@ -27,6 +27,29 @@ def all_paths(storage: Storage) -> list[str]:
     return sorted(storage.fs.find(storage.root))
 
 
+# ---- the check before a run ----------------------------------------------------------------------
+
+
+def test_a_writable_root_passes_the_check_and_keeps_nothing_from_it(storage: Storage):
+    storage.check_writable()
+
+    assert storage.list() == []
+    if storage.is_local:
+        assert not Path(storage.root).exists()  # it did not exist before the check
+
+
+def test_a_root_that_is_a_file_fails_the_check(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("a file")
+
+    with pytest.raises(StorageError, match="Not a directory"):
+        Storage(str(tmp_path / "notes.txt")).check_writable()
+
+
+def test_a_bucket_that_does_not_exist_fails_the_check(s3_server):
+    with pytest.raises(Exception, match="NoSuchBucket|does not exist"):
+        Storage("s3://no-such-bucket-9c1/run1", s3_server.storage_options, retries=1).check_writable()
+
+
 # ---- round trips ---------------------------------------------------------------------------------
 
 
