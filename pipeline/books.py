@@ -368,6 +368,12 @@ def _strip_markdown(text: str) -> str:
 def _decode(data: bytes) -> str:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16")
+    # Text never holds NUL, and latin-1 below would read any binary file as (garbage) text and render it.
+    if b"\x00" in data:
+        raise BookError(
+            "holds NUL bytes, so it is not UTF-8 or 8-bit text (a binary file such as a PDF renamed, or "
+            "UTF-16 without a byte-order mark); save it as UTF-8 text"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

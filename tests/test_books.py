@@ -394,6 +394,16 @@ def test_read_book_decodes_bom_and_latin1() -> None:
     assert utf16.chapters[0].text == "Caf\u00e9."
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"%PDF-1.7\n\x00\x01binary", "CHAPTER I.\n\nText.".encode("utf-16-le")],
+    ids=["pdf-renamed", "utf-16-without-bom"],
+)
+def test_a_text_book_holding_nul_bytes_is_refused_rather_than_read_as_latin1(data: bytes) -> None:
+    with pytest.raises(BookError, match="holds NUL bytes, so it is not UTF-8 or 8-bit text"):
+        read_book(data, "book.txt")
+
+
 def test_find_empty_chapters() -> None:
     book = Book(
         title=None,
