@@ -8,6 +8,7 @@ instead of a failed task. `validate_row` never raises for bad data; configuratio
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 import re
@@ -271,8 +272,7 @@ def _voices(row: dict, rules: ManifestRules) -> list[dict]:
     refs, voice = row.get("references"), row.get("voice")
     if isinstance(refs, np.ndarray):
         refs = refs.tolist()  # pandas and Ray hand list columns over as object arrays
-    has_refs = not _missing_str(refs) and not (isinstance(refs, (list, tuple)) and not refs)
-    has_voice = not _missing_str(voice) and not (isinstance(voice, str) and not voice.strip())
+    has_refs, has_voice = _given(refs), _given(voice)
     if has_refs and has_voice:
         raise RequestError("voice", "give either voice or references, not both", voice)
     if has_voice:
@@ -280,7 +280,27 @@ def _voices(row: dict, rules: ManifestRules) -> list[dict]:
     return _references(refs, rules) if has_refs else []
 
 
+def _given(value: object) -> bool:
+    """Whether a voice or references cell holds anything: a blank string (an empty CSV cell) or an empty
+    list does not."""
+    if _missing_str(value):
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    return not (isinstance(value, (list, tuple)) and not value)
+
+
 def _references(value: object, rules: ManifestRules) -> list[dict]:
+    if isinstance(value, str):
+        # A CSV cell cannot hold a list, so it holds the list as JSON.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RequestError(
+                "references",
+                'must be a list of dicts; in a CSV cell, that list as JSON: [{"audio": "...", "transcript": "..."}]',
+                value,
+            ) from None
     if not isinstance(value, (list, tuple)):
         raise RequestError("references", f"must be a list of dicts, got {type(value).__name__}", value)
     if len(value) > MAX_REFERENCES:

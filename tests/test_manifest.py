@@ -454,7 +454,7 @@ def test_canonical_row_validates_again_unchanged():
 @pytest.mark.parametrize(
     ("refs", "reason"),
     [
-        ("s3://b/x.wav", "must be a list of dicts, got str"),
+        ("s3://b/x.wav", "must be a list of dicts; in a CSV cell, that list as JSON"),
         ({"audio": "x.wav"}, "must be a list of dicts, got dict"),
         (["x.wav"], "reference 0 must be a dict, got str"),
         ([{"transcript": "Hi."}], "reference 0 is missing audio"),
@@ -475,6 +475,19 @@ def test_malformed_references_are_errors(refs, reason):
 
 def test_empty_references_mean_no_voice():
     assert check({"id": "a", "text": "Hi.", "references": []})["references"] == []
+
+
+def test_a_blank_references_cell_means_no_voice_and_leaves_the_voice_column_free():
+    assert check({"id": "a", "text": "Hi.", "references": " "})["references"] == []
+    named = check({"id": "b", "text": "Hi.", "references": "", "voice": "belinda"})
+    assert named["status"] == "pending" and named["references"][0]["audio"].endswith("belinda.wav")
+
+
+def test_references_in_a_csv_cell_are_read_as_json():
+    cell = '[{"audio": "s3://b/x.wav", "transcript": "Hello there."}]'
+    out = check({"id": "a", "text": "Hi.", "references": cell})
+    assert out["status"] == "pending"
+    assert [(r["audio"], r["transcript"]) for r in out["references"]] == [("s3://b/x.wav", "Hello there.")]
 
 
 # --- passthrough columns -----------------------------------------------------------------------------------
