@@ -250,12 +250,28 @@ def resources(runtime: DictConfig):
     )
 
 
+def allowed_roots(section: DictConfig) -> tuple[str, ...]:
+    """A section's `allowed_roots`, resolved. Only a list (or null: none) is taken: a string would be
+    iterated character by character, and the "/" of `voices.allowed_roots=examples/voices` would allow
+    every file."""
+    roots = section.get("allowed_roots")
+    if roots is None:
+        return ()
+    key = section._get_full_key("allowed_roots")
+    require(not isinstance(roots, str), f"{key}={roots!r} must be a list of folders: {key}=[{roots}]")
+    require(
+        OmegaConf.is_list(roots) and all(isinstance(p, str) and p.strip() for p in roots),
+        f"{key}={roots!r} must be a list of folder paths, none of them blank",
+    )
+    return tuple(str(Path(p).resolve()) for p in roots)
+
+
 def fetch_policy(section: DictConfig, options: dict | None):
     """Where reference audio (or book sources) may be read from: a `voices`-style config section."""
     from pipeline.references import FetchPolicy
 
     return FetchPolicy(
-        allowed_roots=tuple(str(Path(p).resolve()) for p in section.allowed_roots or ()),
+        allowed_roots=allowed_roots(section),
         allow_private_urls=flag(section, "allow_private_urls"),
         timeout_s=number(section, "fetch_timeout_s", float, 0.1),
         max_bytes=number(section, "max_bytes", int, 1),

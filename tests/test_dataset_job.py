@@ -263,6 +263,32 @@ def test_a_number_out_of_range_or_not_a_number_is_a_configuration_error(
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # Iterated as characters, this string's "/" used to allow every local file.
+        (
+            "voices.allowed_roots=examples/voices",
+            "voices.allowed_roots='examples/voices' must be a list of folders",
+        ),
+        ("voices.allowed_roots=[examples/voices,'']", "must be a list of folder paths, none of them blank"),
+    ],
+)
+def test_allowed_roots_that_are_not_a_list_of_folders_are_a_configuration_error(
+    tiny_checkpoint, tmp_path, setting, message
+):
+    from jobs.common import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        dataset_job_of(tiny_checkpoint, tmp_path, setting)
+    assert message in str(err.value)
+
+
+def test_allowed_roots_are_resolved_folders(tiny_checkpoint, tmp_path):
+    job = dataset_job_of(tiny_checkpoint, tmp_path, f"voices.allowed_roots=[{tmp_path}]")
+    assert job.fetch.allowed_roots == (str(tmp_path.resolve()),)
+
+
 def test_vocode_windows_may_be_left_null_for_the_device_to_decide(tiny_checkpoint, tmp_path):
     from jobs.common import ConfigError
 
