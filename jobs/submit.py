@@ -89,7 +89,15 @@ def wait(client, job_id: str, timeout_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    client, job_id = submit(args)
+    try:
+        client, job_id = submit(args)
+    except ConnectionError as exc:
+        print(
+            f"cannot reach a Ray cluster at {args.address} ({exc}); start one with `ray start --head` or "
+            "pass --address (or RAY_ADDRESS) with its dashboard URL",
+            file=sys.stderr,
+        )
+        return 2
     print(f"submitted {job_id} to {args.address}")
     if args.no_wait:
         return 0

@@ -302,3 +302,16 @@ def test_an_output_that_cannot_be_written_exits_2_naming_it_before_ray_starts(tm
     assert f"configuration error: output='{manifest}' cannot be written" in proc.stderr
     assert "Not a directory" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
+
+
+def test_submitting_with_no_cluster_at_the_address_exits_2_saying_how_to_start_one(capsys) -> None:
+    from jobs.submit import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once closed
+
+    assert main(["--address", address, "--", "output=/tmp/never"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach a Ray cluster at {address}" in err
+    assert "ray start --head" in err
