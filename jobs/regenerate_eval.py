@@ -87,6 +87,17 @@ def _scoring(cfg: DictConfig) -> ScoringOptions:
         batch_size=number(sc, "batch_size", int, 1),
         device=sc.device,
     )
+    if opts.enabled:
+        from pipeline.scoring import unloadable
+
+        for key, kind in (("asr_model", "asr"), ("sv_model", "sv")):
+            model = getattr(opts, key)
+            reason = unloadable(model, kind)
+            require(
+                reason is None,
+                f"scoring.{key}={model!r} cannot be loaded ({reason}); offline (HF_HUB_OFFLINE=1) it must be "
+                "in the Hugging Face cache, or pass a local folder",
+            )
     return opts
 
 

@@ -112,6 +112,22 @@ def _means(rows: Sequence[dict]) -> dict:
 # --- models ----------------------------------------------------------------------------------------------
 
 
+def unloadable(model: str, kind: str) -> str | None:
+    """Why the scorer could not load `model` (a hub id or a folder) as its ASR (`kind` "asr") or speaker
+    model ("sv"), or None. Only the config and processor files are read, so a run can find out before it
+    synthesises for hours and then fails to score (offline, a model missing from the cache)."""
+    from transformers import AutoConfig, AutoFeatureExtractor, WhisperProcessor
+
+    try:
+        AutoConfig.from_pretrained(model)
+        (WhisperProcessor if kind == "asr" else AutoFeatureExtractor).from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the answer
+        return (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}"
+        )
+    return None
+
+
 class Scorer:
     """Whisper ASR + WavLM speaker verification, loaded once and applied in batches.
 

@@ -279,7 +279,9 @@ def _compose(*overrides: str):
         return compose(config_name="regenerate_eval", overrides=list(overrides))
 
 
-def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint: str, tmp_path: Path) -> None:
+def test_the_default_config_builds_a_job(
+    monkeypatch, tiny_checkpoint: str, scoring_models, tmp_path: Path
+) -> None:
     from jobs.regenerate_eval import build_eval_job
 
     monkeypatch.chdir(REPO)
@@ -301,11 +303,13 @@ def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint: str, tmp_
             "meta=examples/eval/emergent.jsonl",
             voice,
             "scoring.enabled=true",
+            f"scoring.asr_model={scoring_models[0]}",
+            f"scoring.sv_model={scoring_models[1]}",
         )
     )
     rows = pq.read_table(tmp_path / "e" / INPUTS_KEY).to_pylist()
     assert {r["references"][0]["audio"] for r in rows} == {str(VOICES / "en_man.wav")}
-    assert job.scoring.enabled and job.scoring.asr_model == "openai/whisper-large-v3"
+    assert job.scoring.enabled and job.scoring.asr_model == scoring_models[0]
 
 
 @pytest.mark.parametrize(
@@ -318,6 +322,8 @@ def test_the_default_config_builds_a_job(monkeypatch, tiny_checkpoint: str, tmp_
         ("meta=examples/eval/missing.lst", "meta='examples/eval/missing.lst'"),
         ("+voice.audio=examples/voices/none.wav", "voice.audio='examples/voices/none.wav' is not a file"),
         ("scoring.actors=0", "scoring.actors"),
+        # Offline and not cached: found before synthesis, not after it when the scorers load.
+        ("scoring.enabled=true", "scoring.asr_model='openai/whisper-large-v3' cannot be loaded"),
     ],
 )
 def test_bad_config_fails_fast(monkeypatch, tmp_path: Path, override: str, message: str) -> None:
