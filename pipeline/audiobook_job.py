@@ -36,6 +36,7 @@ from pipeline.book_stage import BookSettings, BookStage
 from pipeline.chapter_stage import ChapterSettings, ChapterStage
 from pipeline.dataset_job import Resources
 from pipeline.export import FFmpegError, build_m4b, probe
+from pipeline.manifest import canonical_id
 from pipeline.master_stage import Mastering, MasterSettings, MasterStage
 from pipeline.reader import iter_ids, read_manifest
 from pipeline.stages import unpack
@@ -88,14 +89,15 @@ def _warn_if_no_spare_cpu(res: Resources) -> None:
 
 
 def book_id_rows(job: AudiobookJob) -> tuple[dict[str, list[int]], bool]:
-    """Each string book_id's 0-based manifest rows, and whether some row's book_id is not a string."""
+    """Each valid book_id's 0-based manifest rows, and whether some row's book_id is not valid."""
     positions: dict[str, list[int]] = {}
     odd = False
     offset = 0
     for chunk in iter_ids(job.books, job.storage_options, column="book_id"):
         for i, value in enumerate(chunk):
-            if isinstance(value, str):
-                positions.setdefault(value, []).append(offset + i)
+            book_id = canonical_id(value)
+            if book_id is not None:
+                positions.setdefault(book_id, []).append(offset + i)
             else:
                 odd = True
         offset += len(chunk)

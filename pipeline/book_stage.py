@@ -29,7 +29,7 @@ from model.normalize import normalize_transcript, speaker_tags
 from model.requests import RequestError
 from pipeline.book_layout import COVER_EXTENSIONS, RESERVED_BOOK_IDS, cover_key
 from pipeline.books import Book, BookError, read_book
-from pipeline.manifest import CANONICAL_COLUMNS, ManifestRules, validate_row
+from pipeline.manifest import CANONICAL_COLUMNS, ManifestRules, canonical_id, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.stages import pack
 from pipeline.storage import Storage
@@ -95,8 +95,7 @@ class BookStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict] = []
         for raw in batch.to_pylist():
-            book_id = raw.get("book_id")
-            if isinstance(book_id, str) and book_id in self.skip:
+            if canonical_id(raw.get("book_id")) in self.skip:
                 continue
             rows.extend(self.plan(raw))
         return pack(rows)

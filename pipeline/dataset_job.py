@@ -16,14 +16,13 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow.parquet as pq
 
 from model.options import CheckpointSpec, EngineOptions
 from model.requests import RequestError
 from pipeline.attempts import AttemptLog
-from pipeline.manifest import ManifestRules
+from pipeline.manifest import ManifestRules, canonical_id
 from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.reader import iter_ids, read_manifest
 from pipeline.references import FetchPolicy
@@ -95,20 +94,21 @@ class DatasetJob:
 
 def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
     """Ids that occur more than once in the manifest, with their 0-based row positions; and the row count."""
-    counts: Counter[Any] = Counter()
+    counts: Counter[str | None] = Counter()
     num_rows = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
-        counts.update(chunk)
+        counts.update(canonical_id(value) for value in chunk)
         num_rows += len(chunk)
-    duplicated = {k for k, n in counts.items() if n > 1 and isinstance(k, str)}
+    duplicated = {k for k, n in counts.items() if n > 1 and k is not None}
     if not duplicated:
         return {}, num_rows
     positions: dict[str, list[int]] = {k: [] for k in duplicated}
     offset = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
         for i, value in enumerate(chunk):
-            if value in positions:
-                positions[value].append(offset + i)
+            key = canonical_id(value)
+            if key in positions:
+                positions[key].append(offset + i)
         offset += len(chunk)
     return positions, num_rows
 

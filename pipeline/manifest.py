@@ -209,6 +209,16 @@ def _id(value: object) -> str:
     return value
 
 
+def canonical_id(value: object) -> str | None:
+    """The id a manifest's id value becomes (an integer id, as CSV and Parquet readers infer them, becomes
+    its digits), or None when it is not a valid id. Resume and the duplicate check compare these, never the
+    raw values: 5 and the finished "5" are the same row."""
+    try:
+        return _id(value)
+    except RequestError:
+        return None
+
+
 def _id_or_repr(value: object) -> str:
     try:
         return _id(value)

@@ -30,6 +30,7 @@ from tests.helpers import (
     text_row,
     tmp_objects,
     voices_copy,
+    write_parquet,
 )
 
 SECRET = "hb-secret-7d41c0ffee"  # an S3 secret key that must never reach the output
@@ -367,3 +368,25 @@ def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
         assert_audio_matches_metadata(fs, str(out), row)
     assert json.loads((out / "summary.json").read_text())["run_id"] == second["run_id"]
     assert not tmp_objects(fs, str(out))
+
+
+def test_integer_ids_resume_and_are_checked_for_duplicates_as_the_ids_they_become(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # CSV and Parquet readers infer integer ids; resume and the duplicate check once compared them with
+    # the string ids written to the metadata, so every run synthesised them again and a duplicated 5 was
+    # synthesised twice.
+    manifest = write_parquet(
+        tmp_path / "manifest.parquet",
+        [{"id": 5, "text": "One."}, {"id": 5, "text": "Two."}, {"id": 6, "text": "Three."}],
+    )
+    out = tmp_path / "out"
+
+    first = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    metadata = read_metadata(fsspec.filesystem("file"), str(out)).to_pylist()
+    assert sorted((r["id"], r["status"]) for r in metadata) == [("5", "error"), ("6", "ok")]
+    assert "duplicate id at manifest rows [0, 1]" in next(r["error"] for r in metadata if r["id"] == "5")
+    assert first["this_run"]["by_status"] == {"ok": 1, "error": 1}
+    assert second["this_run"]["rows"] == 0

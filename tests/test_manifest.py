@@ -591,3 +591,21 @@ def test_a_csv_column_with_one_non_number_errors_only_that_row(tmp_path):
     assert (out["a"]["status"], out["a"]["seed"]) == ("pending", 5)
     assert_error(out["b"], "seed", "must be an integer, got str")
     assert (out["c"]["status"], out["c"]["seed"]) == ("pending", 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (5, "5"),
+        (np.int64(7), "7"),
+        ("row-1", "row-1"),
+        ("a/b", None),
+        (None, None),
+        (2.5, None),
+        (True, None),
+    ],
+)
+def test_canonical_id_is_the_id_a_value_becomes_or_none(value, expected):
+    from pipeline.manifest import canonical_id
+
+    assert canonical_id(value) == expected
