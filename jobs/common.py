@@ -12,6 +12,7 @@ from typing import TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from model.options import MIN_REFERENCE_SECONDS, CheckpointSpec, is_remote_uri
+from pipeline.lease import holder
 from pipeline.secrets import redact, scrub, secret_values
 from pipeline.storage import Storage
 
@@ -130,14 +131,17 @@ def init_ray(runtime: DictConfig) -> None:
 
 
 def run_output(cfg: DictConfig, storage_options: dict | None) -> str:
-    """The output URI of this run, checked writable: in a --multirun sweep each job gets
-    <output>/<its overrides>."""
+    """The output URI of this run, checked writable and not in use by another run (pipeline.lease): in a
+    --multirun sweep each job gets <output>/<its overrides>."""
     output = _run_output(cfg)
     try:
-        Storage(output, storage_options, retries=2).check_writable()
+        storage = Storage(output, storage_options, retries=2)
+        storage.check_writable()
+        busy = holder(storage)
     except Exception as exc:  # noqa: BLE001 - whatever stops the write (SDKs raise their own types) is the answer
         reason = scrub(f"{type(exc).__name__}: {exc}", secret_values(storage_options or {}))
         require(False, f"output={output!r} cannot be written: {reason}")
+    require(busy is None, f"output={output!r}: {busy}")
     return output
 
 

@@ -36,6 +36,7 @@ from pipeline.book_stage import BookSettings, BookStage
 from pipeline.chapter_stage import ChapterSettings, ChapterStage
 from pipeline.dataset_job import Resources
 from pipeline.export import FFmpegError, build_m4b, probe
+from pipeline.lease import output_lease
 from pipeline.manifest import canonical_id
 from pipeline.master_stage import Mastering, MasterSettings, MasterStage
 from pipeline.reader import iter_ids, read_manifest
@@ -105,12 +106,18 @@ def book_id_rows(job: AudiobookJob) -> tuple[dict[str, list[int]], bool]:
 
 
 def run_audiobook_job(job: AudiobookJob) -> dict:
-    """Run (or resume) one audiobook job; returns its summary, also written to <output>/summary.json."""
+    """Run (or resume) one audiobook job; returns its summary, also written to <output>/summary.json.
+    Raises OutputInUseError while another run is writing into the same output (pipeline.lease)."""
+    storage = Storage(job.output, job.storage_options)
+    with output_lease(storage):
+        return _run(job, storage)
+
+
+def _run(job: AudiobookJob, storage: Storage) -> dict:
     import ray
 
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
-    storage = Storage(job.output, job.storage_options)
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
     finished = {b for b, r in latest_book_records(storage).items() if r["status"] == "ok"}

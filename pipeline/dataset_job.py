@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from model.options import CheckpointSpec, EngineOptions
 from model.requests import RequestError
 from pipeline.attempts import AttemptLog
+from pipeline.lease import output_lease
 from pipeline.manifest import ManifestRules, canonical_id
 from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.reader import iter_ids, read_manifest
@@ -150,13 +151,19 @@ def run_failure(exc: Exception) -> Exception:
 
 
 def run_dataset_job(job: DatasetJob) -> dict:
-    """Run (or resume) one dataset job and return its summary, also written to <output>/summary.json."""
-    import ray
-
-    started = time.time()
+    """Run (or resume) one dataset job and return its summary, also written to <output>/summary.json.
+    Raises OutputInUseError while another run is writing into the same output (pipeline.lease)."""
     storage = Storage(
         job.output, job.storage_options, retries=job.storage_retries, backoff_s=job.storage_backoff_s
     )
+    with output_lease(storage):
+        return _run(job, storage)
+
+
+def _run(job: DatasetJob, storage: Storage) -> dict:
+    import ray
+
+    started = time.time()
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
     duplicates, num_rows = duplicate_ids(job)

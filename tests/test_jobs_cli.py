@@ -315,3 +315,20 @@ def test_submitting_with_no_cluster_at_the_address_exits_2_saying_how_to_start_o
     err = capsys.readouterr().err
     assert f"cannot reach a Ray cluster at {address}" in err
     assert "ray start --head" in err
+
+
+def test_a_run_into_an_output_another_run_is_writing_exits_2_before_ray_starts(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "manifest.jsonl", text_rows(2, max_new_tokens=20))
+    out = tmp_path / "out"
+    out.mkdir()
+    lease = {"lease_id": "first-run", "host": "another-host", "pid": 4242, "renewed_at": time.time()}
+    (out / "_lease.json").write_text(json.dumps(lease))
+
+    proc = generate(
+        tmp_path, f"manifest={manifest}", f"output={out}", f"model.source={tmp_path}/x", timeout=60
+    )
+
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run first-run (pid 4242 on another-host" in proc.stderr and "is writing into" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]
