@@ -23,7 +23,7 @@ from model.options import CheckpointSpec, EngineOptions
 from model.requests import RequestError
 from pipeline.attempts import AttemptLog
 from pipeline.lease import output_lease
-from pipeline.manifest import ManifestRules, canonical_id
+from pipeline.manifest import ManifestRules, id_label
 from pipeline.metadata import finished_ids, totals, write_audiofolder_index
 from pipeline.reader import iter_ids, read_manifest
 from pipeline.references import FetchPolicy
@@ -95,19 +95,19 @@ class DatasetJob:
 
 def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
     """Ids that occur more than once in the manifest, with their 0-based row positions; and the row count."""
-    counts: Counter[str | None] = Counter()
+    counts: Counter[str] = Counter()
     num_rows = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
-        counts.update(canonical_id(value) for value in chunk)
+        counts.update(id_label(value) for value in chunk)
         num_rows += len(chunk)
-    duplicated = {k for k, n in counts.items() if n > 1 and k is not None}
+    duplicated = {k for k, n in counts.items() if n > 1}
     if not duplicated:
         return {}, num_rows
     positions: dict[str, list[int]] = {k: [] for k in duplicated}
     offset = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
         for i, value in enumerate(chunk):
-            key = canonical_id(value)
+            key = id_label(value)
             if key in positions:
                 positions[key].append(offset + i)
         offset += len(chunk)

@@ -89,15 +89,14 @@ def validate_row(row: dict, rules: ManifestRules) -> dict:
         # A front end (an eval-set adapter) already knows the line is bad and says why better than the
         # row checks could; its id is only a label for the error record, so it is kept as given.
         failed = dict.fromkeys(CANONICAL_COLUMNS)
-        row_id = row.get("id")
-        failed["id"] = row_id if isinstance(row_id, str) else _id_or_repr(row_id)
+        failed["id"] = recorded_id(row)
         field_name = row.get("_error_field") if isinstance(row.get("_error_field"), str) else "row"
         return {**failed, **passthrough, "status": "error", "error": precomputed, "error_field": field_name}
     try:
         canonical = _canonical(row, rules)
     except RequestError as exc:
         failed = dict.fromkeys(CANONICAL_COLUMNS)
-        failed["id"] = _id_or_repr(row.get("id"))
+        failed["id"] = recorded_id(row)
         return {**failed, **passthrough, "status": "error", "error": exc.message, "error_field": exc.field}
     return {**canonical, **passthrough, "status": "pending", "error": None, "error_field": None}
 
@@ -210,16 +209,27 @@ def _id(value: object) -> str:
 
 
 def canonical_id(value: object) -> str | None:
-    """The id a manifest's id value becomes (an integer id, as CSV and Parquet readers infer them, becomes
-    its digits), or None when it is not a valid id. Resume and the duplicate check compare these, never the
-    raw values: 5 and the finished "5" are the same row."""
+    """The id a manifest's id value becomes (see id_label), or None when it is not a valid id."""
     try:
         return _id(value)
     except RequestError:
         return None
 
 
-def _id_or_repr(value: object) -> str:
+def recorded_id(row: dict) -> str:
+    """The id a row's metadata record carries, whatever is wrong with the row: the id an eval-set adapter
+    gave a line it already found bad, else `id_label` of its id. Resume skips the rows whose recorded id
+    the output holds, so a finished row is skipped even when its id is invalid."""
+    row_id = row.get("id")
+    if isinstance(row_id, str) and isinstance(row.get("_error"), str) and row["_error"]:
+        return row_id
+    return id_label(row_id)
+
+
+def id_label(value: object) -> str:
+    """An id value as records name it: its canonical id (an integer id, as CSV and Parquet readers infer
+    them, becomes its digits), or the repr of an invalid one. The duplicate check and resume compare these,
+    never raw values: 5 and the finished "5" are one row, and so are two runs' invalid 'a/b'."""
     try:
         return _id(value)
     except RequestError:

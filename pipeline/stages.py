@@ -23,7 +23,7 @@ import soundfile as sf
 from model.lru import LRUCache
 from model.requests import CODEC_SAMPLE_RATE, DecodedClip, EncodedClip, RequestError, SynthesisResult
 from pipeline.attempts import AttemptLog
-from pipeline.manifest import ManifestRules, canonical_id, to_request, validate_row
+from pipeline.manifest import ManifestRules, recorded_id, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
 
@@ -98,7 +98,7 @@ class ValidateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for raw in batch.to_pylist():
-            if canonical_id(raw.get("id")) in self.skip:
+            if recorded_id(raw) in self.skip:
                 continue
             rows.append(validate_row(raw, self.rules))
         return pack(rows)

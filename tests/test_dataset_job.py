@@ -390,3 +390,24 @@ def test_integer_ids_resume_and_are_checked_for_duplicates_as_the_ids_they_becom
     assert "duplicate id at manifest rows [0, 1]" in next(r["error"] for r in metadata if r["id"] == "5")
     assert first["this_run"]["by_status"] == {"ok": 1, "error": 1}
     assert second["this_run"]["rows"] == 0
+
+
+def test_rows_with_invalid_ids_are_recorded_once_and_skipped_by_a_rerun(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # Their records carry the id's repr, which resume once never matched: every rerun recorded them again.
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"id": "a/b", "text": "Bad id."}, {"id": None, "text": "No id."}, text_row(0)]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+
+    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    metadata = read_metadata(fsspec.filesystem("file"), str(out)).to_pylist()
+    assert sorted((r["id"], r["status"]) for r in metadata) == [
+        ("'a/b'", "error"),
+        ("None", "error"),
+        ("row-0", "ok"),
+    ]
+    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 3

@@ -609,3 +609,19 @@ def test_canonical_id_is_the_id_a_value_becomes_or_none(value, expected):
     from pipeline.manifest import canonical_id
 
     assert canonical_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"id": 5}, "5"),
+        ({"id": "a/b"}, "'a/b'"),
+        ({"id": None}, "None"),
+        ({"id": "u/7", "_error": "line 7: bad"}, "u/7"),  # an eval-set adapter's label for a bad line
+    ],
+)
+def test_recorded_id_is_the_id_the_rows_record_carries(row, expected):
+    from pipeline.manifest import recorded_id
+
+    assert recorded_id({"text": "Hi.", **row}) == expected
+    assert validate_row({"text": "Hi.", **row}, RULES)["id"] == expected
