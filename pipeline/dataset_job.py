@@ -93,16 +93,15 @@ class DatasetJob:
     storage_backoff_s: float = 0.2
 
 
-def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
-    """Ids that occur more than once in the manifest, with their 0-based row positions; and the row count."""
+def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], Counter[str]]:
+    """Ids that occur more than once in the manifest, with their 0-based row positions; and how often each
+    id occurs, as records name them (id_label)."""
     counts: Counter[str] = Counter()
-    num_rows = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
         counts.update(id_label(value) for value in chunk)
-        num_rows += len(chunk)
     duplicated = {k for k, n in counts.items() if n > 1}
     if not duplicated:
-        return {}, num_rows
+        return {}, counts
     positions: dict[str, list[int]] = {k: [] for k in duplicated}
     offset = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
@@ -111,7 +110,7 @@ def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], int]:
             if key in positions:
                 positions[key].append(offset + i)
         offset += len(chunk)
-    return positions, num_rows
+    return positions, counts
 
 
 def _write_duplicate_errors(
@@ -161,16 +160,69 @@ def run_dataset_job(job: DatasetJob) -> dict:
 
 
 def _run(job: DatasetJob, storage: Storage) -> dict:
-    import ray
 
     started = time.time()
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
-    duplicates, num_rows = duplicate_ids(job)
+    duplicates, ids = duplicate_ids(job)
     finished = finished_ids(storage, retry_errors=job.retry_errors)
     attempts = AttemptLog(storage)
     attempts.clear()  # a killed run's count of starts is not this run's
     duplicate_errors = _write_duplicate_errors(storage, duplicates, finished, job)
+    write = WriteSettings(
+        job.output,
+        job.storage_options,
+        checkpoint=job.checkpoint.source,
+        audio_key=job.audio_key,
+        sample_rate=job.sample_rate,
+        retries=job.storage_retries,
+        backoff_s=job.storage_backoff_s,
+    )
+    run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
+    run_audio_s = 0.0
+    # A rerun of a finished job starts no actor, and so loads no model.
+    if ids.keys() - finished - duplicates.keys():
+        synthesised, run_audio_s = _synthesise(job, write, finished, duplicates, ids.total(), attempts)
+        run_counts.update(synthesised)
+    wall = time.time() - started
+    attempts.clear()
+
+    summary = {
+        "run_id": write.run_id,
+        "manifest": job.manifest,
+        "output": storage.uri_of_root(),
+        "checkpoint": job.checkpoint.source,
+        "skipped_as_finished": len(finished),
+        "this_run": {
+            "rows": sum(run_counts.values()),
+            "by_status": dict(run_counts),
+            "audio_seconds": round(run_audio_s, 3),
+            "wall_seconds": round(wall, 3),
+            "audio_seconds_per_second": round(run_audio_s / wall, 3) if wall > 0 else 0.0,
+        },
+        "output_totals": totals(storage),
+        "audiofolder_rows": write_audiofolder_index(storage),
+    }
+    storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    # Every write of this run has finished; what is left in flight was left by a killed or failed run.
+    leftovers = storage.clear_tmp()
+    if leftovers:
+        log.info("removed %d in-flight objects left by an earlier run", leftovers)
+    return summary
+
+
+def _synthesise(
+    job: DatasetJob,
+    write: WriteSettings,
+    finished: set[str],
+    duplicates: dict[str, list[int]],
+    num_rows: int,
+    attempts: AttemptLog,
+) -> tuple[Counter[str], float]:
+    """Run the manifest's rows that are neither finished nor duplicated through validation, fetching,
+    synthesis and writing; returns the rows' statuses and seconds of audio."""
+    import ray
+
     skip = ray.put(frozenset(finished) | frozenset(duplicates))
     res = job.resources
     cpu_stage = {
@@ -201,18 +253,9 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    write = WriteSettings(
-        job.output,
-        job.storage_options,
-        checkpoint=job.checkpoint.source,
-        audio_key=job.audio_key,
-        sample_rate=job.sample_rate,
-        retries=job.storage_retries,
-        backoff_s=job.storage_backoff_s,
-    )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"settings": write}, **cpu_stage)
 
-    run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
+    run_counts: Counter[str] = Counter()
     run_audio_s = 0.0
     failure: Exception | None = None
     try:
@@ -228,28 +271,4 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
         del ds
         gc.collect()
         raise failure
-    wall = time.time() - started
-    attempts.clear()
-
-    summary = {
-        "run_id": write.run_id,
-        "manifest": job.manifest,
-        "output": storage.uri_of_root(),
-        "checkpoint": job.checkpoint.source,
-        "skipped_as_finished": len(finished),
-        "this_run": {
-            "rows": sum(run_counts.values()),
-            "by_status": dict(run_counts),
-            "audio_seconds": round(run_audio_s, 3),
-            "wall_seconds": round(wall, 3),
-            "audio_seconds_per_second": round(run_audio_s / wall, 3) if wall > 0 else 0.0,
-        },
-        "output_totals": totals(storage),
-        "audiofolder_rows": write_audiofolder_index(storage),
-    }
-    storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
-    # Every write of this run has finished; what is left in flight was left by a killed or failed run.
-    leftovers = storage.clear_tmp()
-    if leftovers:
-        log.info("removed %d in-flight objects left by an earlier run", leftovers)
-    return summary
+    return run_counts, run_audio_s

@@ -411,3 +411,16 @@ def test_rows_with_invalid_ids_are_recorded_once_and_skipped_by_a_rerun(
         ("row-0", "ok"),
     ]
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 3
+
+
+def test_a_rerun_of_a_finished_job_starts_no_synthesis_actor(ray_local, tiny_checkpoint, tmp_path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    # An actor would fail to load this checkpoint and stop the run: finishing proves none started.
+    second = run_dataset_job(make_job(str(manifest), str(out), str(tmp_path / "no-such-checkpoint")))
+
+    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 2
+    assert second["output_totals"]["by_status"] == {"ok": 2}
