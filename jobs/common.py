@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.options import MIN_REFERENCE_SECONDS, CheckpointSpec, is_remote_uri
 from pipeline.lease import holder
+from pipeline.reader import iter_ids
 from pipeline.secrets import redact, scrub, secret_values
 from pipeline.storage import Storage
 
@@ -128,6 +129,18 @@ def init_ray(runtime: DictConfig) -> None:
         cpus = number(runtime, "num_cpus", int, 1, optional=True)  # checked with the job (resources)
         ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = flag(runtime, "progress_bars", False)
+
+
+def readable_manifest(cfg: DictConfig, key: str, storage_options: dict | None, column: str = "id") -> str:
+    """`cfg.<key>`, a manifest whose `column` has been read: a missing, unreadable or unparsable one fails
+    here, before Ray starts."""
+    uri = str(cfg[key])
+    try:
+        for _ in iter_ids(uri, storage_options, column=column):
+            pass
+    except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
+        require(False, f"{key}={uri!r}: {exc}")
+    return uri
 
 
 def run_output(cfg: DictConfig, storage_options: dict | None) -> str:

@@ -18,29 +18,23 @@ from jobs.common import (
     flag,
     init_ray,
     manifest_rules,
+    readable_manifest,
     redacted_yaml,
-    require,
     resources,
     run_output,
     storage_options,
 )
 from pipeline.dataset_job import DatasetJob, run_dataset_job
-from pipeline.reader import iter_ids
 
 
 def build_job(cfg: DictConfig) -> DatasetJob:
     """Everything checked that can be checked before a model loads; errors say which key to change."""
     options = storage_options(cfg)
-    try:
-        # Reading the ids finds a missing, unreadable or unparsable manifest before Ray starts.
-        for _ in iter_ids(str(cfg.manifest), options):
-            pass
-    except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
-        require(False, f"manifest={cfg.manifest!r}: {exc}")
+    manifest = readable_manifest(cfg, "manifest", options)
     rules = manifest_rules(cfg, default_response_format=str(cfg.generation.response_format))
     res = resources(cfg.runtime)
     return DatasetJob(
-        manifest=str(cfg.manifest),
+        manifest=manifest,
         output=run_output(cfg, options),
         checkpoint=checkpoint_spec(cfg.model, options),
         engine=engine_options(cfg),

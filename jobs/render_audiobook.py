@@ -19,6 +19,7 @@ from jobs.common import (
     init_ray,
     manifest_rules,
     number,
+    readable_manifest,
     redacted_yaml,
     require,
     resources,
@@ -30,7 +31,6 @@ from pipeline.audiobook_job import AudiobookJob, run_audiobook_job
 from pipeline.book_stage import BookSettings, ChunkingSettings
 from pipeline.master_stage import Mastering
 from pipeline.mastering import Pauses
-from pipeline.reader import iter_ids
 
 # libmp3lame's constant bit rates; anything else is silently rounded by the encoder.
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -39,11 +39,7 @@ MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 def build_job(cfg: DictConfig) -> AudiobookJob:
     """Everything checked that can be checked before a model loads; errors say which key to change."""
     options = storage_options(cfg)
-    try:
-        for _ in iter_ids(str(cfg.books), options, column="book_id"):
-            pass
-    except (FileNotFoundError, ValueError) as exc:  # pyarrow's parse errors are ValueErrors too
-        require(False, f"books={cfg.books!r}: {exc}")
+    books = readable_manifest(cfg, "books", options, column="book_id")
     rules = manifest_rules(cfg)
 
     chunking = cfg.chunking
@@ -83,7 +79,7 @@ def build_job(cfg: DictConfig) -> AudiobookJob:
 
     res = resources(cfg.runtime)  # batch_size: chapters an engine renders together (auto: AUTO_CHAPTERS)
     return AudiobookJob(
-        books=str(cfg.books),
+        books=books,
         output=run_output(cfg, options),
         checkpoint=checkpoint_spec(cfg.model, options),
         book=BookSettings(
