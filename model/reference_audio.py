@@ -24,6 +24,7 @@ SILENCE_PEAK_THRESHOLD = 1e-4
 DEFAULT_MAX_SECONDS = 60.0
 
 _UNDECODABLE = "not a decodable audio file (wav, flac, mp3, ogg)"
+_FIELD = "references.audio"
 
 
 def decode_reference(
@@ -32,21 +33,17 @@ def decode_reference(
     *,
     sample_rate: int | None = None,
     max_seconds: float = DEFAULT_MAX_SECONDS,
-    field: str = "references.audio",
+    field: str = _FIELD,
 ) -> np.ndarray:
     """Return `data` as a mono float32 1-D waveform at `target_sample_rate`.
 
     `data` is either an encoded file's bytes or a waveform (1-D, or frames x channels) at `sample_rate`.
     Raises RequestError(field, ...) for empty, undecodable, non-finite, silent, too short or over-long clips.
     """
-    if isinstance(data, np.ndarray):
-        frames, rate = _from_array(data, sample_rate, max_seconds, field)
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        frames, rate = _from_bytes(bytes(data), max_seconds, field)
+    if _is_waveform(data, field):
+        frames, rate = _from_array(data, _rate(sample_rate, field), max_seconds, field)
     else:
-        raise RequestError(
-            field, f"expected encoded audio bytes or a numpy waveform, got {type(data).__name__}"
-        )
+        frames, rate = _from_bytes(bytes(data), max_seconds, field)
 
     if len(frames) < MIN_REFERENCE_SECONDS * rate:
         raise RequestError(
@@ -80,19 +77,31 @@ def content_hash(data: bytes | np.ndarray, sample_rate: int | None = None) -> st
     the same samples at another rate (or laid out as other channels) are a different clip.
     """
     digest = hashlib.sha256()
-    if isinstance(data, np.ndarray):
-        if sample_rate is None:
-            raise RequestError("references.audio", "a waveform needs its sample_rate")
+    if _is_waveform(data, _FIELD):
         array = np.ascontiguousarray(data)
-        digest.update(f"waveform:{array.dtype.str}:{array.shape}:{int(sample_rate)}:".encode())
+        digest.update(f"waveform:{array.dtype.str}:{array.shape}:{_rate(sample_rate, _FIELD)}:".encode())
         digest.update(array.tobytes())
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        digest.update(data)
     else:
-        raise RequestError(
-            "references.audio", f"expected encoded audio bytes or a numpy waveform, got {type(data).__name__}"
-        )
+        digest.update(data)
     return digest.hexdigest()
+
+
+def _is_waveform(data: object, field: str) -> bool:
+    """Whether `data` is a waveform rather than an encoded file's bytes; anything else is refused."""
+    if isinstance(data, np.ndarray):
+        return True
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return False
+    raise RequestError(field, f"expected encoded audio bytes or a numpy waveform, got {type(data).__name__}")
+
+
+def _rate(sample_rate: object, field: str) -> int:
+    """A waveform's sample rate, checked."""
+    if sample_rate is None:
+        raise RequestError(field, "a waveform needs its sample_rate")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise RequestError(field, "sample_rate must be a positive integer", sample_rate)
+    return int(sample_rate)
 
 
 def _from_bytes(data: bytes, max_seconds: float, field: str) -> tuple[np.ndarray, int]:
@@ -118,14 +127,7 @@ def _from_bytes(data: bytes, max_seconds: float, field: str) -> tuple[np.ndarray
     return frames, rate
 
 
-def _from_array(
-    data: np.ndarray, sample_rate: int | None, max_seconds: float, field: str
-) -> tuple[np.ndarray, int]:
-    if sample_rate is None:
-        raise RequestError(field, "a waveform needs its sample_rate")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise RequestError(field, "sample_rate must be a positive integer", sample_rate)
-    rate = int(sample_rate)
+def _from_array(data: np.ndarray, rate: int, max_seconds: float, field: str) -> tuple[np.ndarray, int]:
     if data.ndim not in (1, 2):
         raise RequestError(field, f"waveform must be 1-D or (frames, channels), got shape {data.shape}")
     if data.ndim == 2 and data.shape[1] > data.shape[0]:
