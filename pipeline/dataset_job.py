@@ -160,7 +160,6 @@ def run_dataset_job(job: DatasetJob) -> dict:
 
 
 def _run(job: DatasetJob, storage: Storage) -> dict:
-
     started = time.time()
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)

@@ -122,9 +122,8 @@ def unloadable(model: str, kind: str) -> str | None:
         AutoConfig.from_pretrained(model)
         (WhisperProcessor if kind == "asr" else AutoFeatureExtractor).from_pretrained(model)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the answer
-        return (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}"
-        )
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0] if lines else 'no detail'}"
     return None
 
 

@@ -183,6 +183,15 @@ def dataset_job_of(tiny_checkpoint: str, tmp_path, *overrides: str):
         return build_job(compose(config_name="generate_dataset", overrides=[*base, *overrides]))
 
 
+def configuration_error(tiny_checkpoint: str, tmp_path, setting: str) -> str:
+    """The ConfigError message building the job with `setting` raises."""
+    from jobs.common import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        dataset_job_of(tiny_checkpoint, tmp_path, setting)
+    return str(err.value)
+
+
 def test_batch_size_auto_lets_each_engine_size_its_batch_from_free_memory(tiny_checkpoint, tmp_path):
     from pipeline.dataset_job import AUTO_CALL_ROWS
 
@@ -257,11 +266,7 @@ def test_a_switch_set_to_anything_but_true_or_false_is_a_configuration_error(
 def test_a_number_out_of_range_or_not_a_number_is_a_configuration_error(
     tiny_checkpoint, tmp_path, setting, message
 ):
-    from jobs.common import ConfigError
-
-    with pytest.raises(ConfigError) as err:
-        dataset_job_of(tiny_checkpoint, tmp_path, setting)
-    assert message in str(err.value)
+    assert message in configuration_error(tiny_checkpoint, tmp_path, setting)
 
 
 @pytest.mark.parametrize(
@@ -278,11 +283,7 @@ def test_a_number_out_of_range_or_not_a_number_is_a_configuration_error(
 def test_allowed_roots_that_are_not_a_list_of_folders_are_a_configuration_error(
     tiny_checkpoint, tmp_path, setting, message
 ):
-    from jobs.common import ConfigError
-
-    with pytest.raises(ConfigError) as err:
-        dataset_job_of(tiny_checkpoint, tmp_path, setting)
-    assert message in str(err.value)
+    assert message in configuration_error(tiny_checkpoint, tmp_path, setting)
 
 
 def test_allowed_roots_are_resolved_folders(tiny_checkpoint, tmp_path):
