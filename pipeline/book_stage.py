@@ -29,6 +29,7 @@ from model.normalize import normalize_transcript, speaker_tags
 from model.requests import RequestError
 from pipeline.book_layout import COVER_EXTENSIONS, RESERVED_BOOK_IDS, cover_key
 from pipeline.books import Book, BookError, read_book
+from pipeline.json_lines import LineLabel, manifest_rows
 from pipeline.manifest import CANONICAL_COLUMNS, ManifestRules, canonical_id, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.stages import pack
@@ -94,7 +95,7 @@ class BookStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict] = []
-        for raw in batch.to_pylist():
+        for raw in manifest_rows(batch, id_column="book_id"):
             if canonical_id(raw.get("book_id")) in self.skip:
                 continue
             rows.extend(self.plan(raw))
@@ -102,6 +103,8 @@ class BookStage:
 
     def plan(self, raw: dict) -> list[dict]:
         """Chapter rows of one book, or one error row naming the field at fault."""
+        if isinstance(raw.get("book_id"), LineLabel):  # a manifest line that holds no book
+            return [book_error_row(raw, raw["_error_field"], raw["_error"])]
         try:
             return self._chapter_rows(raw)
         except BookInputError as exc:

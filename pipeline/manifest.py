@@ -23,6 +23,7 @@ from model import requests as rq
 from model.normalize import normalize_transcript
 from model.prompts import load_profiles
 from model.requests import DecodedClip, EncodedClip, Reference, RequestError, SynthesisRequest
+from pipeline.json_lines import LineLabel
 
 TEXT_ALIASES: tuple[str, ...] = ("text", "script", "prompt", "transcript")
 MAX_ID_CHARS = 128
@@ -228,8 +229,10 @@ def recorded_id(row: dict) -> str:
 
 def id_label(value: object) -> str:
     """An id value as records name it: its canonical id (an integer id, as CSV and Parquet readers infer
-    them, becomes its digits), or the repr of an invalid one. The duplicate check and resume compare these,
+    them, becomes its digits), a JSONL line's `line N` label, or the repr of an invalid one. The duplicate check and resume compare these,
     never raw values: 5 and the finished "5" are one row, and so are two runs' invalid 'a/b'."""
+    if isinstance(value, LineLabel):
+        return value
     try:
         return _id(value)
     except RequestError:

@@ -1,4 +1,7 @@
-"""Manifests in: Parquet, JSONL or CSV on any fsspec URI, as a Ray Dataset or a stream of id columns."""
+"""Manifests in: Parquet, JSONL or CSV on any fsspec URI, as a Ray Dataset or a stream of id columns.
+
+JSONL is read line by line (pipeline.json_lines), so a bad line errors its own row; a job's first stage
+turns a block into rows with `pipeline.json_lines.manifest_rows` whichever the format."""
 
 from __future__ import annotations
 
@@ -8,12 +11,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipeline.json_lines import LineLabel, numbered_lines, parse_line, read_chunks
 from pipeline.storage import open_input
 
+ID_CHUNK = 65536
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -53,7 +57,10 @@ def read_manifest(
     # Reading is light; a whole CPU per read task would starve the actor pools on a small machine.
     options = {"filesystem": filesystem, "num_cpus": num_cpus, "override_num_blocks": num_blocks}
     if kind == "json":
-        return ray.data.read_json(files, **options)  # newline-delimited, via pyarrow.json
+        from pipeline.json_lines_source import JsonLinesDatasource
+
+        source = JsonLinesDatasource(files, filesystem=filesystem)
+        return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=num_blocks)
     if kind == "csv":
         return ray.data.read_csv(files, **options)
     # Ray 2.60's default Parquet reader lists files in a separate task that always asks for a whole CPU;
@@ -74,14 +81,16 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
     for path in files:
         name = uri if len(files) == 1 else f"{uri} ({fs.unstrip_protocol(path)})"
         with fs.open(path, "rb") as handle, _readable(name, kind):
-            if kind == "parquet":
+            if kind == "json":
+                yield from _json_ids(handle, name, column)
+            elif kind == "parquet":
                 parquet = pq.ParquetFile(handle)
                 if column not in parquet.schema_arrow.names:
                     raise ValueError(f"manifest {uri!r} has no {column!r} column")
-                for batch in parquet.iter_batches(columns=[column], batch_size=65536):
+                for batch in parquet.iter_batches(columns=[column], batch_size=ID_CHUNK):
                     yield batch.column(0).to_pylist()
             else:
-                table = _read_text_table(handle, kind)
+                table = pa_csv.read_csv(handle)
                 if column not in table.column_names:
                     raise ValueError(f"manifest {uri!r} has no {column!r} column")
                 yield table.column(column).to_pylist()
@@ -89,15 +98,42 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
 
 @contextlib.contextmanager
 def _readable(name: str, kind: str) -> Iterator[None]:
-    """Arrow's parse errors (a malformed line, invalid UTF-8, an unpaired surrogate escape in JSON) name
-    neither the manifest nor the format, and they make the whole file unreadable: say which and why."""
+    """Arrow's parse errors (a CSV line with the wrong number of fields, invalid UTF-8, a corrupt Parquet
+    file) name neither the manifest nor the format, and they make the whole file unreadable: say which and
+    why."""
     try:
         yield
     except pa.ArrowInvalid as exc:
         raise ValueError(f"manifest {name!r} cannot be read as {kind}: {exc}") from None
 
 
-def _read_text_table(handle: Any, kind: str) -> pa.Table:
-    if kind == "json":
-        return pa_json.read_json(handle)
-    return pa_csv.read_csv(handle)
+def _json_ids(handle: Any, name: str, column: str) -> Iterator[list]:
+    """Each line's `column` (None where its object lacks it, the `line N` label where it holds no row).
+    A file most of whose lines hold no JSON object is not JSON Lines (a JSON array, a pretty-printed
+    object): refused whole rather than run as a heap of bad lines."""
+    chunk: list = []
+    objects = bad = with_column = 0
+    first_bad = None
+    for number, line in numbered_lines(read_chunks(handle)):
+        row = parse_line(number, line, column)
+        if isinstance(row.get(column), LineLabel):
+            bad += 1
+            first_bad = first_bad or row["_error"]
+        else:
+            objects += 1
+            with_column += column in row
+        chunk.append(row.get(column))
+        if len(chunk) == ID_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if not objects + bad:
+        raise ValueError(f"manifest {name!r} cannot be read as JSON Lines: it holds no lines")
+    if bad > objects:
+        raise ValueError(
+            f"manifest {name!r} cannot be read as JSON Lines: {bad} of its {objects + bad} lines hold no "
+            f"JSON object (first: {first_bad}); write one JSON object per line"
+        )
+    if not with_column:
+        raise ValueError(f"manifest {name!r} has no {column!r} column")

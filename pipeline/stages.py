@@ -23,6 +23,7 @@ import soundfile as sf
 from model.lru import LRUCache
 from model.requests import CODEC_SAMPLE_RATE, DecodedClip, EncodedClip, RequestError, SynthesisResult
 from pipeline.attempts import AttemptLog
+from pipeline.json_lines import manifest_rows
 from pipeline.manifest import ManifestRules, recorded_id, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
@@ -97,7 +98,7 @@ class ValidateStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for raw in batch.to_pylist():
+        for raw in manifest_rows(batch):
             if recorded_id(raw) in self.skip:
                 continue
             rows.append(validate_row(raw, self.rules))
@@ -284,9 +285,10 @@ def metadata_record(row: dict, checkpoint: str) -> dict:
 
 
 def metadata_table(records: list[dict]) -> pa.Table:
-    """Fixed columns with fixed types first; passthrough columns keep whatever type Arrow infers."""
+    """Fixed columns with fixed types first; passthrough columns keep whatever type Arrow infers. Rows may
+    name different passthrough columns (JSONL lines each have their own keys): every one gets a column."""
     columns = {f.name: pa.array([r.get(f.name) for r in records], f.type) for f in METADATA_FIELDS}
-    extra = [k for k in records[0] if k not in columns]
+    extra = [k for k in dict.fromkeys(k for r in records for k in r) if k not in columns]
     for name in extra:
         values = [r.get(name) for r in records]
         try:

@@ -31,6 +31,7 @@ from pipeline.book_stage import BookSettings, BookStage, ChunkingSettings
 from pipeline.chapter_stage import ChapterSettings, ChapterStage
 from pipeline.dataset_job import Resources
 from pipeline.export import decode, probe
+from pipeline.json_lines import lines_block
 from pipeline.manifest import ManifestRules
 from pipeline.mastering import measure_qc
 from pipeline.references import FetchPolicy
@@ -435,6 +436,28 @@ def test_characters_voice_tagged_chapters_and_the_narrator_the_rest(tmp_path) ->
     assert refs[0]["profile"] and refs[1]["audio"] == str(VOICES / "en_man.wav")
     assert dialogue["_audio"] == [None, (VOICES / "en_man.wav").read_bytes()]
     assert dialogue["chunks"] == ["[SPEAKER0] Did you hear that?", "[SPEAKER1] Only the wind."]
+
+
+def test_a_books_jsonl_may_give_one_narrator_by_name_and_the_next_as_a_clip(tmp_path) -> None:
+    # Arrow's JSON reader refused such a manifest whole (a column of strings and objects), and any bad
+    # line with it; read line by line, each line is its own book and a bad line errors alone.
+    (tmp_path / "b.txt").write_text("One sentence here.\n")
+    clip = {"audio": str(VOICES / "belinda.wav"), "transcript": "Hello there."}
+    lines = [
+        json.dumps({"book_id": "by-name", "source": str(tmp_path / "b.txt"), "narrator": "en_man"}).encode(),
+        b'{"book_id": "cut", "source": ',
+        json.dumps({"book_id": "by-clip", "source": str(tmp_path / "b.txt"), "narrator": clip}).encode(),
+    ]
+
+    rows = unpack(BookStage(book_settings(tmp_path))(lines_block(list(enumerate(lines, start=1)))))
+
+    by_book = {r["book_id"]: r for r in rows}
+    assert by_book["by-name"]["request"]["references"][0]["audio"] == str(VOICES / "en_man.wav")
+    assert by_book["by-clip"]["request"]["references"][0]["audio"] == str(VOICES / "belinda.wav")
+    assert (by_book["by-name"]["status"], by_book["by-clip"]["status"]) == ("pending", "pending")
+    bad = by_book["line 2"]
+    assert (bad["status"], bad["error_field"], bad["kind"]) == ("error", "line", "book")
+    assert bad["error"].startswith("line 2: invalid JSON")
 
 
 @pytest.mark.parametrize(

@@ -425,3 +425,41 @@ def test_a_rerun_of_a_finished_job_starts_no_synthesis_actor(ray_local, tiny_che
 
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 2
     assert second["output_totals"]["by_status"] == {"ok": 2}
+
+
+def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_are_not_recorded_again(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # Arrow's JSON reader refused the whole manifest for any of these lines.
+    lines = [
+        json.dumps(text_row(0, topic="news")),
+        '{"id": "row-1", "text": "Cut off',
+        json.dumps(text_row(2, seed="abc")),  # seed was a number above: now a string
+        json.dumps(text_row(3, mood="calm")),  # a field no other line has
+        "[1, 2]",
+        json.dumps(text_row(5, text="Caf\u00e9 au lait \u2028 on the terrace."), ensure_ascii=False),
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_bytes("\n".join(lines).encode() + b'\n{"id": "row-6", "text": "caf\xe9"}\n')
+    out = tmp_path / "out"
+
+    first = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    records = by_id(read_metadata(fsspec.filesystem("file"), str(out)))
+    assert {k: r["status"] for k, r in records.items()} == {
+        "row-0": "ok",
+        "line 2": "error",
+        "row-2": "error",
+        "row-3": "ok",
+        "line 5": "error",
+        "row-5": "ok",
+        "line 7": "error",
+    }
+    assert records["line 2"]["error"] == "line 2: invalid JSON at column 25: Unterminated string starting"
+    assert records["line 5"]["error"] == "line 5: expected a JSON object, got list"
+    assert records["line 7"]["error"].startswith("line 7: not UTF-8")
+    assert records["row-2"]["error_field"] == "seed"
+    assert (records["row-0"]["topic"], records["row-3"]["mood"]) == ("news", "calm")
+    assert first["this_run"]["by_status"] == {"ok": 3, "error": 4}
+    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 7

@@ -278,15 +278,16 @@ def test_a_bad_configuration_exits_2_naming_the_key_before_any_model_loads(
 
 
 def test_a_manifest_that_cannot_be_parsed_exits_2_naming_it_before_ray_starts(tmp_path: Path) -> None:
+    # A JSON array written with indent=2 is not JSON Lines: most of its lines hold no object.
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text('{"id": "a", "text": "Fine."}\nnot json at all\n')
+    manifest.write_text(json.dumps([{"id": "a", "text": "Fine."}, {"id": "b", "text": "Too."}], indent=2))
     out = tmp_path / "out"
     proc = generate(
         tmp_path, f"manifest={manifest}", f"output={out}", f"model.source={tmp_path}/x", timeout=60
     )
 
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"manifest='{manifest}': manifest '{manifest}' cannot be read as json" in proc.stderr
+    assert f"manifest='{manifest}': manifest '{manifest}' cannot be read as JSON Lines: " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
     assert not out.exists()

@@ -1,0 +1,93 @@
+"""JSON Lines manifests, read one line at a time: each line is its own row.
+
+Arrow's JSON reader parses a file as one table, so one malformed line, or a field whose type changes
+between rows (a narrator given as a name in one book and as {audio, transcript} in the next), refused the
+whole manifest; and it infers types per block (an integer seed next to 2.5 became 5.0, a text that looked
+like "2024-01-01 10:00:00" a timestamp). Read line by line, a bad line becomes an error row of its own,
+named `line N`, and every row keeps the values its line spells.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+
+# The columns of a block of raw lines, as the reader hands them to a job's first stage.
+LINE_NUMBER = "_line_number"
+LINE = "_line"
+_BOM = b"\xef\xbb\xbf"
+
+
+class LineLabel(str):
+    """The id a line that holds no row is recorded under (`line N`): not a valid id, so it names no row of
+    the manifest, and resume and the duplicate check compare it as it is (pipeline.manifest.id_label)."""
+
+
+def numbered_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a file read in `chunks`, with their 1-based numbers; blank lines count, so
+    numbers match editors'. Lines end at "\\n" only: JSON text may hold U+2028 and friends unescaped."""
+    for number, line in enumerate(_split(chunks), start=1):
+        if number == 1:
+            line = line.removeprefix(_BOM)  # Windows editors write one
+        if line.strip():
+            yield number, line
+
+
+def _split(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def read_chunks(handle, size: int = 1 << 20) -> Iterator[bytes]:
+    """A binary file's bytes in pieces of `size`."""
+    while chunk := handle.read(size):
+        yield chunk
+
+
+def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
+    """The row a line holds; a line that holds none becomes a row that errors naming the line (its `_error`,
+    which validation turns into the line's metadata record)."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 (byte {exc.start + 1} of the line); save the manifest as UTF-8"
+    except json.JSONDecodeError as exc:
+        # Some of json's messages end "... at" before the position they would be followed by.
+        reason = f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}"
+    else:
+        if isinstance(value, dict):
+            return value
+        reason = f"expected a JSON object, got {type(value).__name__}"
+    return {
+        id_column: LineLabel(f"line {number}"),
+        "_error": f"line {number}: {reason}",
+        "_error_field": "line",
+    }
+
+
+def lines_block(numbered: list[tuple[int, bytes]]) -> pa.Table:
+    """Raw lines as a block: bytes, so that a line that is not UTF-8 errors alone when it is parsed."""
+    return pa.table(
+        {
+            LINE_NUMBER: pa.array([n for n, _ in numbered], pa.int64()),
+            LINE: pa.array([line for _, line in numbered], pa.binary()),
+        }
+    )
+
+
+def manifest_rows(batch: pa.Table, id_column: str = "id") -> list[dict]:
+    """A block's rows as dicts, whether it holds columns (Parquet, CSV) or raw JSON lines."""
+    if LINE not in batch.column_names:
+        return batch.to_pylist()
+    numbers = batch.column(LINE_NUMBER).to_pylist()
+    return [
+        parse_line(n, line, id_column)
+        for n, line in zip(numbers, batch.column(LINE).to_pylist(), strict=True)
+    ]
