@@ -17,6 +17,9 @@ import pyarrow as pa
 # The columns of a block of raw lines, as the reader hands them to a job's first stage.
 LINE_NUMBER = "_line_number"
 LINE = "_line"
+LINE_ERROR = (
+    "_line_error"  # why a line holds no row, where that was found before parsing (pipeline.csv_records)
+)
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -65,6 +68,11 @@ def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
         if isinstance(value, dict):
             return value
         reason = f"expected a JSON object, got {type(value).__name__}"
+    return bad_line(number, reason, id_column)
+
+
+def bad_line(number: int, reason: str, id_column: str = "id") -> dict:
+    """The row of a line that holds none: validation turns its `_error` into the line's metadata record."""
     return {
         id_column: LineLabel(f"line {number}"),
         "_error": f"line {number}: {reason}",
@@ -72,14 +80,16 @@ def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
     }
 
 
-def lines_block(numbered: list[tuple[int, bytes]]) -> pa.Table:
-    """Raw lines as a block: bytes, so that a line that is not UTF-8 errors alone when it is parsed."""
-    return pa.table(
-        {
-            LINE_NUMBER: pa.array([n for n, _ in numbered], pa.int64()),
-            LINE: pa.array([line for _, line in numbered], pa.binary()),
-        }
-    )
+def lines_block(numbered: list[tuple[int, bytes]], errors: list[str | None] | None = None) -> pa.Table:
+    """Raw lines as a block: bytes, so that a line that is not UTF-8 errors alone when it is parsed; with
+    `errors`, the lines already known to hold no row and why."""
+    columns = {
+        LINE_NUMBER: pa.array([n for n, _ in numbered], pa.int64()),
+        LINE: pa.array([line for _, line in numbered], pa.binary()),
+    }
+    if errors is not None:
+        columns[LINE_ERROR] = pa.array(errors, pa.string())
+    return pa.table(columns)
 
 
 def manifest_rows(batch: pa.Table, id_column: str = "id") -> list[dict]:
@@ -87,7 +97,9 @@ def manifest_rows(batch: pa.Table, id_column: str = "id") -> list[dict]:
     if LINE not in batch.column_names:
         return batch.to_pylist()
     numbers = batch.column(LINE_NUMBER).to_pylist()
+    lines = batch.column(LINE).to_pylist()
+    errors = batch.column(LINE_ERROR).to_pylist() if LINE_ERROR in batch.column_names else [None] * len(lines)
     return [
-        parse_line(n, line, id_column)
-        for n, line in zip(numbers, batch.column(LINE).to_pylist(), strict=True)
+        bad_line(n, error, id_column) if error else parse_line(n, line, id_column)
+        for n, line, error in zip(numbers, lines, errors, strict=True)
     ]

@@ -1,7 +1,8 @@
 """Manifests in: Parquet, JSONL or CSV on any fsspec URI, as a Ray Dataset or a stream of id columns.
 
-JSONL is read line by line (pipeline.json_lines), so a bad line errors its own row; a job's first stage
-turns a block into rows with `pipeline.json_lines.manifest_rows` whichever the format."""
+JSONL is read line by line (pipeline.json_lines), and a CSV that Arrow cannot read cleanly record by record
+(pipeline.csv_records), so a bad line errors its own row; a job's first stage turns a block into rows with
+`pipeline.json_lines.manifest_rows` whichever the format."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipeline.json_lines import LineLabel, numbered_lines, parse_line, read_chunks
+from pipeline.csv_records import csv_records, csv_table
+from pipeline.json_lines import LineLabel, bad_line, numbered_lines, parse_line, read_chunks
 from pipeline.storage import open_input
 
 ID_CHUNK = 65536
@@ -56,13 +57,12 @@ def read_manifest(
     kind = manifest_format(uri)
     # Reading is light; a whole CPU per read task would starve the actor pools on a small machine.
     options = {"filesystem": filesystem, "num_cpus": num_cpus, "override_num_blocks": num_blocks}
-    if kind == "json":
-        from pipeline.json_lines_source import JsonLinesDatasource
+    if kind in ("json", "csv"):
+        from pipeline.text_sources import CsvDatasource, JsonLinesDatasource
 
-        source = JsonLinesDatasource(files, filesystem=filesystem)
+        kinds = {"json": JsonLinesDatasource, "csv": CsvDatasource}
+        source = kinds[kind](files, filesystem=filesystem)
         return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=num_blocks)
-    if kind == "csv":
-        return ray.data.read_csv(files, **options)
     # Ray 2.60's default Parquet reader lists files in a separate task that always asks for a whole CPU;
     # with the actor pools already holding the rest of a small machine that task never starts and the run
     # hangs. The previous reader takes the task resources given here.
@@ -90,10 +90,7 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
                 for batch in parquet.iter_batches(columns=[column], batch_size=ID_CHUNK):
                     yield batch.column(0).to_pylist()
             else:
-                table = pa_csv.read_csv(handle)
-                if column not in table.column_names:
-                    raise ValueError(f"manifest {uri!r} has no {column!r} column")
-                yield table.column(column).to_pylist()
+                yield from _csv_ids(handle.read(), name, column)
 
 
 @contextlib.contextmanager
@@ -108,19 +105,42 @@ def _readable(name: str, kind: str) -> Iterator[None]:
 
 
 def _json_ids(handle: Any, name: str, column: str) -> Iterator[list]:
-    """Each line's `column` (None where its object lacks it, the `line N` label where it holds no row).
-    A file most of whose lines hold no JSON object is not JSON Lines (a JSON array, a pretty-printed
-    object): refused whole rather than run as a heap of bad lines."""
+    """Each line's `column` (None where its object lacks it, the `line N` label where it holds no row)."""
+    rows = (parse_line(number, line, column) for number, line in numbered_lines(read_chunks(handle)))
+    yield from _checked_ids(rows, name, column, "JSON Lines", "write one JSON object per line")
+
+
+def _csv_ids(data: bytes, name: str, column: str) -> Iterator[list]:
+    table = csv_table(data)
+    if table is not None:
+        if column not in table.column_names:
+            raise ValueError(f"manifest {name!r} has no {column!r} column")
+        yield table.column(column).to_pylist()
+        return
+
+    def rows() -> Iterator[dict]:
+        try:
+            for number, row, problem in csv_records(data):
+                yield bad_line(number, problem, column) if row is None else row
+        except ValueError as exc:
+            raise ValueError(f"manifest {name!r} cannot be read as CSV: {exc}") from None
+
+    yield from _checked_ids(rows(), name, column, "CSV", "give each record as many fields as the header")
+
+
+def _checked_ids(rows: Iterator[dict], name: str, column: str, kind: str, fix: str) -> Iterator[list]:
+    """The rows' `column` in chunks. A file most of whose lines hold no row is not what its name says (a
+    JSON array, a pretty-printed object, a CSV with another delimiter): refused whole rather than run as a
+    heap of bad lines."""
     chunk: list = []
-    objects = bad = with_column = 0
+    good = bad = with_column = 0
     first_bad = None
-    for number, line in numbered_lines(read_chunks(handle)):
-        row = parse_line(number, line, column)
+    for row in rows:
         if isinstance(row.get(column), LineLabel):
             bad += 1
             first_bad = first_bad or row["_error"]
         else:
-            objects += 1
+            good += 1
             with_column += column in row
         chunk.append(row.get(column))
         if len(chunk) == ID_CHUNK:
@@ -128,12 +148,12 @@ def _json_ids(handle: Any, name: str, column: str) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-    if not objects + bad:
-        raise ValueError(f"manifest {name!r} cannot be read as JSON Lines: it holds no lines")
-    if bad > objects:
+    if not good + bad:
+        raise ValueError(f"manifest {name!r} cannot be read as {kind}: it holds no rows")
+    if bad > good:
         raise ValueError(
-            f"manifest {name!r} cannot be read as JSON Lines: {bad} of its {objects + bad} lines hold no "
-            f"JSON object (first: {first_bad}); write one JSON object per line"
+            f"manifest {name!r} cannot be read as {kind}: {bad} of its {good + bad} lines hold no row "
+            f"(first: {first_bad}); {fix}"
         )
     if not with_column:
         raise ValueError(f"manifest {name!r} has no {column!r} column")

@@ -463,3 +463,37 @@ def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_ar
     assert (records["row-0"]["topic"], records["row-3"]["mood"]) == ("news", "calm")
     assert first["this_run"]["by_status"] == {"ok": 3, "error": 4}
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 7
+
+
+def test_csv_records_that_do_not_match_the_header_or_are_not_utf8_error_alone_and_are_not_recorded_again(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # Arrow's CSV reader refused the whole file for the unquoted comma, and read the whole text column
+    # as bytes for the Latin-1 cell, which errored every row.
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(
+        b"id,text,seed,max_new_tokens\n"
+        b'row-0,"Quoted, as it should be.",0,30\n'
+        b"row-1,Unquoted, which splits the text.,1,30\n"
+        b"row-2,Caf\xe9 au lait.,2,30\n"
+        b"row-3,Fine.,3,30\n"
+    )
+    out = tmp_path / "out"
+
+    first = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    records = by_id(read_metadata(fsspec.filesystem("file"), str(out)))
+    assert {k: r["status"] for k, r in records.items()} == {
+        "row-0": "ok",
+        "line 3": "error",
+        "line 4": "error",
+        "row-3": "ok",
+    }
+    assert records["line 3"]["error"] == (
+        "line 3: 5 fields where the header has 4; quote a field that holds a comma"
+    )
+    assert records["line 4"]["error"] == "line 4: not UTF-8; save the manifest as UTF-8"
+    assert records["row-0"]["seed"] == 0 and records["row-0"]["text"] == "Quoted, as it should be."
+    assert first["this_run"]["by_status"] == {"ok": 2, "error": 2}
+    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 4

@@ -116,13 +116,13 @@ def test_the_id_scan_yields_each_lines_id_and_the_label_of_each_bad_line(tmp_pat
         # json.dump(rows, indent=2): only the last element's line is an object on its own.
         (
             b'[\n  {"id": "a", "text": "t"},\n  {"id": "b", "text": "t"}\n]\n',
-            "3 of its 4 lines hold no JSON object (first: line 1: invalid JSON",
+            "3 of its 4 lines hold no row (first: line 1: invalid JSON",
         ),
         (
             b'{\n  "id": "a",\n  "text": "t"\n}\n',
-            "4 of its 4 lines hold no JSON object (first: line 1: invalid JSON",
+            "4 of its 4 lines hold no row (first: line 1: invalid JSON",
         ),
-        (b"\n\n", "it holds no lines"),
+        (b"\n\n", "it holds no rows"),
     ],
 )
 def test_a_file_most_of_whose_lines_hold_no_object_is_refused_whole(

@@ -1,5 +1,6 @@
-"""A Ray Data source of JSON Lines files as raw numbered lines (pipeline.json_lines): the job's first stage
-parses them, so a bad line errors its own row instead of failing the read task."""
+"""Ray Data sources for the text manifests: JSON Lines as raw numbered lines (pipeline.json_lines) and CSV
+as pipeline.csv_records reads it, the job's first stage turning either into rows, so a bad line or record
+errors its own row instead of failing the read task."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from pipeline.csv_records import csv_blocks
 from pipeline.json_lines import lines_block, numbered_lines, read_chunks
 
 # Lines per block out of a read task: Ray splits a file's output to the blocks a job asks for, and
@@ -25,3 +27,11 @@ class JsonLinesDatasource(FileBasedDatasource):
                 numbered = []
         if numbered:
             yield lines_block(numbered)
+
+
+class CsvDatasource(FileBasedDatasource):
+    """Whole files, read as the driver's id check reads them (Ray's CSV reader streams and infers types
+    from the first megabyte, so a late value of another type failed the run midway)."""
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        yield from csv_blocks(f.readall())

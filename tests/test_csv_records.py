@@ -1,0 +1,95 @@
+"""CSV manifests: Arrow's table when it reads the file cleanly, else record by record, a bad record alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.csv_records import csv_blocks, csv_records, csv_table
+from pipeline.json_lines import manifest_rows
+from pipeline.reader import iter_ids
+
+
+def rows_of(data: bytes) -> list[dict]:
+    return [row for block in csv_blocks(data) for row in manifest_rows(block)]
+
+
+def test_a_clean_csv_is_arrows_table_with_the_types_it_infers() -> None:
+    rows = rows_of(b"id,text,seed\na,Hello.,1\nb,There.,2\n")
+
+    assert rows == [{"id": "a", "text": "Hello.", "seed": 1}, {"id": "b", "text": "There.", "seed": 2}]
+
+
+def test_types_are_inferred_over_the_whole_file_not_its_first_megabyte() -> None:
+    # Ray's streaming CSV reader took seed for an integer column and failed at the last row.
+    data = (
+        b"id,text,seed\n"
+        + b"".join(b"r%d,Hello there.,%d\n" % (i, i) for i in range(200_000))
+        + b"x,Bad.,abc\n"
+    )
+
+    (table,) = list(csv_blocks(data))
+
+    assert table.num_rows == 200_001
+    assert table.column("seed")[-2:].to_pylist() == ["199999", "abc"]
+
+
+def test_a_record_with_an_unquoted_comma_errors_alone_naming_its_line() -> None:
+    rows = rows_of(b'id,text\na,"Hello, quoted."\nb,Hello, unquoted.\n\nc,Fine.\n')
+
+    assert rows[0] == {"id": "a", "text": "Hello, quoted."}
+    assert rows[1]["id"] == "line 3" and rows[1]["_error_field"] == "line"
+    assert rows[1]["_error"] == "line 3: 3 fields where the header has 2; quote a field that holds a comma"
+    assert rows[2] == {"id": "c", "text": "Fine."}  # read record by record: every cell a string
+
+
+def test_a_cell_that_is_not_utf8_errors_its_record_and_leaves_the_others_text() -> None:
+    # Arrow read the whole text column as bytes for it, so every row's text errored.
+    assert csv_table(b"id,text\na,caf\xe9\nb,Fine.\n") is None
+
+    rows = rows_of(b"id,text\na,caf\xe9\nb,Fine.\n")
+
+    assert rows[0]["_error"] == "line 2: not UTF-8; save the manifest as UTF-8"
+    assert rows[1] == {"id": "b", "text": "Fine."}
+
+
+def test_records_that_span_lines_are_numbered_by_the_line_they_start_on() -> None:
+    data = b'id,text\na,"Two\nlines."\nb,x,y\nc,"Three\n\nlines."\nd,x,y\n'
+
+    assert [
+        (number, row and row["id"], problem is not None) for number, row, problem in csv_records(data)
+    ] == [
+        (2, "a", False),
+        (4, None, True),
+        (5, "c", False),
+        (8, None, True),
+    ]
+
+
+def test_a_blank_cell_read_record_by_record_means_the_default() -> None:
+    rows = rows_of(b"id,text,seed\na,Hi.,\nb,Hi.,3,extra\n")
+
+    assert rows[0] == {"id": "a", "text": "Hi.", "seed": None}
+
+
+def test_the_id_scan_labels_each_bad_record(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id,text\n5,One.\nb,Two, three.\nc,Four.\n")
+
+    (ids,) = list(iter_ids(str(manifest)))
+
+    assert ids == ["5", "line 3", "c"]
+
+
+def test_a_csv_most_of_whose_records_are_bad_is_refused_whole(tmp_path: Path) -> None:
+    # A semicolon-separated export with commas in its texts: not the CSV the manifest reader takes.
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id;text\na;Hello, there.\nb;One, two.\nc;Fine.\n")
+
+    with pytest.raises(ValueError) as refused:
+        list(iter_ids(str(manifest)))
+
+    assert str(refused.value).startswith(
+        f"manifest {str(manifest)!r} cannot be read as CSV: 2 of its 3 lines hold no row (first: line 2: 2 fields"
+    )
