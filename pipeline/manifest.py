@@ -341,16 +341,19 @@ def _reference(i: int, item: object, rules: ManifestRules) -> dict:
     )
     if extra:
         raise RequestError("references", f"{where} has unknown keys {extra}", item)
-    audio, profile = item.get("audio"), item.get("profile")
+    audio, profile = _audio_source(item.get("audio")), item.get("profile")
     # A profile entry is accepted so that an already canonical row validates again unchanged.
     if audio is None and profile is not None:
         if not isinstance(profile, str) or not profile.strip():
             raise RequestError("references", f"{where} profile must be a non-empty string", item)
     elif audio is None:
         raise RequestError("references", f"{where} is missing audio", item)
-    elif not isinstance(audio, str) or not audio.strip():
+    elif not (isinstance(audio, str) and audio.strip() or isinstance(audio, bytes) and audio):
         raise RequestError(
-            "references", f"{where} audio must be a non-empty string (path, URI or data)", item
+            "references",
+            f"{where} audio must be a non-empty string (path, URI or data), encoded bytes, or a datasets "
+            "Audio value {bytes, path}",
+            item,
         )
     elif profile is not None:
         raise RequestError("references", f"{where} has both audio and profile", item)
@@ -359,6 +362,14 @@ def _reference(i: int, item: object, rules: ManifestRules) -> dict:
     )
     tag = _optional_text(item.get("speaker_tag"), MAX_PROMPT_CHARS, "references", f"{where} speaker_tag")
     return {"audio": audio, "transcript": transcript or "", "speaker_tag": tag, "profile": profile}
+
+
+def _audio_source(value: object) -> object:
+    """A reference's audio as pipeline.references.fetch_reference takes it. A 🤗 datasets Audio value, as
+    a dataset's Parquet files hold it ({bytes, path}), gives its bytes, or its path where it has none."""
+    if isinstance(value, dict) and value.keys() <= {"bytes", "path"}:
+        return value.get("bytes") or value.get("path")
+    return value
 
 
 def _resolve_voice(value: object, rules: ManifestRules) -> list[dict]:

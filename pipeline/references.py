@@ -1,6 +1,8 @@
-"""Turn a manifest's reference-audio source string into encoded audio bytes, safely.
+"""Turn a manifest's reference-audio source into encoded audio bytes, safely.
 
-A source is one of, decided in this order:
+A source is encoded audio bytes themselves (a Parquet binary cell, or the bytes of a 🤗 datasets Audio
+value, which pipeline.manifest unwraps), taken as they are within the size limit, or a string, one of,
+decided in this order:
 
 1. a ``data:`` URI whose media type is ``audio/*``;
 2. an ``http://`` or ``https://`` URL (private addresses refused unless the policy allows them);
@@ -72,10 +74,17 @@ class FetchPolicy:
     storage_options: dict | None = None
 
 
-def fetch_reference(source: str, policy: FetchPolicy, field: str = DEFAULT_FIELD) -> bytes:
+def fetch_reference(source: str | bytes, policy: FetchPolicy, field: str = DEFAULT_FIELD) -> bytes:
     """Encoded audio bytes for ``source`` (see the module docstring for the kinds of source)."""
+    if isinstance(source, bytes):
+        shown = f"<{len(source)} bytes>"
+        if not source:
+            raise RequestError(field, "is empty", shown)
+        if len(source) > policy.max_bytes:
+            raise RequestError(field, f"is larger than the limit of {policy.max_bytes} bytes", shown)
+        return source
     if not isinstance(source, str):
-        raise RequestError(field, f"must be a string, got {type(source).__name__}")
+        raise RequestError(field, f"must be a string or bytes, got {type(source).__name__}")
     fetch = _Fetch(source, policy, field)
     if not source.strip():
         raise fetch.error("is empty")

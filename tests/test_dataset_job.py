@@ -497,3 +497,30 @@ def test_csv_records_that_do_not_match_the_header_or_are_not_utf8_error_alone_an
     assert records["row-0"]["seed"] == 0 and records["row-0"]["text"] == "Quoted, as it should be."
     assert first["this_run"]["by_status"] == {"ok": 2, "error": 2}
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 4
+
+
+def test_reference_clips_embedded_in_a_parquet_manifest_as_datasets_audio_values_clone_voices(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # The layout 🤗 datasets gives an Audio column in Parquet: {bytes, path}. No allowed root is needed:
+    # the manifest carries the clip itself.
+    clip = (REPO / "examples" / "voices" / "belinda.wav").read_bytes()
+    manifest = write_parquet(
+        tmp_path / "manifest.parquet",
+        [
+            text_row(0, references=[{"audio": {"bytes": clip, "path": "belinda.wav"}, "transcript": "Hi."}]),
+            text_row(
+                1, references=[{"audio": {"bytes": b"not audio", "path": "x.wav"}, "transcript": "Hi."}]
+            ),
+        ],
+    )
+    out = tmp_path / "out"
+
+    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint, fetch=FetchPolicy(allowed_roots=())))
+
+    records = by_id(read_metadata(fsspec.filesystem("file"), str(out)))
+    assert (records["row-0"]["status"], records["row-1"]["status"]) == ("ok", "error")
+    assert records["row-0"]["timings"]["reference_encode_s"] > 0
+    assert (
+        records["row-1"]["error"] == "references[0].audio: not a decodable audio file (wav, flac, mp3, ogg)"
+    )

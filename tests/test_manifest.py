@@ -460,7 +460,12 @@ def test_canonical_row_validates_again_unchanged():
         ([{"transcript": "Hi."}], "reference 0 is missing audio"),
         ([{"audio": "x.wav"}, {"audio": 5}], "reference 1 audio must be a non-empty string"),
         ([{"audio": "  "}], "reference 0 audio must be a non-empty string"),
-        ([{"audio": b"RIFF"}], "reference 0 audio must be a non-empty string"),
+        ([{"audio": b""}], "reference 0 audio must be a non-empty string"),
+        (
+            [{"audio": {"array": [0.0], "sampling_rate": 16000}}],
+            "reference 0 audio must be a non-empty string",
+        ),
+        ([{"audio": {"bytes": None, "path": None}}], "reference 0 is missing audio"),
         ([{"audio": "x.wav", "transcript": 3}], "reference 0 transcript must be a string"),
         ([{"audio": "x.wav", "transcript": "a\x00"}], "reference 0 transcript contains control character"),
         ([{"audio": "x.wav", "speaker_tag": 1}], "reference 0 speaker_tag must be a string"),
@@ -488,6 +493,21 @@ def test_references_in_a_csv_cell_are_read_as_json():
     out = check({"id": "a", "text": "Hi.", "references": cell})
     assert out["status"] == "pending"
     assert [(r["audio"], r["transcript"]) for r in out["references"]] == [("s3://b/x.wav", "Hello there.")]
+
+
+def test_reference_audio_may_be_encoded_bytes_as_a_parquet_binary_cell_holds_them():
+    out = check({"id": "a", "text": "Hi.", "references": [{"audio": b"RIFF....", "transcript": "Hey."}]})
+
+    assert out["status"] == "pending" and out["references"][0]["audio"] == b"RIFF...."
+
+
+def test_a_datasets_audio_value_gives_its_bytes_or_else_its_path():
+    # 🤗 datasets stores an Audio column in Parquet as a struct of the file's bytes and its name.
+    embedded = {"bytes": b"fLaC....", "path": "common_voice_1.flac"}
+    linked = {"bytes": None, "path": "s3://voices/a.flac"}
+    out = check({"id": "a", "text": "Hi.", "references": [{"audio": embedded}, {"audio": linked}]})
+
+    assert [r["audio"] for r in out["references"]] == [b"fLaC....", "s3://voices/a.flac"]
 
 
 # --- passthrough columns -----------------------------------------------------------------------------------

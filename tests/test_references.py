@@ -197,6 +197,18 @@ def test_raw_base64_garbage_is_refused():
     assert "not valid base64" in error.reason
 
 
+def test_encoded_bytes_are_taken_as_they_are_within_the_limit():
+    assert fetch_reference(b"RIFF1234", FetchPolicy()) == b"RIFF1234"
+
+    with pytest.raises(RequestError) as too_large:
+        fetch_reference(b"RIFF1234", FetchPolicy(max_bytes=4))
+    assert (
+        too_large.value.message == "references.audio (value '<8 bytes>'): is larger than the limit of 4 bytes"
+    )
+    with pytest.raises(RequestError, match="is empty"):
+        fetch_reference(b"", FetchPolicy())
+
+
 def test_source_of_no_known_kind_is_refused():
     error = refused("my voice, please!", FetchPolicy())
 
