@@ -24,8 +24,10 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class LineLabel(str):
-    """The id a line that holds no row is recorded under (`line N`): not a valid id, so it names no row of
-    the manifest, and resume and the duplicate check compare it as it is (pipeline.manifest.id_label)."""
+    """The id a bad line's record carries as given: `line N` for a line that holds no row, or the label an
+    eval-set adapter gave a line it found bad (its `_error`). Resume and the duplicate check compare it as
+    it is (pipeline.manifest.id_label), as the record names it; `line N` is not a valid id, so it names no
+    row of the manifest."""
 
 
 def numbered_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:

@@ -85,10 +85,17 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
                 yield from _json_ids(handle, name, column)
             elif kind == "parquet":
                 parquet = pq.ParquetFile(handle)
-                if column not in parquet.schema_arrow.names:
+                names = parquet.schema_arrow.names
+                if column not in names:
                     raise ValueError(f"manifest {uri!r} has no {column!r} column")
-                for batch in parquet.iter_batches(columns=[column], batch_size=ID_CHUNK):
-                    yield batch.column(0).to_pylist()
+                # An eval set's bad lines carry `_error`; their records keep the id as given.
+                read = [column, "_error"] if "_error" in names else [column]
+                for batch in parquet.iter_batches(columns=read, batch_size=ID_CHUNK):
+                    ids = batch.column(0).to_pylist()
+                    if len(read) > 1:
+                        errors = batch.column(1).to_pylist()
+                        ids = [_as_recorded(i, e) for i, e in zip(ids, errors, strict=True)]
+                    yield ids
             else:
                 yield from _csv_ids(handle.read(), name, column)
 
@@ -102,6 +109,11 @@ def _readable(name: str, kind: str) -> Iterator[None]:
         yield
     except pa.ArrowInvalid as exc:
         raise ValueError(f"manifest {name!r} cannot be read as {kind}: {exc}") from None
+
+
+def _as_recorded(value: object, error: object) -> object:
+    """An id as the record of its row will carry it (pipeline.manifest.recorded_id)."""
+    return LineLabel(value) if isinstance(value, str) and isinstance(error, str) and error else value
 
 
 def _json_ids(handle: Any, name: str, column: str) -> Iterator[list]:

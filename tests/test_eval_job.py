@@ -206,6 +206,23 @@ def test_seedtts_local_bad_lines_16k(ray_local, tiny_checkpoint: str, tmp_path: 
     assert "scores" not in json.loads((out / "summary.json").read_text())
 
 
+def test_a_rerun_of_a_finished_set_with_bad_lines_starts_no_synthesis_actor(
+    ray_local, tiny_checkpoint: str, tmp_path: Path
+) -> None:
+    # The bad lines' records carry their ids as the adapter gave them ("a@line5", not a valid id); the
+    # driver once compared the ids' reprs, took those lines for pending and started the actors for nothing.
+    meta = seed_set(tmp_path)
+    out = tmp_path / "out"
+    inputs = prepare_inputs("seedtts", str(meta), str(out), language="en")
+    run_eval_job(EvalJob(dataset(str(out), tiny_checkpoint, fetch=FetchPolicy()), inputs))
+
+    # An actor would fail to load this checkpoint and stop the run: finishing proves none started.
+    never = str(tmp_path / "no-such-checkpoint")
+    again = run_eval_job(EvalJob(dataset(str(out), never, fetch=FetchPolicy()), inputs))
+
+    assert again["this_run"]["rows"] == 0 and again["skipped_as_finished"] == 7
+
+
 def test_seedtts_meta_on_s3(ray_local, tiny_checkpoint: str, s3_server, s3_bucket: str) -> None:
     client = s3_server.client()
     meta = "a|Prompt a.|wavs/en_woman.wav|First.\nb|Prompt b.|../voices/en_man.wav|Second.\nc|Prompt c.|wavs/en_woman.wav|Third.\n"
