@@ -93,15 +93,16 @@ class DatasetJob:
     storage_backoff_s: float = 0.2
 
 
-def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], Counter[str]]:
-    """Ids that occur more than once in the manifest, with their 0-based row positions; and how often each
-    id occurs, as records name them (id_label)."""
+def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], Counter[str], list[str]]:
+    """Ids that occur more than once in the manifest, with their 0-based row positions; how often each id
+    occurs, as records name them (id_label); and every column any row has."""
     counts: Counter[str] = Counter()
-    for chunk in iter_ids(job.manifest, job.storage_options):
+    columns: dict[str, None] = {}
+    for chunk in iter_ids(job.manifest, job.storage_options, columns=columns):
         counts.update(id_label(value) for value in chunk)
     duplicated = {k for k, n in counts.items() if n > 1}
     if not duplicated:
-        return {}, counts
+        return {}, counts, list(columns)
     positions: dict[str, list[int]] = {k: [] for k in duplicated}
     offset = 0
     for chunk in iter_ids(job.manifest, job.storage_options):
@@ -110,7 +111,7 @@ def duplicate_ids(job: DatasetJob) -> tuple[dict[str, list[int]], Counter[str]]:
             if key in positions:
                 positions[key].append(offset + i)
         offset += len(chunk)
-    return positions, counts
+    return positions, counts, list(columns)
 
 
 def _write_duplicate_errors(
@@ -163,7 +164,7 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
     started = time.time()
     if job.config_yaml is not None:
         storage.write_text("config.yaml", job.config_yaml)
-    duplicates, ids = duplicate_ids(job)
+    duplicates, ids, columns = duplicate_ids(job)
     finished = finished_ids(storage, retry_errors=job.retry_errors)
     attempts = AttemptLog(storage)
     attempts.clear()  # a killed run's count of starts is not this run's
@@ -181,10 +182,13 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
     run_audio_s = 0.0
     # A rerun of a finished job starts no actor, and so loads no model.
     if ids.keys() - finished - duplicates.keys():
-        synthesised, run_audio_s = _synthesise(job, write, finished, duplicates, ids.total(), attempts)
+        synthesised, run_audio_s = _synthesise(
+            job, write, finished, duplicates, ids.total(), columns, attempts
+        )
         run_counts.update(synthesised)
     wall = time.time() - started
     attempts.clear()
+    output_totals, index_schema = totals(storage)
 
     summary = {
         "run_id": write.run_id,
@@ -199,8 +203,8 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
             "wall_seconds": round(wall, 3),
             "audio_seconds_per_second": round(run_audio_s / wall, 3) if wall > 0 else 0.0,
         },
-        "output_totals": totals(storage),
-        "audiofolder_rows": write_audiofolder_index(storage),
+        "output_totals": output_totals,
+        "audiofolder_rows": write_audiofolder_index(storage, index_schema),
     }
     storage.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     # Every write of this run has finished; what is left in flight was left by a killed or failed run.
@@ -216,6 +220,7 @@ def _synthesise(
     finished: set[str],
     duplicates: dict[str, list[int]],
     num_rows: int,
+    columns: list[str],
     attempts: AttemptLog,
 ) -> tuple[Counter[str], float]:
     """Run the manifest's rows that are neither finished nor duplicated through validation, fetching,
@@ -239,7 +244,9 @@ def _synthesise(
     blocks = max(1, min(per_batch, max(4 * res.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
     ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
-        ValidateStage, fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip}, **cpu_stage
+        ValidateStage,
+        fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip, "columns": columns},
+        **cpu_stage,
     )
     fetch = {"policy": job.fetch, "max_seconds": job.engine.max_reference_seconds}
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)

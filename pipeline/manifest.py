@@ -52,6 +52,11 @@ _CONSUMED = frozenset(
 )
 
 
+def passthrough_columns(columns: Sequence[str]) -> tuple[str, ...]:
+    """The manifest columns that reach the metadata as they are."""
+    return tuple(c for c in columns if c not in _CONSUMED)
+
+
 @dataclass(frozen=True)
 class ManifestRules:
     voice_library: str | None = None  # folder of NAME.wav + NAME.txt

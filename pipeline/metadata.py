@@ -10,6 +10,7 @@ records ids at its own write sinks, while our metadata parts are written by the 
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from collections.abc import Iterator
 
@@ -24,11 +25,12 @@ def metadata_parts(storage: Storage) -> list[str]:
     return [k for k in storage.list(METADATA_DIR) if k.endswith(".parquet")]
 
 
-def _columns(storage: Storage, columns: list[str]) -> Iterator[pa.Table]:
+def _columns(storage: Storage, columns: list[str]) -> Iterator[tuple[pa.Table, pa.Schema]]:
+    """Each part's `columns` that it has, with the part's whole schema."""
     for key in metadata_parts(storage):
         parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
         present = [c for c in columns if c in parquet.schema_arrow.names]
-        yield parquet.read(columns=present)
+        yield parquet.read(columns=present), parquet.schema_arrow
 
 
 def finished_ids(storage: Storage, retry_errors: bool = False) -> set[str]:
@@ -36,7 +38,7 @@ def finished_ids(storage: Storage, retry_errors: bool = False) -> set[str]:
     if retry_errors:
         drop_error_rows(storage)
     done: set[str] = set()
-    for table in _columns(storage, ["id"]):
+    for table, _ in _columns(storage, ["id"]):
         done.update(table.column("id").to_pylist())
     return done
 
@@ -57,39 +59,66 @@ def drop_error_rows(storage: Storage) -> None:
         storage.write_bytes(key, buffer.getvalue())
 
 
-def totals(storage: Storage) -> dict:
-    """Counts by status and audio seconds over every metadata part of the output."""
+def totals(storage: Storage) -> tuple[dict, pa.Schema | None]:
+    """Counts by status and audio seconds over every metadata part of the output; and, read in the same
+    pass, the schema that holds every part's columns, for write_audiofolder_index (None: no parts)."""
     counts: Counter[str] = Counter()
     audio_s = 0.0
     rows = 0
-    for table in _columns(storage, ["status", "duration_s"]):
+    schemas = []
+    for table, schema in _columns(storage, ["status", "duration_s"]):
+        schemas.append(schema)
         rows += table.num_rows
         counts.update(table.column("status").to_pylist())
         if "duration_s" in table.column_names:
             audio_s += sum(d or 0.0 for d in table.column("duration_s").to_pylist())
-    return {"rows": rows, "by_status": dict(counts), "audio_seconds": round(audio_s, 3)}
+    summary = {"rows": rows, "by_status": dict(counts), "audio_seconds": round(audio_s, 3)}
+    return summary, _unified(schemas) if schemas else None
+
+
+def _unified(schemas: list[pa.Schema]) -> pa.Schema:
+    """Every part's columns, in the order first seen. Parts type a passthrough column by their own rows: a
+    part whose rows all lack it has it as null, and parts may disagree (JSONL rows spell their own values).
+    Types that promote (int64 and double) become the wider one; others text, as metadata_table does."""
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for f in schema:
+            found = types.setdefault(f.name, [])
+            if not pa.types.is_null(f.type) and f.type not in found:
+                found.append(f.type)
+    fields = []
+    for name, found in types.items():
+        kind = found[0] if len(found) == 1 else pa.null()
+        if len(found) > 1:
+            try:
+                one = [pa.schema([(name, t)]) for t in found]
+                kind = pa.unify_schemas(one, promote_options="permissive").field(name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                kind = pa.string()
+        fields.append(pa.field(name, kind))
+    return pa.schema(fields)
 
 
 AUDIOFOLDER_INDEX = "metadata.parquet"
 
 
-def write_audiofolder_index(storage: Storage) -> int:
+def write_audiofolder_index(storage: Storage, schema: pa.Schema | None = None) -> int:
     """<output>/metadata.parquet with the ok rows, so `load_dataset("audiofolder", data_dir=output)` works.
 
     Hugging Face's AudioFolder pairs a `file_name` column (relative to the index file) with the audio files;
-    error rows have no audio and stay in metadata/ only. Parts are streamed into one Parquet writer.
+    error rows have no audio and stay in metadata/ only. Parts are streamed into one Parquet writer, whose
+    `schema` (from totals) holds every part's columns; without it, the first part's.
     """
     writer = None
     rows = 0
     buffer = io.BytesIO()
-    schema = None
     for key in metadata_parts(storage):
         table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
         table = table.filter(pa.compute.equal(table.column("status"), "ok"))
         if table.num_rows == 0:
             continue
         if writer is None:
-            schema = table.schema
+            schema = schema or table.schema
             writer = pq.ParquetWriter(buffer, schema)
         table = _conform(table, schema)
         writer.write_table(table)
@@ -102,16 +131,20 @@ def write_audiofolder_index(storage: Storage) -> int:
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Match the first part's columns: passthrough columns may be missing or typed differently later."""
+    """Match the index's columns: a part may lack a passthrough column or type it otherwise."""
     columns = []
     for f in schema:
-        if f.name in table.column_names:
-            column = table.column(f.name)
-            try:
-                column = column.cast(f.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        column = table.column(f.name)
+        try:
+            column = column.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            if pa.types.is_string(f.type):  # a value other parts cannot share a type with: as JSON text
+                values = column.to_pylist()
+                column = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+            else:
                 column = pa.nulls(table.num_rows, f.type)
-        else:
-            column = pa.nulls(table.num_rows, f.type)
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)

@@ -74,18 +74,26 @@ def read_manifest(
         context.use_datasource_v2 = use_v2
 
 
-def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: str = "id") -> Iterator[list]:
-    """The manifest's id column in chunks, for the driver's duplicate check; only that column is read."""
+def iter_ids(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    column: str = "id",
+    columns: dict[str, None] | None = None,
+) -> Iterator[list]:
+    """The manifest's id column in chunks, for the driver's duplicate check; only that column is read.
+    `columns`, where given, gathers the names of every column any row has, in the order first seen."""
+    columns = {} if columns is None else columns
     fs, files = manifest_files(uri, storage_options)
     kind = manifest_format(uri)
     for path in files:
         name = uri if len(files) == 1 else f"{uri} ({fs.unstrip_protocol(path)})"
         with fs.open(path, "rb") as handle, _readable(name, kind):
             if kind == "json":
-                yield from _json_ids(handle, name, column)
+                yield from _json_ids(handle, name, column, columns)
             elif kind == "parquet":
                 parquet = pq.ParquetFile(handle)
                 names = parquet.schema_arrow.names
+                columns.update(dict.fromkeys(names))
                 if column not in names:
                     raise ValueError(f"manifest {uri!r} has no {column!r} column")
                 # An eval set's bad lines carry `_error`; their records keep the id as given.
@@ -97,7 +105,7 @@ def iter_ids(uri: str, storage_options: dict[str, Any] | None = None, column: st
                         ids = [_as_recorded(i, e) for i, e in zip(ids, errors, strict=True)]
                     yield ids
             else:
-                yield from _csv_ids(handle.read(), name, column)
+                yield from _csv_ids(handle.read(), name, column, columns)
 
 
 @contextlib.contextmanager
@@ -116,15 +124,16 @@ def _as_recorded(value: object, error: object) -> object:
     return LineLabel(value) if isinstance(value, str) and isinstance(error, str) and error else value
 
 
-def _json_ids(handle: Any, name: str, column: str) -> Iterator[list]:
+def _json_ids(handle: Any, name: str, column: str, columns: dict[str, None]) -> Iterator[list]:
     """Each line's `column` (None where its object lacks it, the `line N` label where it holds no row)."""
     rows = (parse_line(number, line, column) for number, line in numbered_lines(read_chunks(handle)))
-    yield from _checked_ids(rows, name, column, "JSON Lines", "write one JSON object per line")
+    yield from _checked_ids(rows, name, column, columns, "JSON Lines", "write one JSON object per line")
 
 
-def _csv_ids(data: bytes, name: str, column: str) -> Iterator[list]:
+def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None]) -> Iterator[list]:
     table = csv_table(data)
     if table is not None:
+        columns.update(dict.fromkeys(table.column_names))
         if column not in table.column_names:
             raise ValueError(f"manifest {name!r} has no {column!r} column")
         yield table.column(column).to_pylist()
@@ -137,10 +146,13 @@ def _csv_ids(data: bytes, name: str, column: str) -> Iterator[list]:
         except ValueError as exc:
             raise ValueError(f"manifest {name!r} cannot be read as CSV: {exc}") from None
 
-    yield from _checked_ids(rows(), name, column, "CSV", "give each record as many fields as the header")
+    fix = "give each record as many fields as the header"
+    yield from _checked_ids(rows(), name, column, columns, "CSV", fix)
 
 
-def _checked_ids(rows: Iterator[dict], name: str, column: str, kind: str, fix: str) -> Iterator[list]:
+def _checked_ids(
+    rows: Iterator[dict], name: str, column: str, columns: dict[str, None], kind: str, fix: str
+) -> Iterator[list]:
     """The rows' `column` in chunks. A file most of whose lines hold no row is not what its name says (a
     JSON array, a pretty-printed object, a CSV with another delimiter): refused whole rather than run as a
     heap of bad lines."""
@@ -154,6 +166,7 @@ def _checked_ids(rows: Iterator[dict], name: str, column: str, kind: str, fix: s
         else:
             good += 1
             with_column += column in row
+            columns.update(dict.fromkeys(row))
         chunk.append(row.get(column))
         if len(chunk) == ID_CHUNK:
             yield chunk

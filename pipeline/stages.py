@@ -12,6 +12,7 @@ import json
 import pickle
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from model.lru import LRUCache
 from model.requests import CODEC_SAMPLE_RATE, DecodedClip, EncodedClip, RequestError, SynthesisResult
 from pipeline.attempts import AttemptLog
 from pipeline.json_lines import manifest_rows
-from pipeline.manifest import ManifestRules, recorded_id, to_request, validate_row
+from pipeline.manifest import ManifestRules, passthrough_columns, recorded_id, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.storage import Storage
 
@@ -88,20 +89,28 @@ def fail(row: dict, exc: RequestError) -> dict:
 
 
 class ValidateStage:
-    """Manifest rows -> canonical rows; ids already finished in the output and duplicated ids drop out."""
+    """Manifest rows -> canonical rows; ids already finished in the output and duplicated ids drop out.
 
-    def __init__(self, rules: ManifestRules, skip_ids: Any = None) -> None:
+    Every row gets each of the manifest's passthrough `columns` (None where it has no value), as Arrow gives
+    every row of a table every column: JSONL rows name their own keys, and the metadata parts, and the
+    AudioFolder index written from them, should not depend on which rows a part holds."""
+
+    def __init__(self, rules: ManifestRules, skip_ids: Any = None, columns: Sequence[str] = ()) -> None:
         import ray
 
         self.rules = rules
         self.skip = ray.get(skip_ids) if isinstance(skip_ids, ray.ObjectRef) else (skip_ids or frozenset())
+        self.passthrough = passthrough_columns(columns)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for raw in manifest_rows(batch):
             if recorded_id(raw) in self.skip:
                 continue
-            rows.append(validate_row(raw, self.rules))
+            row = validate_row(raw, self.rules)
+            for name in self.passthrough:
+                row.setdefault(name, None)
+            rows.append(row)
         return pack(rows)
 
 

@@ -461,6 +461,13 @@ def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_ar
     assert records["line 7"]["error"].startswith("line 7: not UTF-8")
     assert records["row-2"]["error_field"] == "seed"
     assert (records["row-0"]["topic"], records["row-3"]["mood"]) == ("news", "calm")
+    # Every part has every passthrough column, as a table would give it, so the index keeps them all.
+    index = pq.read_table(out / "metadata.parquet").to_pylist()
+    assert {r["id"]: (r["topic"], r["mood"]) for r in index} == {
+        "row-0": ("news", None),
+        "row-3": (None, "calm"),
+        "row-5": (None, None),
+    }
     assert first["this_run"]["by_status"] == {"ok": 3, "error": 4}
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 7
 

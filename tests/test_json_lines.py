@@ -11,7 +11,7 @@ import pytest
 from pipeline.json_lines import LineLabel, lines_block, manifest_rows, numbered_lines, parse_line
 from pipeline.manifest import ManifestRules, id_label, recorded_id, validate_row
 from pipeline.reader import iter_ids
-from pipeline.stages import metadata_table
+from pipeline.stages import ValidateStage, metadata_table, unpack
 
 
 def lines_of(data: bytes, chunk: int = 7) -> list[tuple[int, bytes]]:
@@ -97,6 +97,29 @@ def test_a_bad_line_of_a_books_manifest_is_labelled_in_its_id_column() -> None:
 def write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+def test_the_id_scan_gathers_every_column_any_line_names_in_the_order_first_seen(tmp_path: Path) -> None:
+    manifest = write(
+        tmp_path / "m.jsonl", b'{"id": "a", "text": "t"}\nbad\n{"id": "b", "mood": "calm", "text": "t"}\n'
+    )
+    columns: dict[str, None] = {}
+
+    list(iter_ids(manifest, columns=columns))
+
+    assert list(columns) == ["id", "text", "mood"]
+
+
+def test_validation_gives_every_row_each_passthrough_column(tmp_path: Path) -> None:
+    block = lines_block(
+        [(1, b'{"id": "a", "text": "Hi.", "topic": "x"}'), (2, b'{"id": "b", "text": "Yo."}')]
+    )
+    stage = ValidateStage(ManifestRules(), columns=["id", "text", "topic", "voice"])
+
+    rows = unpack(stage(block))
+
+    assert [(r["id"], r["topic"]) for r in rows] == [("a", "x"), ("b", None)]
+    assert "voice" not in rows[1]  # consumed into the canonical columns, not passed through
 
 
 def test_the_id_scan_yields_each_lines_id_and_the_label_of_each_bad_line(tmp_path: Path) -> None:
