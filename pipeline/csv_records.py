@@ -39,9 +39,9 @@ def csv_table(data: bytes) -> pa.Table | None:
     return table
 
 
-def csv_records(data: bytes) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line the record starts on, its row or None, why it holds none or None) for each non-blank record.
-    Raises ValueError for a header that cannot be read."""
+def csv_records(data: bytes) -> Iterator[tuple[int, dict | list[str] | None, str | None]]:
+    """(line the record starts on, its row, None) for each non-blank record, or where it holds no row (the
+    line it starts on, its fields or None, why). Raises ValueError for a header that cannot be read."""
     text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
@@ -67,7 +67,7 @@ def csv_records(data: bytes) -> Iterator[tuple[int, dict | None, str | None]]:
         if problem is None and any(ord(c) in _ESCAPED for field in fields for c in field):
             problem = "not UTF-8; save the manifest as UTF-8"
         if problem is not None:
-            yield number, None, problem
+            yield number, fields, problem
         else:
             yield number, {name: value or None for name, value in zip(header, fields, strict=True)}, None
 
@@ -81,13 +81,18 @@ def csv_blocks(data: bytes) -> Iterator[pa.Table]:
     numbered: list[tuple[int, bytes]] = []
     errors: list[str | None] = []
     for number, row, problem in csv_records(data):
-        numbered.append((number, b"" if row is None else json.dumps(row).encode()))
+        numbered.append((number, json.dumps(row).encode() if problem is None else record_text(row)))
         errors.append(problem)
         if len(numbered) == BLOCK_RECORDS:
             yield lines_block(numbered, errors)
             numbered, errors = [], []
     if numbered:
         yield lines_block(numbered, errors)
+
+
+def record_text(fields: list[str] | None) -> bytes:
+    """A bad record as its error shows it: its fields, joined again."""
+    return ",".join(fields or []).encode("utf-8", errors="surrogateescape")
 
 
 def _header(fields: list[str] | None, problem: str | None) -> list[str]:

@@ -70,16 +70,23 @@ def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
         if isinstance(value, dict):
             return value
         reason = f"expected a JSON object, got {type(value).__name__}"
-    return bad_line(number, reason, id_column)
+    return bad_line(number, reason, id_column, line)
 
 
-def bad_line(number: int, reason: str, id_column: str = "id") -> dict:
-    """The row of a line that holds none: validation turns its `_error` into the line's metadata record."""
+def bad_line(number: int, reason: str, id_column: str = "id", text: bytes = b"") -> dict:
+    """The row of a line that holds none: validation turns its `_error` into the line's metadata record,
+    which names the line, shows how it starts (its `text`) and says why, as every row error does."""
+    shown = f" (value {_preview(text)})" if text.strip() else ""
     return {
         id_column: LineLabel(f"line {number}"),
-        "_error": f"line {number}: {reason}",
+        "_error": f"line {number}{shown}: {reason}",
         "_error_field": "line",
     }
+
+
+def _preview(text: bytes, limit: int = 60) -> str:
+    value = text.decode("utf-8", errors="replace").strip()
+    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
 
 
 def lines_block(numbered: list[tuple[int, bytes]], errors: list[str | None] | None = None) -> pa.Table:
@@ -102,6 +109,6 @@ def manifest_rows(batch: pa.Table, id_column: str = "id") -> list[dict]:
     lines = batch.column(LINE).to_pylist()
     errors = batch.column(LINE_ERROR).to_pylist() if LINE_ERROR in batch.column_names else [None] * len(lines)
     return [
-        bad_line(n, error, id_column) if error else parse_line(n, line, id_column)
+        bad_line(n, error, id_column, line) if error else parse_line(n, line, id_column)
         for n, line, error in zip(numbers, lines, errors, strict=True)
     ]

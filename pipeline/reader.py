@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipeline.csv_records import csv_records, csv_table
+from pipeline.csv_records import csv_records, csv_table, record_text
 from pipeline.json_lines import LineLabel, bad_line, numbered_lines, parse_line, read_chunks
 from pipeline.storage import open_input
 
@@ -142,7 +142,7 @@ def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None]) -> I
     def rows() -> Iterator[dict]:
         try:
             for number, row, problem in csv_records(data):
-                yield bad_line(number, problem, column) if row is None else row
+                yield row if problem is None else bad_line(number, problem, column, record_text(row))
         except ValueError as exc:
             raise ValueError(f"manifest {name!r} cannot be read as CSV: {exc}") from None
 

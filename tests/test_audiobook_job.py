@@ -457,7 +457,7 @@ def test_a_books_jsonl_may_give_one_narrator_by_name_and_the_next_as_a_clip(tmp_
     assert (by_book["by-name"]["status"], by_book["by-clip"]["status"]) == ("pending", "pending")
     bad = by_book["line 2"]
     assert (bad["status"], bad["error_field"], bad["kind"]) == ("error", "line", "book")
-    assert bad["error"].startswith("line 2: invalid JSON")
+    assert bad["error"].startswith('line 2 (value \'{"book_id": "cut", "source":\'): invalid JSON')
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,9 @@ def test_a_record_with_an_unquoted_comma_errors_alone_naming_its_line() -> None:
 
     assert rows[0] == {"id": "a", "text": "Hello, quoted."}
     assert rows[1]["id"] == "line 3" and rows[1]["_error_field"] == "line"
-    assert rows[1]["_error"] == "line 3: 3 fields where the header has 2; quote a field that holds a comma"
+    assert rows[1]["_error"] == (
+        "line 3 (value 'b,Hello, unquoted.'): 3 fields where the header has 2; quote a field that holds a comma"
+    )
     assert rows[2] == {"id": "c", "text": "Fine."}  # read record by record: every cell a string
 
 
@@ -50,20 +52,20 @@ def test_a_cell_that_is_not_utf8_errors_its_record_and_leaves_the_others_text() 
 
     rows = rows_of(b"id,text\na,caf\xe9\nb,Fine.\n")
 
-    assert rows[0]["_error"] == "line 2: not UTF-8; save the manifest as UTF-8"
+    assert rows[0]["_error"] == "line 2 (value 'a,caf\ufffd'): not UTF-8; save the manifest as UTF-8"
     assert rows[1] == {"id": "b", "text": "Fine."}
 
 
 def test_records_that_span_lines_are_numbered_by_the_line_they_start_on() -> None:
     data = b'id,text\na,"Two\nlines."\nb,x,y\nc,"Three\n\nlines."\nd,x,y\n'
 
-    assert [
-        (number, row and row["id"], problem is not None) for number, row, problem in csv_records(data)
-    ] == [
-        (2, "a", False),
-        (4, None, True),
-        (5, "c", False),
-        (8, None, True),
+    records = [(number, row, problem) for number, row, problem in csv_records(data)]
+
+    assert [(number, row["id"] if problem is None else row) for number, row, problem in records] == [
+        (2, "a"),
+        (4, ["b", "x", "y"]),
+        (5, "c"),
+        (8, ["d", "x", "y"]),
     ]
 
 
@@ -91,5 +93,5 @@ def test_a_csv_most_of_whose_records_are_bad_is_refused_whole(tmp_path: Path) ->
         list(iter_ids(str(manifest)))
 
     assert str(refused.value).startswith(
-        f"manifest {str(manifest)!r} cannot be read as CSV: 2 of its 3 lines hold no row (first: line 2: 2 fields"
+        f"manifest {str(manifest)!r} cannot be read as CSV: 2 of its 3 lines hold no row (first: line 2 (value 'a;Hello, there.'): 2 fields"
     )

@@ -456,9 +456,14 @@ def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_ar
         "row-5": "ok",
         "line 7": "error",
     }
-    assert records["line 2"]["error"] == "line 2: invalid JSON at column 25: Unterminated string starting"
-    assert records["line 5"]["error"] == "line 5: expected a JSON object, got list"
-    assert records["line 7"]["error"].startswith("line 7: not UTF-8")
+    assert records["line 2"]["error"] == (
+        """line 2 (value '{"id": "row-1", "text": "Cut off'): invalid JSON at column 25: """
+        "Unterminated string starting"
+    )
+    assert records["line 5"]["error"] == "line 5 (value '[1, 2]'): expected a JSON object, got list"
+    assert records["line 7"]["error"].startswith(
+        'line 7 (value \'{"id": "row-6", "text": "caf\ufffd"}\'): not UTF-8'
+    )
     assert records["row-2"]["error_field"] == "seed"
     assert (records["row-0"]["topic"], records["row-3"]["mood"]) == ("news", "calm")
     # Every part has every passthrough column, as a table would give it, so the index keeps them all.
@@ -498,9 +503,13 @@ def test_csv_records_that_do_not_match_the_header_or_are_not_utf8_error_alone_an
         "row-3": "ok",
     }
     assert records["line 3"]["error"] == (
-        "line 3: 5 fields where the header has 4; quote a field that holds a comma"
+        "line 3 (value 'row-1,Unquoted, which splits the text.,1,30'): 5 fields where the header has 4; "
+        "quote a field that holds a comma"
     )
-    assert records["line 4"]["error"] == "line 4: not UTF-8; save the manifest as UTF-8"
+    assert (
+        records["line 4"]["error"]
+        == "line 4 (value 'row-2,Caf\ufffd au lait.,2,30'): not UTF-8; save the manifest as UTF-8"
+    )
     assert records["row-0"]["seed"] == 0 and records["row-0"]["text"] == "Quoted, as it should be."
     assert first["this_run"]["by_status"] == {"ok": 2, "error": 2}
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 4

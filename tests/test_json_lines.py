@@ -41,34 +41,48 @@ def test_a_line_keeps_the_types_it_spells() -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "reason"),
+    ("line", "message"),
     [
         (
             b'{"id": "a", "text": "unterminated}',
-            "line 3: invalid JSON at column 21: Unterminated string starting",
+            """line 3 (value '{"id": "a", "text": "unterminated}'): invalid JSON at column 21: """
+            "Unterminated string starting",
         ),
         (
             b'{"id": "a",}',
-            "line 3: invalid JSON at column 12: Expecting property name enclosed in double quotes",
+            """line 3 (value '{"id": "a",}'): invalid JSON at column 12: """
+            "Expecting property name enclosed in double quotes",
         ),
-        (b'["a", "b"]', "line 3: expected a JSON object, got list"),
-        (b'"just text"', "line 3: expected a JSON object, got str"),
-        (b'{"id": "caf\xe9"}', "line 3: not UTF-8 (byte 12 of the line); save the manifest as UTF-8"),
+        (b'["a", "b"]', """line 3 (value '["a", "b"]'): expected a JSON object, got list"""),
+        (b'"just text"', """line 3 (value '"just text"'): expected a JSON object, got str"""),
+        (
+            b'{"id": "caf\xe9"}',
+            """line 3 (value '{"id": "caf\ufffd"}'): not UTF-8 (byte 12 of the line); save the manifest as UTF-8""",
+        ),
     ],
 )
-def test_a_line_that_holds_no_row_becomes_an_error_naming_the_line(line: bytes, reason: str) -> None:
+def test_a_line_that_holds_no_row_becomes_an_error_naming_the_line_its_start_and_why(
+    line: bytes, message: str
+) -> None:
     row = parse_line(3, line)
 
-    assert row["_error"].startswith(reason)
+    assert row["_error"] == message
     assert row["_error_field"] == "line"
     assert isinstance(row["id"], LineLabel) and row["id"] == "line 3"
+
+
+def test_a_long_bad_line_is_shown_cut_to_60_characters() -> None:
+    row = parse_line(1, b'{"id": "a", "text": "' + b"x" * 200)
+
+    assert row["_error"].startswith('line 1 (value \'{"id": "a", "text": "xxxxxxxx')
+    assert "...'): invalid JSON" in row["_error"] and len(row["_error"]) < 160
 
 
 def test_validation_records_a_bad_line_under_its_line_label() -> None:
     row = validate_row(parse_line(7, b"{not json"), ManifestRules())
 
     assert (row["status"], row["id"], row["error_field"]) == ("error", "line 7", "line")
-    assert row["error"].startswith("line 7: invalid JSON")
+    assert row["error"].startswith("line 7 (value '{not json'): invalid JSON")
     assert recorded_id(parse_line(7, b"{not json")) == "line 7"
 
 
@@ -83,7 +97,7 @@ def test_a_block_of_lines_becomes_rows_and_a_block_of_columns_stays_as_it_is() -
     rows = manifest_rows(block)
 
     assert rows[0] == {"id": "a", "seed": 1}
-    assert rows[1]["id"] == "line 2" and rows[1]["_error"].startswith("line 2: invalid JSON")
+    assert rows[1]["id"] == "line 2" and rows[1]["_error"].startswith("line 2 (value 'oops'): invalid JSON")
     assert rows[2] == {"id": "b", "voice": "x"}
     assert manifest_rows(pa.table({"id": ["a"]})) == [{"id": "a"}]
 
@@ -139,11 +153,11 @@ def test_the_id_scan_yields_each_lines_id_and_the_label_of_each_bad_line(tmp_pat
         # json.dump(rows, indent=2): only the last element's line is an object on its own.
         (
             b'[\n  {"id": "a", "text": "t"},\n  {"id": "b", "text": "t"}\n]\n',
-            "3 of its 4 lines hold no row (first: line 1: invalid JSON",
+            "3 of its 4 lines hold no row (first: line 1 (value '['): invalid JSON",
         ),
         (
             b'{\n  "id": "a",\n  "text": "t"\n}\n',
-            "4 of its 4 lines hold no row (first: line 1: invalid JSON",
+            "4 of its 4 lines hold no row (first: line 1 (value '{'): invalid JSON",
         ),
         (b"\n\n", "it holds no rows"),
     ],
