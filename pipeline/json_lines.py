@@ -17,9 +17,8 @@ import pyarrow as pa
 # The columns of a block of raw lines, as the reader hands them to a job's first stage.
 LINE_NUMBER = "_line_number"
 LINE = "_line"
-LINE_ERROR = (
-    "_line_error"  # why a line holds no row, where that was found before parsing (pipeline.csv_records)
-)
+# Why a line holds no row, where that is known before parsing it (pipeline.csv_records).
+LINE_ERROR = "_line_error"
 _BOM = b"\xef\xbb\xbf"
 
 

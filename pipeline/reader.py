@@ -166,7 +166,8 @@ def _checked_ids(
         else:
             good += 1
             with_column += column in row
-            columns.update(dict.fromkeys(row))
+            if not row.keys() <= columns.keys():  # a check costs half an update, and rows mostly repeat
+                columns.update(dict.fromkeys(row))
         chunk.append(row.get(column))
         if len(chunk) == ID_CHUNK:
             yield chunk
