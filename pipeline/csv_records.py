@@ -72,8 +72,9 @@ def csv_records(data: bytes) -> Iterator[tuple[int, dict | list[str] | None, str
             yield number, {name: value or None for name, value in zip(header, fields, strict=True)}, None
 
 
-def csv_blocks(data: bytes) -> Iterator[pa.Table]:
-    """The file's blocks: the table Arrow reads, or else its records as JSON lines (pipeline.json_lines)."""
+def csv_blocks(data: bytes, file: str = "") -> Iterator[pa.Table]:
+    """The file's blocks: the table Arrow reads, or else its records as JSON lines (pipeline.json_lines),
+    named by `file` where a manifest has several."""
     table = csv_table(data)
     if table is not None:
         yield table
@@ -84,10 +85,10 @@ def csv_blocks(data: bytes) -> Iterator[pa.Table]:
         numbered.append((number, json.dumps(row).encode() if problem is None else record_text(row)))
         errors.append(problem)
         if len(numbered) == BLOCK_RECORDS:
-            yield lines_block(numbered, errors)
+            yield lines_block(numbered, errors, file)
             numbered, errors = [], []
     if numbered:
-        yield lines_block(numbered, errors)
+        yield lines_block(numbered, errors, file)
 
 
 def record_text(fields: list[str] | None) -> bytes:

@@ -19,6 +19,8 @@ LINE_NUMBER = "_line_number"
 LINE = "_line"
 # Why a line holds no row, where that is known before parsing it (pipeline.csv_records).
 LINE_ERROR = "_line_error"
+# The file the lines come from, where a manifest has several: line numbers are each file's own.
+LINE_FILE = "_line_file"
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -55,9 +57,14 @@ def read_chunks(handle, size: int = 1 << 20) -> Iterator[bytes]:
         yield chunk
 
 
-def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
+def line_file(path: str, name_files: bool) -> str:
+    """The name a manifest file's bad lines carry: its base name, where the manifest has several files."""
+    return path.rsplit("/", 1)[-1] if name_files else ""
+
+
+def parse_line(number: int, line: bytes, id_column: str = "id", file: str = "") -> dict:
     """The row a line holds; a line that holds none becomes a row that errors naming the line (its `_error`,
-    which validation turns into the line's metadata record)."""
+    which validation turns into the line's metadata record), and its `file` where a manifest has several."""
     try:
         value = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -69,16 +76,18 @@ def parse_line(number: int, line: bytes, id_column: str = "id") -> dict:
         if isinstance(value, dict):
             return value
         reason = f"expected a JSON object, got {type(value).__name__}"
-    return bad_line(number, reason, id_column, line)
+    return bad_line(number, reason, id_column, line, file)
 
 
-def bad_line(number: int, reason: str, id_column: str = "id", text: bytes = b"") -> dict:
+def bad_line(number: int, reason: str, id_column: str = "id", text: bytes = b"", file: str = "") -> dict:
     """The row of a line that holds none: validation turns its `_error` into the line's metadata record,
-    which names the line, shows how it starts (its `text`) and says why, as every row error does."""
+    which names the line (`line N`, or `FILE line N`), shows how it starts (its `text`) and says why, as
+    every row error does."""
+    label = f"{file} line {number}" if file else f"line {number}"
     shown = f" (value {_preview(text)})" if text.strip() else ""
     return {
-        id_column: LineLabel(f"line {number}"),
-        "_error": f"line {number}{shown}: {reason}",
+        id_column: LineLabel(label),
+        "_error": f"{label}{shown}: {reason}",
         "_error_field": "line",
     }
 
@@ -88,15 +97,19 @@ def _preview(text: bytes, limit: int = 60) -> str:
     return repr(value if len(value) <= limit else value[: limit - 3] + "...")
 
 
-def lines_block(numbered: list[tuple[int, bytes]], errors: list[str | None] | None = None) -> pa.Table:
+def lines_block(
+    numbered: list[tuple[int, bytes]], errors: list[str | None] | None = None, file: str = ""
+) -> pa.Table:
     """Raw lines as a block: bytes, so that a line that is not UTF-8 errors alone when it is parsed; with
-    `errors`, the lines already known to hold no row and why."""
+    `errors`, the lines already known to hold no row and why; with `file`, the file they come from."""
     columns = {
         LINE_NUMBER: pa.array([n for n, _ in numbered], pa.int64()),
         LINE: pa.array([line for _, line in numbered], pa.binary()),
     }
     if errors is not None:
         columns[LINE_ERROR] = pa.array(errors, pa.string())
+    if file:
+        columns[LINE_FILE] = pa.array([file] * len(numbered), pa.string())
     return pa.table(columns)
 
 
@@ -106,8 +119,15 @@ def manifest_rows(batch: pa.Table, id_column: str = "id") -> list[dict]:
         return batch.to_pylist()
     numbers = batch.column(LINE_NUMBER).to_pylist()
     lines = batch.column(LINE).to_pylist()
-    errors = batch.column(LINE_ERROR).to_pylist() if LINE_ERROR in batch.column_names else [None] * len(lines)
+    errors = _column(batch, LINE_ERROR)
+    files = _column(batch, LINE_FILE)
     return [
-        bad_line(n, error, id_column, line) if error else parse_line(n, line, id_column)
-        for n, line, error in zip(numbers, lines, errors, strict=True)
+        bad_line(n, error, id_column, line, file or "")
+        if error
+        else parse_line(n, line, id_column, file or "")
+        for n, line, error, file in zip(numbers, lines, errors, files, strict=True)
     ]
+
+
+def _column(batch: pa.Table, name: str) -> list:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows

@@ -15,32 +15,43 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.csv_records import csv_records, csv_table, record_text
-from pipeline.json_lines import LineLabel, bad_line, numbered_lines, parse_line, read_chunks
+from pipeline.json_lines import LineLabel, bad_line, line_file, numbered_lines, parse_line, read_chunks
 from pipeline.storage import open_input
 
 ID_CHUNK = 65536
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-def manifest_format(uri: str) -> str:
+def _format_of(path: str) -> str | None:
     for suffix, kind in FORMATS.items():
-        if uri.lower().rstrip("/").endswith(suffix):
+        if path.lower().rstrip("/").endswith(suffix):
             return kind
-    return "parquet"  # a folder of Parquet parts, as Ray Data writes them
+    return None
 
 
-def manifest_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
-    """The filesystem and the files of a manifest (one file, or every file of its format in a folder)."""
+def manifest_files(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str], str]:
+    """The filesystem, the files and the format of a manifest: one file (its format by its suffix; Parquet
+    without one), or the files of a folder, all of one format, as Ray Data and Spark write them
+    (part-*.parquet, *.json, ...; names starting with "." or "_", such as _SUCCESS, are not rows)."""
     fs, path = open_input(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"manifest {uri!r} does not exist")
-    if fs.isdir(path):
-        suffixes = tuple(s for s, kind in FORMATS.items() if kind == "parquet")
-        files = sorted(p for p in fs.find(path) if p.lower().endswith(suffixes))
-        if not files:
-            raise FileNotFoundError(f"manifest folder {uri!r} holds no Parquet files")
-        return fs, files
-    return fs, [path]
+    if not fs.isdir(path):
+        return fs, [path], _format_of(path) or "parquet"
+    found: dict[str, list[str]] = {}
+    for file in sorted(fs.find(path)):
+        kind = _format_of(file)
+        if kind and not file.rsplit("/", 1)[-1].startswith((".", "_")):
+            found.setdefault(kind, []).append(file)
+    if not found:
+        raise FileNotFoundError(f"manifest folder {uri!r} holds no Parquet, JSONL or CSV files")
+    if len(found) > 1:
+        raise ValueError(
+            f"manifest folder {uri!r} holds files of several formats ({', '.join(sorted(found))}); "
+            "keep one format in it"
+        )
+    ((kind, files),) = found.items()
+    return fs, files, kind
 
 
 def read_manifest(
@@ -52,9 +63,8 @@ def read_manifest(
     """A Ray Dataset of the manifest rows, read through the URI's own filesystem."""
     import ray
 
-    fs, files = manifest_files(uri, storage_options)
+    fs, files, kind = manifest_files(uri, storage_options)
     filesystem = PyFileSystem(FSSpecHandler(fs))
-    kind = manifest_format(uri)
     # Reading is light; a whole CPU per read task would starve the actor pools on a small machine.
     options = {"filesystem": filesystem, "num_cpus": num_cpus, "override_num_blocks": num_blocks}
     if kind in ("json", "csv"):
@@ -83,13 +93,13 @@ def iter_ids(
     """The manifest's id column in chunks, for the driver's duplicate check; only that column is read.
     `columns`, where given, gathers the names of every column any row has, in the order first seen."""
     columns = {} if columns is None else columns
-    fs, files = manifest_files(uri, storage_options)
-    kind = manifest_format(uri)
+    fs, files, kind = manifest_files(uri, storage_options)
     for path in files:
         name = uri if len(files) == 1 else f"{uri} ({fs.unstrip_protocol(path)})"
+        file = line_file(path, len(files) > 1)
         with fs.open(path, "rb") as handle, _readable(name, kind):
             if kind == "json":
-                yield from _json_ids(handle, name, column, columns)
+                yield from _json_ids(handle, name, column, columns, file)
             elif kind == "parquet":
                 parquet = pq.ParquetFile(handle)
                 names = parquet.schema_arrow.names
@@ -105,7 +115,7 @@ def iter_ids(
                         ids = [_as_recorded(i, e) for i, e in zip(ids, errors, strict=True)]
                     yield ids
             else:
-                yield from _csv_ids(handle.read(), name, column, columns)
+                yield from _csv_ids(handle.read(), name, column, columns, file)
 
 
 @contextlib.contextmanager
@@ -124,13 +134,14 @@ def _as_recorded(value: object, error: object) -> object:
     return LineLabel(value) if isinstance(value, str) and isinstance(error, str) and error else value
 
 
-def _json_ids(handle: Any, name: str, column: str, columns: dict[str, None]) -> Iterator[list]:
+def _json_ids(handle: Any, name: str, column: str, columns: dict[str, None], file: str) -> Iterator[list]:
     """Each line's `column` (None where its object lacks it, the `line N` label where it holds no row)."""
-    rows = (parse_line(number, line, column) for number, line in numbered_lines(read_chunks(handle)))
+    lines = numbered_lines(read_chunks(handle))
+    rows = (parse_line(number, line, column, file) for number, line in lines)
     yield from _checked_ids(rows, name, column, columns, "JSON Lines", "write one JSON object per line")
 
 
-def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None]) -> Iterator[list]:
+def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None], file: str) -> Iterator[list]:
     table = csv_table(data)
     if table is not None:
         columns.update(dict.fromkeys(table.column_names))
@@ -142,7 +153,7 @@ def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None]) -> I
     def rows() -> Iterator[dict]:
         try:
             for number, row, problem in csv_records(data):
-                yield row if problem is None else bad_line(number, problem, column, record_text(row))
+                yield row if problem is None else bad_line(number, problem, column, record_text(row), file)
         except ValueError as exc:
             raise ValueError(f"manifest {name!r} cannot be read as CSV: {exc}") from None
 

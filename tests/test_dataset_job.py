@@ -540,3 +540,30 @@ def test_reference_clips_embedded_in_a_parquet_manifest_as_datasets_audio_values
     assert (
         records["row-1"]["error"] == "references[0].audio: not a decodable audio file (wav, flac, mp3, ogg)"
     )
+
+
+def test_a_folder_of_jsonl_files_runs_every_file_and_names_a_bad_line_by_its_file(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    for part, rows in enumerate(([text_row(0), text_row(1)], [text_row(2)])):
+        lines = [json.dumps(row) for row in rows]
+        (folder / f"part-{part}.json").write_text("\n".join([lines[0], "{cut", *lines[1:]]) + "\n")
+    (folder / "_SUCCESS").write_text("")
+    out = tmp_path / "out"
+
+    summary = run_dataset_job(make_job(str(folder), str(out), tiny_checkpoint))
+
+    records = by_id(read_metadata(fsspec.filesystem("file"), str(out)))
+    assert {k: r["status"] for k, r in records.items()} == {
+        "row-0": "ok",
+        "row-1": "ok",
+        "row-2": "ok",
+        "part-0.json line 2": "error",
+        "part-1.json line 2": "error",
+    }
+    assert records["part-1.json line 2"]["error"].startswith(
+        "part-1.json line 2 (value '{cut'): invalid JSON"
+    )
+    assert summary["this_run"]["by_status"] == {"ok": 3, "error": 2}

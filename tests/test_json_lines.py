@@ -190,3 +190,29 @@ def test_metadata_gets_a_column_for_every_passthrough_field_any_row_names() -> N
 
     assert table.column("topic").to_pylist() == [None, "y"]
     assert table.column("speaker").to_pylist() == ['"x"', "3"]  # mixed types: kept readable as JSON text
+
+
+def test_a_folder_of_jsonl_files_is_read_whole_and_names_a_bad_line_by_its_file(tmp_path: Path) -> None:
+    # As Ray Data's write_json or Spark leave a dataset: part files and markers that hold no rows.
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    write(folder / "part-0.json", b'{"id": "a"}\nbad\n{"id": "b"}\n')
+    write(folder / "part-1.json", b'{"id": "c"}\nbad\n{"id": "d"}\n')
+    write(folder / "_SUCCESS", b"")
+    write(folder / ".part-0.json.crc", b"\x00")
+
+    ids = [i for chunk in iter_ids(str(folder)) for i in chunk]
+
+    assert ids == ["a", "part-0.json line 2", "b", "c", "part-1.json line 2", "d"]
+
+
+def test_a_folder_of_several_formats_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    write(folder / "a.jsonl", b'{"id": "a"}\n')
+    write(folder / "b.csv", b"id\nb\n")
+
+    with pytest.raises(
+        ValueError, match=r"holds files of several formats \(csv, json\); keep one format in it"
+    ):
+        list(iter_ids(str(folder)))
