@@ -234,8 +234,9 @@ def recorded_id(row: dict) -> str:
 
 def id_label(value: object) -> str:
     """An id value as records name it: its canonical id (an integer id, as CSV and Parquet readers infer
-    them, becomes its digits), a JSONL line's `line N` label, or the repr of an invalid one. The duplicate check and resume compare these,
-    never raw values: 5 and the finished "5" are one row, and so are two runs' invalid 'a/b'."""
+    them, becomes its digits), a bad line's label as it is (pipeline.json_lines.LineLabel), or the repr of
+    an invalid one. The duplicate check and resume compare these, never raw values: 5 and the finished "5"
+    are one row, and so are two runs' invalid 'a/b'."""
     if isinstance(value, LineLabel):
         return value
     try:
