@@ -20,11 +20,17 @@ from pipeline.storage import open_input
 
 ID_CHUNK = 65536
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+# Text manifests may come compressed (manifest.jsonl.gz); Parquet compresses inside the file.
+COMPRESSIONS = (".gz", ".bz2", ".xz")
 
 
 def _format_of(path: str) -> str | None:
+    name = path.lower().rstrip("/")
+    packed = name.endswith(COMPRESSIONS)
+    if packed:
+        name = name.rsplit(".", 1)[0]
     for suffix, kind in FORMATS.items():
-        if path.lower().rstrip("/").endswith(suffix):
+        if name.endswith(suffix) and not (packed and kind == "parquet"):
             return kind
     return None
 
@@ -97,7 +103,8 @@ def iter_ids(
     for path in files:
         name = uri if len(files) == 1 else f"{uri} ({fs.unstrip_protocol(path)})"
         file = line_file(path, len(files) > 1)
-        with fs.open(path, "rb") as handle, _readable(name, kind):
+        # fsspec infers a compression from the name (as Ray's read tasks do); none for Parquet's names.
+        with fs.open(path, "rb", compression="infer") as handle, _readable(name, kind):
             if kind == "json":
                 yield from _json_ids(handle, name, column, columns, file)
             elif kind == "parquet":

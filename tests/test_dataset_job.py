@@ -7,6 +7,7 @@ metadata states, errors that name their field, and nothing written outside the o
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -567,3 +568,13 @@ def test_a_folder_of_jsonl_files_runs_every_file_and_names_a_bad_line_by_its_fil
         "part-1.json line 2 (value '{cut'): invalid JSON"
     )
     assert summary["this_run"]["by_status"] == {"ok": 3, "error": 2}
+
+
+def test_a_gzipped_jsonl_manifest_runs_like_the_plain_one(ray_local, tiny_checkpoint, tmp_path) -> None:
+    manifest = tmp_path / "manifest.jsonl.gz"
+    manifest.write_bytes(gzip.compress("".join(json.dumps(text_row(i)) + "\n" for i in range(2)).encode()))
+    out = tmp_path / "out"
+
+    summary = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    assert summary["this_run"]["by_status"] == {"ok": 2}

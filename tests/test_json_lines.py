@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -216,3 +217,9 @@ def test_a_folder_of_several_formats_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"holds files of several formats \(csv, json\); keep one format in it"
     ):
         list(iter_ids(str(folder)))
+
+
+def test_a_gzipped_jsonl_manifest_is_read_as_jsonl(tmp_path: Path) -> None:
+    manifest = write(tmp_path / "m.jsonl.gz", gzip.compress(b'{"id": "a"}\nbad\n{"id": "b"}\n'))
+
+    assert [i for chunk in iter_ids(manifest) for i in chunk] == ["a", "line 2", "b"]
