@@ -280,8 +280,9 @@ def test_an_outage_longer_than_the_retries_fails_the_run_clearly_and_a_rerun_com
             run_dataset_job(job)
         elapsed = time.monotonic() - started
         fault.join()
-        # The failed run's actors stop with it: none may go on writing once the server is back.
-        left = wait_gone(run_actor_pids(), timeout=30)
+        # The failed run's actors stop with it: none may go on writing once the server is back. Alone they
+        # are gone within 30 s; once, under the whole suite's load on 2 cores, one outlived 30 s.
+        left = wait_gone(run_actor_pids(), timeout=60)
     finally:
         s3_server.start()
 
