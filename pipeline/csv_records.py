@@ -6,7 +6,8 @@ whole column as bytes, so every row's text errored. Such a file is read here wit
 instead: every cell a string (blank: None, the default), and a record that does not match the header
 becomes an error row `line N` (pipeline.json_lines), the others rows as usual.
 
-The driver's id check and the read tasks both read a file through `csv_blocks`, so they agree on its rows.
+The driver's id check and the read tasks both read a file through `csv_table`, then `record_blocks`, so
+they agree on its rows.
 (Ray's own CSV reader streams the file and infers types from its first megabyte: a 200,000-row manifest
 whose last seed was "abc" failed the run after 163,574 rows, though the whole-file check had passed.)
 """
@@ -21,9 +22,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from pipeline.json_lines import lines_block
+from pipeline.json_lines import lines_blocks
 
-BLOCK_RECORDS = 16384
 _ESCAPED = range(0xDC80, 0xDD00)  # bytes that were not UTF-8, as errors="surrogateescape" spells them
 
 
@@ -73,25 +73,25 @@ def csv_records(data: bytes) -> Iterator[tuple[int, dict | list[str] | None, str
 
 
 def csv_blocks(data: bytes, file: str = "") -> Iterator[pa.Table]:
-    """The file's blocks: the table Arrow reads, or else its records as JSON lines (pipeline.json_lines),
-    named by `file` where a manifest has several."""
+    """The file's blocks: the table Arrow reads, or else its records (record_blocks)."""
     table = csv_table(data)
     if table is not None:
         yield table
-        return
-    numbered: list[tuple[int, bytes]] = []
-    errors: list[str | None] = []
-    for number, row, problem in csv_records(data):
-        numbered.append((number, json.dumps(row).encode() if problem is None else record_text(row)))
-        errors.append(problem)
-        if len(numbered) == BLOCK_RECORDS:
-            yield lines_block(numbered, errors, file)
-            numbered, errors = [], []
-    if numbered:
-        yield lines_block(numbered, errors, file)
+    else:
+        yield from record_blocks(data, file)
 
 
-def record_text(fields: list[str] | None) -> bytes:
+def record_blocks(data: bytes, file: str = "") -> Iterator[pa.Table]:
+    """The file's records as blocks of JSON lines (pipeline.json_lines), a bad record as its fields with
+    why it holds no row, named by `file` where a manifest has several."""
+    lines = (
+        (number, json.dumps(row).encode() if problem is None else _record_text(row), problem)
+        for number, row, problem in csv_records(data)
+    )
+    yield from lines_blocks(lines, file)
+
+
+def _record_text(fields: list[str] | None) -> bytes:
     """A bad record as its error shows it: its fields, joined again."""
     return ",".join(fields or []).encode("utf-8", errors="surrogateescape")
 

@@ -9,6 +9,7 @@ named `line N`, and every row keeps the values its line spells.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,9 @@ import pyarrow as pa
 # The columns of a block of raw lines, as the reader hands them to a job's first stage.
 LINE_NUMBER = "_line_number"
 LINE = "_line"
+# Lines per block out of a read task: Ray splits a file's output to the blocks a job asks for, and
+# smaller pieces keep a large file from becoming one block that a single task must hold.
+BLOCK_LINES = 16384
 # Why a line holds no row, where that is known before parsing it (pipeline.csv_records).
 LINE_ERROR = "_line_error"
 # The file the lines come from, where a manifest has several: line numbers are each file's own.
@@ -95,6 +99,17 @@ def bad_line(number: int, reason: str, id_column: str = "id", text: bytes = b"",
 def _preview(text: bytes, limit: int = 60) -> str:
     value = text.decode("utf-8", errors="replace").strip()
     return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+
+
+def lines_blocks(
+    lines: Iterable[tuple[int, bytes, str | None]], file: str = "", size: int = BLOCK_LINES
+) -> Iterator[pa.Table]:
+    """(number, line, why it holds no row or None) in blocks of at most `size` lines (see lines_block)."""
+    lines = iter(lines)
+    while batch := list(itertools.islice(lines, size)):
+        numbers, texts, errors = zip(*batch, strict=True)
+        known = list(errors) if any(errors) else None
+        yield lines_block(list(zip(numbers, texts, strict=True)), known, file)
 
 
 def lines_block(

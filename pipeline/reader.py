@@ -14,8 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipeline.csv_records import csv_records, csv_table, record_text
-from pipeline.json_lines import LineLabel, bad_line, line_file, numbered_lines, parse_line, read_chunks
+from pipeline.csv_records import csv_table, record_blocks
+from pipeline.json_lines import (
+    LineLabel,
+    line_file,
+    manifest_rows,
+    numbered_lines,
+    parse_line,
+    read_chunks,
+)
 from pipeline.storage import open_input
 
 ID_CHUNK = 65536
@@ -158,9 +165,10 @@ def _csv_ids(data: bytes, name: str, column: str, columns: dict[str, None], file
         return
 
     def rows() -> Iterator[dict]:
+        # As the read tasks read it (pipeline.csv_records.csv_blocks), so both agree on its rows.
         try:
-            for number, row, problem in csv_records(data):
-                yield row if problem is None else bad_line(number, problem, column, record_text(row), file)
+            for block in record_blocks(data, file):
+                yield from manifest_rows(block, column)
         except ValueError as exc:
             raise ValueError(f"manifest {name!r} cannot be read as CSV: {exc}") from None
 

@@ -10,11 +10,7 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline.csv_records import csv_blocks
-from pipeline.json_lines import line_file, lines_block, numbered_lines, read_chunks
-
-# Lines per block out of a read task: Ray splits a file's output to the blocks a job asks for, and
-# smaller pieces keep a large file from becoming one block that a single task must hold.
-BLOCK_LINES = 16384
+from pipeline.json_lines import line_file, lines_blocks, numbered_lines, read_chunks
 
 
 class _ManifestFiles(FileBasedDatasource):
@@ -27,15 +23,8 @@ class _ManifestFiles(FileBasedDatasource):
 
 class JsonLinesDatasource(_ManifestFiles):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        file = line_file(path, self.name_files)
-        numbered: list[tuple[int, bytes]] = []
-        for item in numbered_lines(read_chunks(f)):
-            numbered.append(item)
-            if len(numbered) == BLOCK_LINES:
-                yield lines_block(numbered, file=file)
-                numbered = []
-        if numbered:
-            yield lines_block(numbered, file=file)
+        lines = ((number, line, None) for number, line in numbered_lines(read_chunks(f)))
+        yield from lines_blocks(lines, line_file(path, self.name_files))
 
 
 class CsvDatasource(_ManifestFiles):
