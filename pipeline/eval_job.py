@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.dataset_job import DatasetJob, run_dataset_job
 from pipeline.eval_scoring import ScoringOptions, run_scoring
 from pipeline.eval_sets import EMERGENT, SEEDTTS, output_key, read_emergent_jsonl, read_seedtts_meta
-from pipeline.stages import AUDIO_DIR
+from pipeline.stages import AUDIO_DIR, json_text
 from pipeline.storage import Storage
 
 MANIFEST = "manifest"
@@ -182,7 +182,7 @@ def _table(rows: list[dict]) -> pa.Table:
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+            columns[name] = json_text(values)
     return pa.table(columns)
 
 

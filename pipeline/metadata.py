@@ -10,14 +10,13 @@ records ids at its own write sinks, while our metadata parts are written by the 
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.stages import METADATA_DIR
+from pipeline.stages import METADATA_DIR, json_text
 from pipeline.storage import Storage
 
 
@@ -142,8 +141,7 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             column = column.cast(f.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             if pa.types.is_string(f.type):  # a value other parts cannot share a type with: as JSON text
-                values = column.to_pylist()
-                column = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+                column = json_text(column.to_pylist())
             else:
                 column = pa.nulls(table.num_rows, f.type)
         columns.append(column)

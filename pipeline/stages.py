@@ -304,8 +304,13 @@ def metadata_table(records: list[dict]) -> pa.Table:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             # Mixed types across rows: keep the values readable rather than drop the column.
-            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+            columns[name] = json_text(values)
     return pa.table(columns)
+
+
+def json_text(values: list) -> pa.Array:
+    """A column whose values share no Arrow type, kept readable: each value as JSON text (None stays null)."""
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
 
 
 def resample(waveform: np.ndarray, rate: int, target: int | None) -> tuple[np.ndarray, int]:
