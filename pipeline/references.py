@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http.client
 import ipaddress
 import os
@@ -246,8 +247,9 @@ class _Fetch:
             size = info.get("size")
             if size is not None and size > limit:
                 raise self.too_large()
-            with fs.open(path, "rb") as handle:
-                data = handle.read(limit + 1)
+            # One GET for the bytes: opening the file would ask for its info again, a third round trip a
+            # clip on object storage (scripts/bench_fetch.py). An empty object has no range to ask for.
+            data = b"" if size == 0 else fs.cat_file(path, start=0, end=limit + 1)
         except RequestError:
             raise
         except FileNotFoundError:
@@ -374,7 +376,6 @@ class _PinnedHandler(urllib.request.AbstractHTTPHandler):
     def __init__(self, addresses: list[tuple[Any, ...]]) -> None:
         super().__init__()
         self._addresses = addresses
-        self._context = ssl.create_default_context()
 
     def _connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):  # noqa: ANN001
         last: OSError | None = None
@@ -404,10 +405,18 @@ class _PinnedHandler(urllib.request.AbstractHTTPHandler):
         return self.do_open(self._factory(http.client.HTTPConnection), req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._factory(http.client.HTTPSConnection), req, context=self._context)
+        return self.do_open(self._factory(http.client.HTTPSConnection), req, context=_tls_context())
 
     http_request = urllib.request.AbstractHTTPHandler.do_request_
     https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # One for every fetch: building it loads the system's CA certificates, ~40 ms, which per request was
+    # most of the time a fetch actor spent on an http(s) reference (scripts/bench_fetch.py). An SSLContext
+    # may be shared by threads.
+    return ssl.create_default_context()
 
 
 def _pinned_opener(addresses: list[tuple[Any, ...]]) -> urllib.request.OpenerDirector:

@@ -354,6 +354,16 @@ def test_s3_object_is_fetched(s3_server, s3_bucket: str):
     assert data == CLIP
 
 
+def test_empty_s3_object_reads_as_no_bytes_for_the_decoder_to_refuse(s3_server, s3_bucket: str):
+    s3_server.client().put_object(Bucket=s3_bucket, Key="voices/empty.wav", Body=b"")
+
+    data = fetch_reference(
+        f"s3://{s3_bucket}/voices/empty.wav", FetchPolicy(storage_options=s3_server.storage_options)
+    )
+
+    assert data == b""
+
+
 def test_s3_object_larger_than_max_bytes_is_refused(s3_server, s3_bucket: str):
     s3_server.client().put_object(Bucket=s3_bucket, Key="voices/a.wav", Body=CLIP)
     policy = FetchPolicy(storage_options=s3_server.storage_options, max_bytes=16)
