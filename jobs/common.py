@@ -264,6 +264,8 @@ def resources(runtime: DictConfig):
         rows_per_call=rows_per_call or 0,
         cpu_stage_workers=number(runtime, "cpu_stage_workers", int, 1),
         cpu_stage_cpus=number(runtime, "cpu_stage_cpus", float, 0.0),
+        # null, or a runtime config from before the key: the default
+        fetch_threads=number(runtime, "fetch_threads", int, 1, optional=True) or Resources.fetch_threads,
     )
 
 

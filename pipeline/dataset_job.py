@@ -29,6 +29,7 @@ from pipeline.reader import iter_ids, read_manifest
 from pipeline.references import FetchPolicy
 from pipeline.stages import (
     AUDIO_DIR,
+    FETCH_THREADS,
     METADATA_DIR,
     FetchStage,
     SynthesisSettings,
@@ -67,6 +68,7 @@ class Resources:
     rows_per_call: int = 0
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
+    fetch_threads: int = FETCH_THREADS  # reference sources each fetch actor reads at once (FetchStage)
 
     @property
     def call_rows(self) -> int:
@@ -248,7 +250,11 @@ def _synthesise(
         fn_constructor_kwargs={"rules": job.rules, "skip_ids": skip, "columns": columns},
         **cpu_stage,
     )
-    fetch = {"policy": job.fetch, "max_seconds": job.engine.max_reference_seconds}
+    fetch = {
+        "policy": job.fetch,
+        "max_seconds": job.engine.max_reference_seconds,
+        "threads": res.fetch_threads,
+    }
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(
         SynthesizeStage,

@@ -229,18 +229,30 @@ class AudioServer:
 
     /voice.wav is CLIP; /big.wav and /big-unsized.wav are 4096 bytes with and without a Content-Length;
     /slow.wav answers once `release` is set or after 5 s; /never.wav reads the request and never answers
-    (until the server is closed); /redirect.wav redirects to /voice.wav; anything else is a 404.
+    (until the server is closed); /redirect.wav redirects to /voice.wav; `files` maps more paths to their
+    bytes; /together/PATH answers with those of PATH (CLIP if `files` has none) once `together` requests wait
+    there at once, and 503 if they do not within 5 s; anything else is a 404.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, files: dict[str, bytes] | None = None, together: int = 1) -> None:
         self.requests: list[tuple[str, str]] = []  # (path, Host header)
         self.release = threading.Event()
+        self.together = threading.Barrier(together)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 server.requests.append((self.path, self.headers.get("Host", "")))
-                if self.path == "/voice.wav":
+                if self.path in (files or {}):
+                    self.answer(200, files[self.path])
+                elif self.path.startswith("/together/"):
+                    try:
+                        server.together.wait(timeout=5)
+                    except threading.BrokenBarrierError:
+                        self.answer(503, b"alone")
+                    else:
+                        self.answer(200, (files or {}).get(self.path[len("/together") :], CLIP))
+                elif self.path == "/voice.wav":
                     self.answer(200, CLIP)
                 elif self.path == "/big.wav":
                     self.answer(200, bytes(4096))
@@ -288,8 +300,8 @@ class AudioServer:
 
 
 @contextlib.contextmanager
-def serve_audio() -> Iterator[AudioServer]:
-    server = AudioServer()
+def serve_audio(files: dict[str, bytes] | None = None, together: int = 1) -> Iterator[AudioServer]:
+    server = AudioServer(files, together)
     server.thread.start()
     try:
         yield server

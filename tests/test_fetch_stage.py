@@ -9,9 +9,10 @@ from model.requests import DecodedClip, EncodedClip, Reference
 from pipeline.manifest import ManifestRules, to_request, validate_row
 from pipeline.references import FetchPolicy
 from pipeline.stages import FetchStage, pack, unpack
-from tests.helpers import REPO, text_row, voices_copy
+from tests.helpers import REPO, serve_audio, text_row, voices_copy
 
 BELINDA = REPO / "examples" / "voices" / "belinda.wav"  # 44.1 kHz
+RULES = ManifestRules()
 
 
 def fetch(tmp_path, rows_refs: list[list[dict]], extra: dict[str, bytes] | None = None) -> list[dict]:
@@ -73,3 +74,43 @@ def test_a_decoded_clip_gets_its_files_codes_and_the_file_then_hits_the_cache(en
     assert torch.equal(fresh.encode_reference(Reference(audio=data, transcript="Hi.")), from_clip)
     assert fresh.reference_cache.hits == hits + 1
     assert torch.equal(from_clip, engine.encode_reference(Reference(audio=data, transcript="Hi.")))
+
+
+def fetch_urls(rows_urls: list[list[str]], server, threads: int = 16) -> list[dict]:
+    rows = [
+        validate_row(
+            text_row(i, references=[{"audio": server.url(u), "transcript": "Hi."} for u in urls]), RULES
+        )
+        for i, urls in enumerate(rows_urls)
+    ]
+    stage = FetchStage(FetchPolicy(allow_private_urls=True), max_seconds=60.0, threads=threads)
+    return unpack(stage(pack(rows)))
+
+
+def test_a_blocks_distinct_sources_are_read_at_once(tmp_path):
+    urls = [f"/together/clip-{i}.wav" for i in range(4)]
+    files = {f"/clip-{i}.wav": BELINDA.read_bytes() for i in range(4)}
+    with serve_audio(files, together=4) as server:
+        out = fetch_urls([[u] for u in urls], server, threads=4)
+    assert [r["status"] for r in out] == ["pending"] * 4
+    assert sorted(server.paths) == urls
+
+
+def test_a_source_several_rows_of_a_block_name_is_read_once(tmp_path):
+    with serve_audio({"/belinda.wav": BELINDA.read_bytes()}) as server:
+        first, second, third = fetch_urls([["/belinda.wav"]] * 3, server)
+    assert server.paths == ["/belinda.wav"]
+    assert isinstance(first["_audio"][0], DecodedClip)
+    data = BELINDA.read_bytes()
+    assert second["_audio"][0] == third["_audio"][0] == EncodedClip(data, content_hash(data))
+
+
+def test_a_source_that_cannot_be_read_errors_each_row_naming_it_where_that_row_does():
+    with serve_audio({"/belinda.wav": BELINDA.read_bytes()}) as server:
+        both, alone, fine = fetch_urls(
+            [["/belinda.wav", "/gone.wav"], ["/gone.wav"], ["/belinda.wav"]], server
+        )
+    assert (both["status"], both["error_field"]) == ("error", "references[1].audio")
+    assert (alone["status"], alone["error_field"]) == ("error", "references[0].audio")
+    assert both["error"].endswith("answered HTTP 404") and alone["error"].endswith("answered HTTP 404")
+    assert fine["status"] == "pending" and server.paths.count("/gone.wav") == 1

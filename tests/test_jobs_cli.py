@@ -254,8 +254,9 @@ def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
         ("manifest={tmp}/missing.jsonl", "manifest="),
         ("runtime.actors=0", "runtime.actors"),
         ("runtime.rows_per_call=0", "runtime.rows_per_call"),
+        ("runtime.fetch_threads=0", "runtime.fetch_threads"),
     ],
-    ids=["missing-manifest", "zero-actors", "zero-rows-per-call"],
+    ids=["missing-manifest", "zero-actors", "zero-rows-per-call", "zero-fetch-threads"],
 )
 def test_a_bad_configuration_exits_2_naming_the_key_before_any_model_loads(
     tmp_path: Path, override: str, named: str
