@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from model.requests import RequestError
 from pipeline.dataset_job import DatasetJob
+from pipeline.json_lines import manifest_rows
 from pipeline.manifest import ManifestRules, validate_row
 from pipeline.metadata import metadata_parts
 from pipeline.reader import read_manifest
@@ -86,7 +87,7 @@ class ScoreInputStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for raw in batch.to_pylist():
+        for raw in manifest_rows(batch):  # a JSONL manifest (eval_set=manifest) arrives as raw lines
             row = validate_row(raw, self.settings.rules)
             if row["status"] != "pending" or row["id"] not in self.ok:
                 continue

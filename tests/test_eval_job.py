@@ -286,6 +286,29 @@ def test_emergent_scored(ray_local, tiny_checkpoint: str, scoring_models, tmp_pa
     assert "wer" not in pq.read_table(out / "metadata.parquet").column_names
 
 
+def test_a_jsonl_manifest_passed_through_is_scored_row_by_row(
+    ray_local, tiny_checkpoint: str, scoring_models, tmp_path: Path
+) -> None:
+    asr, sv = scoring_models
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"id": f"row-{i}", "text": "Hello there, friend.", "voice": "en_woman"} for i in range(2)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    out = tmp_path / "out"
+    scoring = ScoringOptions(enabled=True, asr_model=asr, sv_model=sv, cpus_per_actor=0.5, batch_size=2)
+    job = EvalJob(
+        dataset(str(out), tiny_checkpoint, fetch=FetchPolicy(allowed_roots=(str(VOICES),))),
+        prepare_inputs("manifest", str(manifest), str(out)),
+        scoring=scoring,
+    )
+    summary = run_eval_job(job)
+
+    assert summary["this_run"]["by_status"] == {"ok": 2, "error": 1}
+    scored = [r for p in sorted((out / "scores").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["id"] for r in scored) == ["row-0", "row-1"]
+    assert all(r["error"] is None and r["wer"] >= 0 and -1 <= r["sim"] <= 1 for r in scored)
+    assert summary["scores"]["count"] == 2
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------
 
 
