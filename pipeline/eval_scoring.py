@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.metadata import metadata_parts
 from pipeline.reader import read_manifest
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.scoring import DEFAULT_ASR_MODEL, DEFAULT_SV_MODEL, aggregate
-from pipeline.stages import pack, unpack
+from pipeline.stages import FETCH_THREADS, pack, unpack
 from pipeline.storage import Storage, StorageError
 
 SCORES_DIR = "scores"
@@ -65,6 +66,7 @@ class InputSettings:
     fetch: FetchPolicy
     ok_files: Any  # ObjectRef of {id: file_name} for the ok rows
     language: str | None = None
+    threads: int = FETCH_THREADS  # rows whose audio and prompt are read at once (runtime.fetch_threads)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ScoreInputStage:
 
         self.settings = settings
         self.ok = ray.get(settings.ok_files)
+        self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="score-input")
         self.storage = Storage(settings.output, settings.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -91,8 +94,10 @@ class ScoreInputStage:
             row = validate_row(raw, self.settings.rules)
             if row["status"] != "pending" or row["id"] not in self.ok:
                 continue
-            rows.append(self._load(row))
-        return pack(rows)
+            rows.append(row)
+        # Each row reads its output audio and its prompt, round trips to object storage that many rows wait
+        # on at once, as the dataset job's fetch stage does.
+        return pack(list(self.pool.map(self._load, rows)))
 
     def _load(self, row: dict) -> dict:
         category = row.get("category")
@@ -160,7 +165,13 @@ def run_scoring(job: DatasetJob, options: ScoringOptions) -> dict:
     if ok_files:
         res = job.resources
         inputs = InputSettings(
-            job.output, job.storage_options, job.rules, job.fetch, ray.put(ok_files), options.language
+            job.output,
+            job.storage_options,
+            job.rules,
+            job.fetch,
+            ray.put(ok_files),
+            language=options.language,
+            threads=res.fetch_threads,
         )
         ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus)
         ds = ds.map_batches(
