@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,26 @@ def test_a_clean_csv_is_arrows_table_with_the_types_it_infers() -> None:
     rows = rows_of(b"id,text,seed\na,Hello.,1\nb,There.,2\n")
 
     assert rows == [{"id": "a", "text": "Hello.", "seed": 1}, {"id": "b", "text": "There.", "seed": 2}]
+
+
+def test_ids_and_texts_stay_text_however_numeric_they_look_and_other_columns_are_inferred() -> None:
+    # Arrow read ids 0001 and 1 both as the integer 1: one file name, and a duplicate id.
+    rows = rows_of(b"id,text,voice,speaker\n0001,2024,7,0012\n1,Hello.,7,12\n")
+
+    assert rows == [
+        {"id": "0001", "text": "2024", "voice": "7", "speaker": 12},
+        {"id": "1", "text": "Hello.", "voice": "7", "speaker": 12},
+    ]
+
+
+def test_a_csv_read_record_by_record_gets_the_numbers_and_booleans_a_clean_file_would() -> None:
+    data = b"id,text,seed,score,keep,day\n0001,Hi.,3,0.5,true,2024-01-01\nb,Hello, unquoted.,1,2,false,x\n"
+
+    good, bad = rows_of(data)
+
+    assert good == {"id": "0001", "text": "Hi.", "seed": 3, "score": 0.5, "keep": True, "day": "2024-01-01"}
+    assert rows_of(data.split(b"\nb,")[0] + b"\n")[0] == {**good, "day": datetime.date(2024, 1, 1)}
+    assert bad["id"] == "line 3"
 
 
 def test_types_are_inferred_over_the_whole_file_not_its_first_megabyte() -> None:
@@ -69,10 +90,11 @@ def test_records_that_span_lines_are_numbered_by_the_line_they_start_on() -> Non
     ]
 
 
-def test_a_blank_cell_read_record_by_record_means_the_default() -> None:
-    rows = rows_of(b"id,text,seed\na,Hi.,\nb,Hi.,3,extra\n")
+def test_a_blank_cell_means_the_default_in_a_clean_file_and_read_record_by_record() -> None:
+    clean = rows_of(b"id,text,seed,note\na,Hi.,,\nb,Hi.,3,x\n")
+    records = rows_of(b"id,text,seed,note\na,Hi.,,\nb,Hi.,3,x,extra\n")
 
-    assert rows[0] == {"id": "a", "text": "Hi.", "seed": None}
+    assert clean[0] == records[0] == {"id": "a", "text": "Hi.", "seed": None, "note": None}
 
 
 def test_the_id_scan_labels_each_bad_record(tmp_path: Path) -> None:

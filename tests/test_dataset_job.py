@@ -513,6 +513,26 @@ def test_csv_records_that_do_not_match_the_header_or_are_not_utf8_error_alone_an
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 4
 
 
+def test_csv_ids_that_look_like_numbers_keep_their_zeros_in_file_names(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    # Arrow read 0001 and 1 both as the integer 1: 0001's audio was 1.wav, and the two were one id repeated.
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(b"id,text,max_new_tokens\n0001,Zero zero zero one.,30\n1,2024,30\n")
+    out = tmp_path / "out"
+
+    summary = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+
+    records = by_id(read_metadata(fsspec.filesystem("file"), str(out)))
+    assert {k: (r["status"], r["file_name"]) for k, r in records.items()} == {
+        "0001": ("ok", "audio/0001.wav"),
+        "1": ("ok", "audio/1.wav"),
+    }
+    assert records["1"]["text"] == "2024"
+    assert sorted(p.name for p in (out / "audio").iterdir()) == ["0001.wav", "1.wav"]
+    assert summary["this_run"]["by_status"] == {"ok": 2}
+
+
 def test_reference_clips_embedded_in_a_parquet_manifest_as_datasets_audio_values_clone_voices(
     ray_local, tiny_checkpoint, tmp_path
 ) -> None:
