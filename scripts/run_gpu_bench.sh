@@ -5,7 +5,7 @@
 # writes its JSON after every measurement and starts nothing new after its --budget-s, so a cut-off run
 # keeps what it measured.
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
-# (downloaded for its Python with `pip download --no-deps`) are installed into /tmp/site first.
+# (`bash scripts/gpu_wheels.sh` downloads them for its Python) are installed into /tmp/site first.
 set -uo pipefail
 out=${1:-${OUT:-.}}
 mkdir -p "$out"
