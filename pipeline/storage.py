@@ -27,6 +27,9 @@ T = TypeVar("T")
 
 # Reserved first segment for in-flight writes; callers may not use it, and listings hide it.
 TMP_DIR = "_tmp"
+# Object stores where an upload shows up whole or not at all. A write there is one upload to its key; a
+# temporary object moved onto it would cost two more requests (a copy and a delete) for nothing.
+WHOLE_UPLOADS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "memory"})
 
 # Control characters would make keys that print and compare differently from what they look like.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -105,10 +108,11 @@ def _check_segments(key: str, *, what: str) -> None:
 class Storage:
     """One root URI plus relative keys: every path it touches is under the root.
 
-    Writes go to ``<root>/_tmp/<uuid>`` and are then moved onto the key, so a reader never sees a
-    half-written local file and a retried or repeated write simply replaces the object. Calls to an
-    object store are retried with exponential backoff; local filesystems are tried once, since
-    retrying a full disk or a bad path only delays the error.
+    On an object store (WHOLE_UPLOADS) a write is one upload to its key. Elsewhere writes go to
+    ``<root>/_tmp/<uuid>`` and are then moved onto the key, so a reader never sees a half-written local
+    file. Either way a retried or repeated write simply replaces the object. Calls to an object store are
+    retried with exponential backoff; local filesystems are tried once, since retrying a full disk or a bad
+    path only delays the error.
     """
 
     def __init__(
@@ -135,6 +139,8 @@ class Storage:
         self.retries = retries
         self.backoff_s = backoff_s
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.whole_uploads = bool(protocols & WHOLE_UPLOADS)
         self._secrets = secret_values(self._storage_options)
 
     def __repr__(self) -> str:
@@ -178,6 +184,16 @@ class Storage:
         """Store ``data`` at ``key``, replacing what was there; no temporary object is left behind."""
         path = self.key_path(key)
         payload = bytes(data)
+        if self.whole_uploads:
+
+            def upload() -> None:
+                try:
+                    self.fs.pipe_file(path, payload)
+                finally:
+                    self.fs.invalidate_cache(path)
+
+            self._call("write", self.uri(key), upload)
+            return
         # One temporary key for all attempts: when an outage leaves an upload behind (the move failed and
         # so did the clean-up), the next attempt overwrites and moves that same object.
         tmp = f"{self.root}/{TMP_DIR}/{uuid.uuid4().hex}"

@@ -81,6 +81,20 @@ def test_no_temporary_objects_remain_after_writes(storage: Storage):
     assert all_paths(storage) == [storage.key_path(f"audio/{i}.wav") for i in range(3)]
 
 
+def test_an_s3_write_is_one_upload_to_its_key(s3_server, s3_bucket, caplog):
+    # Uploads to an object store show up whole or not at all; a temporary object moved onto the key took a
+    # copy and a delete on top, three round trips for every audio file.
+    storage = Storage(f"s3://{s3_bucket}/run1", s3_server.storage_options)
+    storage.write_bytes("audio/warmup.wav", b"x")  # the bucket's region and connections, looked up once
+
+    with caplog.at_level(logging.DEBUG, logger="s3fs"):
+        storage.write_bytes("audio/a.wav", b"audio")
+
+    calls = [r.getMessage().split(" - ")[0] for r in caplog.records if r.getMessage().startswith("CALL: ")]
+    assert calls == ["CALL: put_object"]
+    assert storage.read_bytes("audio/a.wav") == b"audio"
+
+
 def test_exists_reflects_writes_and_deletes(storage: Storage):
     assert not storage.exists("audio/a.wav")
     storage.write_bytes("audio/a.wav", b"x")

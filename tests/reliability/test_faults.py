@@ -295,7 +295,8 @@ def test_an_outage_longer_than_the_retries_fails_the_run_clearly_and_a_rerun_com
     assert not left, f"actors of the failed run still alive: {sorted(left)}"
     fs = s3_fs(options)  # connections pooled before the restart are dead
     assert len(objects(fs, f"{root}/audio")) < len(IDS), "the run failed after the last write"
-    # An upload that an outage cut off between upload and rename stays in flight; the rerun tidies it up.
+    # An in-flight object left behind (local roots write through _tmp/, as earlier versions did on S3) is
+    # tidied up by the rerun.
     fs.pipe_file(f"{root}/_tmp/0123456789abcdef", b"half an upload")
 
     summary = run_dataset_job(job)
