@@ -265,7 +265,7 @@ def resources(runtime: DictConfig):
         cpu_stage_workers=number(runtime, "cpu_stage_workers", int, 1),
         cpu_stage_cpus=number(runtime, "cpu_stage_cpus", float, 0.0),
         # null, or a runtime config from before the key: the default
-        fetch_threads=number(runtime, "fetch_threads", int, 1, optional=True) or Resources.fetch_threads,
+        io_threads=number(runtime, "io_threads", int, 1, optional=True) or Resources.io_threads,
     )
 
 

@@ -29,7 +29,7 @@ from pipeline.reader import iter_ids, read_manifest
 from pipeline.references import FetchPolicy
 from pipeline.stages import (
     AUDIO_DIR,
-    FETCH_THREADS,
+    IO_THREADS,
     METADATA_DIR,
     FetchStage,
     SynthesisSettings,
@@ -68,7 +68,7 @@ class Resources:
     rows_per_call: int = 0
     cpu_stage_workers: int = 1  # actors per CPU stage (validate, fetch, write)
     cpu_stage_cpus: float = 0.2  # validate, fetch, write and read are light; leave the cores to synthesis
-    fetch_threads: int = FETCH_THREADS  # reference sources each fetch actor reads at once (FetchStage)
+    io_threads: int = IO_THREADS  # reads or writes each fetch or write actor keeps in flight
 
     @property
     def call_rows(self) -> int:
@@ -179,6 +179,7 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
         sample_rate=job.sample_rate,
         retries=job.storage_retries,
         backoff_s=job.storage_backoff_s,
+        threads=job.resources.io_threads,
     )
     run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
     run_audio_s = 0.0
@@ -253,7 +254,7 @@ def _synthesise(
     fetch = {
         "policy": job.fetch,
         "max_seconds": job.engine.max_reference_seconds,
-        "threads": res.fetch_threads,
+        "threads": res.io_threads,
     }
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(

@@ -26,7 +26,7 @@ from pipeline.metadata import metadata_parts
 from pipeline.reader import read_manifest
 from pipeline.references import FetchPolicy, fetch_reference
 from pipeline.scoring import DEFAULT_ASR_MODEL, DEFAULT_SV_MODEL, aggregate
-from pipeline.stages import FETCH_THREADS, pack, unpack
+from pipeline.stages import IO_THREADS, pack, unpack
 from pipeline.storage import Storage, StorageError
 
 SCORES_DIR = "scores"
@@ -66,7 +66,7 @@ class InputSettings:
     fetch: FetchPolicy
     ok_files: Any  # ObjectRef of {id: file_name} for the ok rows
     language: str | None = None
-    threads: int = FETCH_THREADS  # rows whose audio and prompt are read at once (runtime.fetch_threads)
+    threads: int = IO_THREADS  # rows whose audio and prompt are read at once (runtime.io_threads)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def run_scoring(job: DatasetJob, options: ScoringOptions) -> dict:
             job.fetch,
             ray.put(ok_files),
             language=options.language,
-            threads=res.fetch_threads,
+            threads=res.io_threads,
         )
         ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus)
         ds = ds.map_batches(

@@ -248,7 +248,7 @@ class _Fetch:
             if size is not None and size > limit:
                 raise self.too_large()
             # One GET for the bytes: opening the file would ask for its info again, a third round trip a
-            # clip on object storage (scripts/bench_fetch.py). An empty object has no range to ask for.
+            # clip on object storage (scripts/bench_io.py). An empty object has no range to ask for.
             data = b"" if size == 0 else fs.cat_file(path, start=0, end=limit + 1)
         except RequestError:
             raise
@@ -414,7 +414,7 @@ class _PinnedHandler(urllib.request.AbstractHTTPHandler):
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     # One for every fetch: building it loads the system's CA certificates, ~40 ms, which per request was
-    # most of the time a fetch actor spent on an http(s) reference (scripts/bench_fetch.py). An SSLContext
+    # most of the time a fetch actor spent on an http(s) reference (scripts/bench_io.py). An SSLContext
     # may be shared by threads.
     return ssl.create_default_context()
 

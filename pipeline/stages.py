@@ -32,10 +32,10 @@ from pipeline.storage import Storage
 
 AUDIO_DIR = "audio"
 METADATA_DIR = "metadata"
-# Clips a fetch actor remembers having sent decoded, and the reference sources it reads at once (see
-# FetchStage).
+# Clips a fetch actor remembers having sent decoded (see FetchStage), and the reads or writes a CPU-stage
+# actor keeps in flight (FetchStage, WriteStage).
 SEEN_CLIPS = 4096
-FETCH_THREADS = 16
+IO_THREADS = 16
 TIMING_FIELDS = ("reference_encode_s", "prefill_s", "decode_s", "vocode_s")
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
@@ -124,7 +124,7 @@ class FetchStage:
     A block's distinct sources are read `threads` at a time: reading one is mostly waiting on object storage
     or a web server, and one at a time a fetch actor fed 40 rows a second of an eval set whose rows each name
     their own clip, at 20 ms a request, against ~75 rows of ~4 s that a GPU at 300x real time voices; 16 at a
-    time, 218 (scripts/bench_fetch.py). A source several rows of a block name is read once.
+    time, 218-238 (scripts/bench_io.py). A source several rows of a block name is read once.
 
     The first time a fetch actor meets a clip it decodes and resamples it to the codec's rate here, in a CPU
     actor beside the GPU ones: that takes 2-4 ms for a 10 s clip at 16 or 48 kHz
@@ -133,7 +133,7 @@ class FetchStage:
     file, with their content hash (model.requests.EncodedClip), and find its codes in the synthesis actor's
     cache by that hash without hashing the file again; an actor that has not met it decodes it once."""
 
-    def __init__(self, policy: FetchPolicy, max_seconds: float, threads: int = FETCH_THREADS) -> None:
+    def __init__(self, policy: FetchPolicy, max_seconds: float, threads: int = IO_THREADS) -> None:
         self.policy = policy
         self.max_seconds = max_seconds
         self.decoded = LRUCache(SEEN_CLIPS)  # content hashes of the clips sent decoded
@@ -267,19 +267,26 @@ class WriteSettings:
     sample_rate: int | None = None  # resample before encoding (e.g. 16000 for scorers); None keeps 24 kHz
     retries: int = 5  # attempts per object-store call (see pipeline.storage.Storage)
     backoff_s: float = 0.2
+    threads: int = IO_THREADS  # rows encoded and stored at once (runtime.io_threads)
 
 
 class WriteStage:
-    """Encode and store each row's audio, then one metadata Parquet part for the batch; emits run stats."""
+    """Encode and store each row's audio, then one metadata Parquet part for the batch; emits run stats.
+
+    Rows are stored `threads` at a time: an upload to object storage is mostly waiting for its answer. One
+    at a time, a write actor stored 30 rows a second at 20 ms a request (8 when a file took four requests,
+    pipeline.storage), where a GPU at 300x real time voices ~75 rows of ~4 s; 16 at a time, 112
+    (scripts/bench_io.py)."""
 
     def __init__(self, settings: WriteSettings) -> None:
         self.settings = settings
         self.storage = Storage(
             settings.output, settings.storage_options, retries=settings.retries, backoff_s=settings.backoff_s
         )
+        self.pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="write")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records = [self._finish(row) for row in unpack(batch)]
+        records = list(self.pool.map(self._finish, unpack(batch)))
         if records:
             self._write_metadata(records)
         return pa.table(

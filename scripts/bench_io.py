@@ -1,13 +1,19 @@
-"""Rows a second through the dataset job's fetch stage (pipeline.stages.FetchStage), as JSON.
+"""Rows a second through the dataset job's I/O-bound stages, reading reference clips (FetchStage) and storing
+audio (WriteStage), against servers that answer each request after a delay, as JSON.
 
-    python scripts/bench_fetch.py --rows 256 --clips 256 --delay-ms 0,20,50 --threads 1,16 --out fetch.json
+    python scripts/bench_io.py --rows 256 --delay-ms 0,20,50 --threads 1,16 --out io.json
 
-Each row names a reference clip by URL: `--clips` distinct 16 kHz WAV clips of `--seconds` s, cycled over the
-rows (an eval set: every row its own clip; a voice library: a few clips over many rows). They are served by
-a local HTTP server on 127.0.0.1 that answers each request after `--delay-ms` (object storage's time to first
-byte), and, with `--s3`, by a moto S3 server on 127.0.0.1 read through s3fs (no added delay). Every
-combination of delay and fetch threads runs the same blocks of `--block` rows through a fresh stage; it
-reads, decodes and resamples each clip as a fetch actor does.
+Object storage answers a request in tens of ms; these stages spent most of their time waiting for it. Both
+servers run on 127.0.0.1, each in a process of its own (so that it does not share this one's GIL), and
+answer every request after `--delay-ms`:
+
+- `fetch`: every row names its own 4 s 16 kHz WAV clip (`--clips` distinct ones, cycled over the rows; an
+  eval set has one per row, a voice library a few) by http URL (`--source http`) or `s3://` URI read
+  through s3fs from a moto S3 server (`--source s3`); the stage reads, decodes and resamples each clip.
+- `write`: every row carries 4 s of synthesised audio (noise at 24 kHz), which the stage encodes as WAV and
+  stores in the moto S3 server, then writes the block's metadata part.
+
+Each combination of delay and threads runs the same blocks of `--block` rows through a fresh stage.
 """
 
 from __future__ import annotations
@@ -15,10 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import multiprocessing
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,10 +35,13 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model.requests import SynthesisResult  # noqa: E402
 from pipeline.manifest import ManifestRules, validate_row  # noqa: E402
 from pipeline.references import FetchPolicy  # noqa: E402
-from pipeline.stages import FetchStage, pack, unpack  # noqa: E402
+from pipeline.stages import FetchStage, WriteSettings, WriteStage, pack, unpack  # noqa: E402
 from scripts.bench_report import emit  # noqa: E402
+
+BUCKET = "bench"
 
 
 def clips(count: int, seconds: float, rate: int = 16000) -> dict[str, bytes]:
@@ -41,19 +49,14 @@ def clips(count: int, seconds: float, rate: int = 16000) -> dict[str, bytes]:
     out = {}
     for i in range(count):
         buffer = io.BytesIO()
-        sf.write(
-            buffer,
-            (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32),
-            rate,
-            "PCM_16",
-            format="WAV",
-        )
+        samples = (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
+        sf.write(buffer, samples, rate, "PCM_16", format="WAV")
         out[f"clip-{i}.wav"] = buffer.getvalue()
     return out
 
 
-def serve(files: dict[str, bytes], delay_s: float, port: multiprocessing.Queue) -> None:
-    """Serve `files` over HTTP on 127.0.0.1, each answer after `delay_s`; the port is put on `port`."""
+def serve_http(files: dict[str, bytes], delay_s: float, port: multiprocessing.Queue) -> None:
+    """Serve `files` over HTTP, each answer after `delay_s`; the port is put on `port`."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -73,123 +76,169 @@ def serve(files: dict[str, bytes], delay_s: float, port: multiprocessing.Queue) 
     httpd.serve_forever()
 
 
+def serve_s3(delay_s: float, port: multiprocessing.Queue) -> None:
+    """moto's S3 server (as ThreadedMotoServer runs it), each answer after `delay_s`."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line a request otherwise
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def delayed(environ, start_response):  # noqa: ANN001, ANN202 - WSGI
+        time.sleep(delay_s)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, delayed, threaded=True, request_handler=MotoRequestHandler)
+    port.put(server.server_port)
+    server.serve_forever()
+
+
 @contextlib.contextmanager
-def clip_server(files: dict[str, bytes], delay_s: float) -> Iterator[str]:
-    """The URL of `serve` run in a process of its own, so that it does not share this one's GIL."""
+def served(target, *args) -> Iterator[str]:  # noqa: ANN001
+    """The base URL of `target(*args, port_queue)` run in a process of its own."""
     port: multiprocessing.Queue = multiprocessing.Queue()
-    process = multiprocessing.Process(target=serve, args=(files, delay_s, port), daemon=True)
+    process = multiprocessing.Process(target=target, args=(*args, port), daemon=True)
     process.start()
     try:
-        yield f"http://127.0.0.1:{port.get(timeout=30)}"
+        yield f"http://127.0.0.1:{port.get(timeout=60)}"
     finally:
         process.terminate()
 
 
-def s3_sources(files: dict[str, bytes]) -> tuple[str, dict, subprocess.Popen]:
-    """The files put in a bucket of a moto S3 server on 127.0.0.1, in a process of its own so that it does not
-    share this one's GIL; the bucket's URI, s3fs's options for it, and the server's process."""
-    import boto3
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+def s3_options(endpoint: str) -> dict:
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, "testing")
+    return {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+def fill_bucket(endpoint: str, files: dict[str, bytes]) -> None:
+    import boto3
+
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="bench")
-            break
-        except Exception:  # noqa: BLE001 - the server is still starting
-            time.sleep(0.1)
+    client.create_bucket(Bucket=BUCKET)
     for name, data in files.items():
-        client.put_object(Bucket="bench", Key=name, Body=data)
-    return "s3://bench", {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}, server
+        client.put_object(Bucket=BUCKET, Key=name, Body=data)
 
 
-def run(blocks: list, policy: FetchPolicy, threads: int) -> dict:
+def fetch_run(blocks: list, policy: FetchPolicy, threads: int) -> dict:
     stage = FetchStage(policy, max_seconds=60.0, threads=threads)
-    rows = sum(b.num_rows for b in blocks)
     started = time.perf_counter()
-    out = [unpack(stage(block)) for block in blocks]
+    rows = [row for block in blocks for row in unpack(stage(block))]
     seconds = time.perf_counter() - started
-    errors = [r["error"] for part in out for r in part if r["status"] != "pending"]
+    errors = [r["error"] for r in rows if r["status"] != "pending"]
     if errors:
         raise SystemExit(f"{len(errors)} rows errored, first: {errors[0]}")
-    return {"threads": threads, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+    return {"threads": threads, "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 1)}
+
+
+def write_run(blocks: list, output: str, options: dict, threads: int) -> dict:
+    stage = WriteStage(WriteSettings(output, options, checkpoint="bench", threads=threads))
+    started = time.perf_counter()
+    statuses = [s for block in blocks for s in stage(block).column("status").to_pylist()]
+    seconds = time.perf_counter() - started
+    if set(statuses) != {"ok"}:
+        raise SystemExit(f"rows not stored: {statuses}")
+    return {"threads": threads, "seconds": round(seconds, 3), "rows_per_s": round(len(statuses) / seconds, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--stages", default="fetch,write")
+    parser.add_argument("--source", choices=("http", "s3"), default="http", help="where fetch reads clips")
     parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--clips", type=int, default=256, help="distinct clips, cycled over the rows")
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip")
+    parser.add_argument(
+        "--clips", type=int, default=0, help="distinct clips, cycled over the rows; 0: --rows"
+    )
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip and each row's audio")
     parser.add_argument("--block", type=int, default=128, help="rows per stage call (MIN_BLOCK_ROWS)")
     parser.add_argument("--delay-ms", default="0,20,50")
     parser.add_argument("--threads", default="1,16")
-    parser.add_argument("--s3", action="store_true", help="also read the clips from a moto S3 server")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    files = clips(args.clips, args.seconds)
-    names = [f"clip-{i % args.clips}.wav" for i in range(args.rows)]
+    stages = args.stages.split(",")
     thread_counts = [int(t) for t in args.threads.split(",")]
+    files = clips(args.clips or args.rows, args.seconds)
+    names = [f"clip-{i % len(files)}.wav" for i in range(args.rows)]
+    rng = np.random.default_rng(1)
+    audio = (rng.standard_normal(int(24000 * args.seconds)) * 0.1).astype(np.float32)
 
-    def blocks(prefix: str) -> list:
-        rows = [
-            validate_row(
-                {
-                    "id": f"row-{i}",
-                    "text": "Hello.",
-                    "references": [{"audio": f"{prefix}/{n}", "transcript": "Hi."}],
-                },
-                ManifestRules(),
-            )
-            for i, n in enumerate(names)
-        ]
+    def blocks(rows: list[dict]) -> list:
         return [pack(rows[i : i + args.block]) for i in range(0, len(rows), args.block)]
 
-    report = {
-        "benchmark": "fetch_stage",
+    def fetch_blocks(prefix: str) -> list:
+        return blocks(
+            [
+                validate_row(
+                    {
+                        "id": f"row-{i}",
+                        "text": "Hi.",
+                        "references": [{"audio": f"{prefix}/{n}", "transcript": "Hi."}],
+                    },
+                    ManifestRules(),
+                )
+                for i, n in enumerate(names)
+            ]
+        )
+
+    def write_blocks() -> list:
+        rows = []
+        for i in range(args.rows):
+            row = validate_row({"id": f"row-{i}", "text": "Hi."}, ManifestRules())
+            row["_result"] = SynthesisResult(
+                id=row["id"], waveform=audio, generated_frames=int(25 * args.seconds)
+            )
+            rows.append(row)
+        return blocks(rows)
+
+    report: dict = {
+        "benchmark": "io_stages",
         "cpus": os.cpu_count(),
         "rows": args.rows,
-        "distinct_clips": args.clips,
-        "clip_seconds": args.seconds,
+        "distinct_clips": len(files),
         "clip_bytes": len(files["clip-0.wav"]),
+        "seconds_per_row": args.seconds,
         "block_rows": args.block,
-        "http": [],
+        "fetch_source": args.source,
+        "delays": [],
     }
-    policy = FetchPolicy(allow_private_urls=True, timeout_s=30.0)
     for delay in (float(d) for d in args.delay_ms.split(",")):
-        with clip_server(files, delay / 1e3) as url:
-            http_blocks = blocks(url)
-            run(http_blocks[:1], policy, thread_counts[-1])  # warm-up: resampling kernels, the thread pool
-            runs = [run(http_blocks, policy, t) for t in thread_counts]
-        speedup = round(runs[-1]["rows_per_s"] / runs[0]["rows_per_s"], 2)
-        entry = {"delay_ms": delay, "runs": runs, "speedup": speedup}
-        report["http"].append(entry)
+        entry: dict = {"delay_ms": delay}
+        with served(serve_s3, delay / 1e3) as s3_endpoint:
+            options = s3_options(s3_endpoint)
+            fill_bucket(s3_endpoint, files if args.source == "s3" and "fetch" in stages else {})
+            if "fetch" in stages:
+                with contextlib.ExitStack() as stack:
+                    if args.source == "http":
+                        prefix = stack.enter_context(served(serve_http, files, delay / 1e3))
+                        policy = FetchPolicy(allow_private_urls=True, timeout_s=60.0)
+                    else:
+                        prefix, policy = (
+                            f"s3://{BUCKET}",
+                            FetchPolicy(storage_options=options, timeout_s=60.0),
+                        )
+                    fetch_input = fetch_blocks(prefix)
+                    fetch_run(fetch_input[:1], policy, thread_counts[-1])  # warm-up: resampling kernels
+                    entry["fetch"] = [fetch_run(fetch_input, policy, t) for t in thread_counts]
+            if "write" in stages:
+                write_input = write_blocks()
+                for t in thread_counts:
+                    output = f"s3://{BUCKET}/out-{t}"
+                    write_run(
+                        write_input[:1], output + "-warmup", options, t
+                    )  # connections, the bucket's region
+                    entry.setdefault("write", []).append(write_run(write_input, output, options, t))
+        for stage in stages:
+            runs = entry[stage]
+            entry[f"{stage}_speedup"] = round(runs[-1]["rows_per_s"] / runs[0]["rows_per_s"], 2)
+        report["delays"].append(entry)
         print(entry, file=sys.stderr)
-    if args.s3:
-        bucket, options, s3_server = s3_sources(files)
-        try:
-            s3_policy = FetchPolicy(storage_options=options)
-            s3_blocks = blocks(bucket)
-            run(s3_blocks[:1], s3_policy, thread_counts[-1])
-            runs = [run(s3_blocks, s3_policy, t) for t in thread_counts]
-        finally:
-            s3_server.terminate()
-        report["s3_moto"] = {
-            "runs": runs,
-            "speedup": round(runs[-1]["rows_per_s"] / runs[0]["rows_per_s"], 2),
-        }
     emit(report, args.out)
 
 

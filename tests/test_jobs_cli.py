@@ -254,7 +254,7 @@ def test_a_job_submitted_to_a_running_cluster_succeeds_and_writes_its_output(
         ("manifest={tmp}/missing.jsonl", "manifest="),
         ("runtime.actors=0", "runtime.actors"),
         ("runtime.rows_per_call=0", "runtime.rows_per_call"),
-        ("runtime.fetch_threads=0", "runtime.fetch_threads"),
+        ("runtime.io_threads=0", "runtime.io_threads"),
     ],
     ids=["missing-manifest", "zero-actors", "zero-rows-per-call", "zero-fetch-threads"],
 )
