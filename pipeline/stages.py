@@ -137,7 +137,7 @@ class FetchStage:
         self.policy = policy
         self.max_seconds = max_seconds
         self.decoded = LRUCache(SEEN_CLIPS)  # content hashes of the clips sent decoded
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch") if threads > 1 else None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
@@ -168,8 +168,6 @@ class FetchStage:
     def _read_all(self, sources: set[str]) -> dict[str, bytes | RequestError]:
         """Each location's bytes, or the error reading it gave (its field is the caller's to name)."""
         locations = list(sources)
-        if self.pool is None or len(locations) < 2:
-            return {s: self._read(s) for s in locations}
         return dict(zip(locations, self.pool.map(self._read, locations), strict=True))
 
     def _read(self, source: str) -> bytes | RequestError:
