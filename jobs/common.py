@@ -215,7 +215,6 @@ def engine_options(cfg: DictConfig):
         compile=flag(engine, "compile"),
         fused_norms=flag(engine, "fused_norms"),
         fused_projections=flag(engine, "fused_projections"),
-        flex_decode=flag(engine, "flex_decode"),
         share_prefix=flag(engine, "share_prefix"),
         shared_prefix_cache=flag(engine, "shared_prefix_cache"),
         vocode_windows=flag(engine, "vocode_windows", nullable=True),

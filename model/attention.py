@@ -11,29 +11,26 @@ prefix every row of the batch shares (system prompt and reference voice), stored
 tokens in its slot. The prefix is read once per step for all rows instead of once per row: rows of one
 reference voice repeat ~350 of a ~700-token prompt, which at large batches is most of the memory a step reads.
 
-With `flex_decode` (RowBlocks), each row reads its own slot only up to its last written column, in blocks of
-FLEX_BLOCK, through FlexAttention: sdpa reads every row up to the batch's span, the longest row's, and rows
-of a refilled batch are at all stages of their audio (about a third of the span unused on average for rows
-of 6-14 s: scripts/bench_attention.py --own-spread 225). FlexAttention is compiled on a GPU (a fused kernel
-that skips the unused blocks); on a CPU it runs its unfused reference implementation (same results, for
-tests).
+At 256 rows this attention takes ~14 of a decode step's ~18 ms on an H100 (GPU run 7, docs/benchmarks.md),
+reading the rows' own columns at ~1.4 TB/s through matrix products (`prefix_attention`), where sdpa's fused
+kernel read whole prompts at ~2.3 TB/s. `split_prefix_attention` reads the own columns with that kernel and
+joins the prefix's part through the log-sum-exps; OWN_KERNEL picks one (bench_attention.py and bench_gpu.py's
+`split` modes measure them).
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-log = logging.getLogger(__name__)
 PACKED_SDPA = "higgs_batch_packed_sdpa"
-FLEX_BLOCK = 128  # FlexAttention's default sparse block: the unit a row's reads are rounded up to
+# How a decode step reads the rows' own columns beside a shared prefix: "bmm" (prefix_attention) or sdpa's
+# fused kernels with their log-sum-exp (split_prefix_attention): "efficient" or "cudnn" on a GPU (a CPU runs
+# its own flash kernel for either). "bmm" until a GPU has measured the others end to end.
+OWN_KERNEL = "bmm"
 
 
 def packed_sdpa_attention(
@@ -44,16 +41,14 @@ def packed_sdpa_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     slot_prefix=None,
-    slot_blocks: BlockMask | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if slot_blocks is not None and query.shape[2] == 1:
-        prefix = slot_prefix.prefix_for(module.layer_idx) if slot_prefix is not None else None
-        return flex_decode_attention(query, key, value, slot_blocks, scale, prefix), None
     if slot_prefix is not None and query.shape[2] == 1:
         keys, values, mask = slot_prefix.prefix_for(module.layer_idx)
-        return prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
+        if OWN_KERNEL == "bmm":
+            return prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
+        return split_prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -106,121 +101,69 @@ def prefix_attention(
     return out.to(query.dtype).reshape(b, heads, 1, d).transpose(1, 2).contiguous()
 
 
-class RowBlocks:
-    """Which of its slot's columns each row reads in a decode step: 0 through its write position (the token
-    this step writes), as FlexAttention's block mask. Built in the step from the slots' write positions, so a
-    captured graph replays it with the step."""
-
-    def __init__(self, write_pos: torch.Tensor, length: int) -> None:
-        if length % FLEX_BLOCK:
-            raise ValueError(f"slots of {length} columns are not whole blocks of {FLEX_BLOCK}")
-        self.write_pos, self.length = write_pos, length
-        blocks = length // FLEX_BLOCK
-        # Every row's blocks in order; the kernel reads the first kv_num_blocks of them.
-        order = torch.arange(blocks, dtype=torch.int32, device=write_pos.device)
-        self.order = order.expand(write_pos.shape[0], 1, 1, blocks).contiguous()  # the kernel's layout
-
-        # Reads the write positions when the kernel runs: in a replayed graph, that step's.
-        def within_row(b, h, q, kv):
-            return kv <= write_pos[b]
-
-        self.within_row = within_row
-
-    def mask(self, rows: int) -> BlockMask:
-        """The block mask of the first `rows` slots."""
-        used = torch.div(self.write_pos[:rows] + FLEX_BLOCK, FLEX_BLOCK, rounding_mode="floor")
-        return BlockMask.from_kv_blocks(
-            used.to(torch.int32).view(rows, 1, 1),
-            self.order[:rows],
-            BLOCK_SIZE=FLEX_BLOCK,
-            mask_mod=self.within_row,
-            seq_lengths=(1, self.length),
-            compute_q_blocks=False,  # only the backward pass needs them
-        )
-
-
-def flex_decode_attention(
+def split_prefix_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    blocks: BlockMask,
+    mask: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    prefix_mask: torch.Tensor,
     scale: float,
-    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
-    """One query token per row over the blocks of its own slot that `blocks` (RowBlocks.mask) lets it read,
-    and, given `prefix` (keys, values, bias as prefix_attention takes them), over the batch's shared prefix
-    too, as one softmax: the two parts meet through their log-sum-exps.
-
-    query (b, heads, 1, d); key/value (b, kv_heads, length, d), whole slots. Returns (b, 1, heads, d)."""
-    if prefix is None:
-        return _flex(query, key, value, blocks, scale).transpose(1, 2).contiguous()
-    # Compiled on a CPU, FlexAttention gives no log-sum-exp (torch 2.11): a compiled step falls back to eager.
-    out, aux = _flex(query, key, value, blocks, scale, return_aux=AuxRequest(lse=True))
-    prefix_keys, prefix_values, bias = prefix
+    """prefix_attention's result, its two parts computed apart: each row's own columns through sdpa's fused
+    kernel (`kernel`, OWN_KERNEL by default), which gives their log-sum-exp beside the output, and the shared
+    prefix through one matrix product for all rows; the two meet through their log-sum-exps, as one softmax.
+    Same arguments and result as prefix_attention."""
     b, heads, _, d = query.shape
     kv_heads = prefix_keys.shape[0]
     groups = heads // kv_heads
-    scores = torch.add(bias, _against_prefix(query, prefix_keys), alpha=scale)
+    # A key/value head's query heads stand in for query positions, so the kernel reads each key once.
+    q = query.reshape(b, kv_heads, groups, d)
+    own, own_lse = _fused_attention(
+        q, key, value, mask.expand(b, kv_heads, groups, key.shape[2]), scale, kernel
+    )
+    scores = torch.add(prefix_mask, _against_prefix(query, prefix_keys), alpha=scale)
     shared_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = torch.exp(scores - shared_lse).to(prefix_values.dtype)
-    shared = _matmul(weights, prefix_values).view(kv_heads, b, groups, d).transpose(0, 1).reshape(b, heads, d)
-    shared_lse = shared_lse.view(kv_heads, b, groups).transpose(0, 1).reshape(b, heads, 1)
-    own_lse = aux.lse.reshape(b, heads, 1).to(shared_lse.dtype)
+    shared = _matmul(weights, prefix_values).view(kv_heads, b, groups, d).transpose(0, 1)
+    shared_lse = shared_lse.view(kv_heads, b, groups, 1).transpose(0, 1)
     total = torch.logaddexp(shared_lse, own_lse)
-    own = out.reshape(b, heads, d).to(shared.dtype)
-    merged = shared * torch.exp(shared_lse - total) + own * torch.exp(own_lse - total)
-    return merged.to(query.dtype).view(b, 1, heads, d)
+    merged = shared * torch.exp(shared_lse - total) + own.float() * torch.exp(own_lse - total)
+    return merged.to(query.dtype).reshape(b, heads, 1, d).transpose(1, 2).contiguous()
 
 
-def flex_runs(keys: torch.Tensor, query_heads: int, prefix: bool = False) -> bool:
-    """Whether compiled FlexAttention runs on slots like `keys` (slots, kv_heads, length, d), and with a
-    shared prefix beside them where the cache has room for one: tried on one and on two empty rows (its
-    compilations: one row, and any number) before a decode step relies on it, so that a GPU without a
-    working Triton decodes with sdpa."""
-    _, kv_heads, length, dim = keys.shape
-    try:
-        for rows, with_prefix in itertools.product((1, 2), (False, True) if prefix else (False,)):
-            # Keys and values apart: compiled FlexAttention rejects one buffer for both.
-            key, value = (keys.new_zeros((rows, kv_heads, length, dim)) for _ in range(2))
-            query = keys.new_zeros((rows, query_heads, 1, dim))
-            blocks = RowBlocks(torch.zeros(rows, dtype=torch.long, device=keys.device), length).mask(rows)
-            shared = (keys.new_zeros((kv_heads, FLEX_BLOCK, dim)),) * 2
-            bias = torch.zeros(FLEX_BLOCK, dtype=torch.float32, device=keys.device)
-            flex_decode_attention(query, key, value, blocks, 1.0, (*shared, bias) if with_prefix else None)
-    except Exception as exc:  # noqa: BLE001 - the kernel's compiler fails in many ways
-        log.warning("FlexAttention does not run here (%s); decoding with sdpa", str(exc).splitlines()[0])
-        return False
-    return not _flex.failed
-
-
-class FlexKernel:
-    """FlexAttention, compiled on a GPU (uncompiled, it reads every column): once, for any number of rows and
-    slot length. Should a later compilation fail, the same attention runs unfused from then on: mid-step,
-    the rows' state has already moved on."""
-
-    def __init__(self, compiled_on: tuple[str, ...] = ("cuda",)) -> None:
-        self.compiled_on = compiled_on
-        self.compiled = None
-        self.failed = False
-
-    def __call__(self, query, key, value, blocks: BlockMask, scale: float, **aux):
-        args = (query, key, value)
-        options = {"block_mask": blocks, "scale": scale, "enable_gqa": True, **aux}
-        if query.device.type not in self.compiled_on or torch.compiler.is_compiling() or self.failed:
-            return flex_attention(*args, **options)
-        if self.compiled is None:
-            self.compiled = torch.compile(flex_attention, fullgraph=True, dynamic=True)
-        try:
-            return self.compiled(*args, **options)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - compiler failures come as many types
-            log.warning("FlexAttention not compiled (%s); running it unfused", str(exc).splitlines()[0])
-            self.failed = True
-            return flex_attention(*args, **options)
-
-
-_flex = FlexKernel()
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    kernel: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdpa of query (b, h, m, d) over key/value (b, h, n, d) with an additive bias (b, h, m, n), and its
+    log-sum-exp as (b, h, m, 1) in float32. torch's public sdpa keeps the log-sum-exp to itself; its kernels'
+    own entry points give it."""
+    kernel = kernel or OWN_KERNEL
+    bias = bias.to(query.dtype)
+    if query.device.type != "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=bias, scale=scale
+        )
+    elif kernel == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, bias, True, scale=scale
+        )[:2]
+    elif kernel == "efficient":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, True, scale=scale
+        )[:2]
+    else:
+        raise ValueError(f"unknown kernel {kernel!r} for the rows' own columns: efficient or cudnn")
+    b, h, m, _ = query.shape
+    # The kernels lay the log-sum-exp out as (b, h, m), (b, h, m, 1) or padded along m.
+    return out, lse.reshape(b, h, -1)[..., :m, None].float()
 
 
 def _against_prefix(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,6 @@ finished?) cannot be queued ahead. Replaying a graph is one launch, and the engi
 finished every few steps. Buckets are powers of two (and the cache's slot count), so a handful of graphs
 serve every batch. With `compile`, torch.compile fuses the step's ~600 small kernels (norms, rotary
 embeddings, sampling) before the graph is captured; the step has no graph break, so it compiles whole.
-With `flex`, attention reads each row's own columns only (model.attention.RowBlocks): every step then spans
-the whole slot, and one graph per bucket serves every span.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from dataclasses import fields
 
 import torch
 
-from model.attention import RowBlocks, flex_runs, use_packed_sdpa
+from model.attention import use_packed_sdpa
 from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
 
@@ -45,7 +43,6 @@ class DecodeStep:
         stream_eos: int,
         ignore_eos: bool,
         compile: bool = False,
-        flex: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -54,13 +51,8 @@ class DecodeStep:
         # still captured from it); fullgraph: a graph break would split the step back into small launches.
         self._compiled = None
         self.compile_failed = False
-        if (cache.prefix_capacity or flex) and not use_packed_sdpa(model):
-            raise ValueError(
-                "a shared prefix in the KV cache or flex_decode needs the model on sdpa attention"
-            )
-        heads = model.config.num_attention_heads
-        flex = flex and flex_runs(cache.layers[0].keys, heads, prefix=cache.prefix_capacity > 0)
-        self.blocks = RowBlocks(cache.write_pos, cache.length) if flex else None
+        if cache.prefix_capacity and not use_packed_sdpa(model):
+            raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True)
@@ -80,8 +72,6 @@ class DecodeStep:
         column a row writes before the engine next looks must lie below it). The span and the sampling shape
         (how many logits the widest top-k sorts, whether RAS runs) are fixed per graph: part of its key, with
         the shared prefix's span."""
-        if self.blocks is not None:
-            span = self.cache.length  # each row reads its own blocks only: the span costs nothing
         key = (bucket_for(rows, self.cache.slots), span, widest_top_k, any_ras, self.cache.prefix_span)
         if not self.cuda_graphs:
             return self._run(*key)
@@ -151,10 +141,8 @@ class DecodeStep:
         cache = self.cache
         mask = torch.zeros((b, 1, 1, span), dtype=self.dtype, device=cache.mask.device)
         mask.masked_fill_(~cache.mask[:b, None, None, :span], torch.finfo(self.dtype).min)
-        # The shared prefix and the rows' blocks reach model.attention through the model's keyword arguments.
+        # The shared prefix reaches model.attention through the model's keyword arguments.
         shared = {"slot_prefix": cache} if prefix_span else {}
-        if self.blocks is not None:
-            shared["slot_blocks"] = self.blocks.mask(b)
         out = self.model(
             audio_input_ids=cache.audio_in[:b],
             attention_mask=mask,

@@ -729,7 +729,6 @@ class SynthesisEngine:
             self.stream_eos,
             self.options.ignore_eos,
             self._compile,
-            flex=self.options.flex_decode and use_packed_sdpa(self.model),  # replaces sdpa's decode attention
         )
 
     def _drop_step(self) -> None:

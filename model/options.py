@@ -83,13 +83,9 @@ class EngineOptions:
     fused_norms: bool = True
     # Each layer's query/key/value projections as one matrix product and each MLP's gate/up as another
     # (model.fused_projections): fewer, larger kernels, which is what bounds a step at batch 1 on a GPU. The
-    # weights become views into the fused ones on first use (no extra memory). Off until a GPU measures it.
+    # weights become views into the fused ones on first use (no extra memory). 1.11x at one row on an H100
+    # (GPU run 7), not measured at large batches, where a step's time is attention's: off by default.
     fused_projections: bool = False
-    # Decode attention as FlexAttention over each row's own KV blocks (model.attention.RowBlocks; needs
-    # static_cache and sdpa attention): a row reads its slot up to its last token instead of up to the
-    # batch's longest row, which leaves about a third of a refilled batch's reads unused. Compiled on a GPU
-    # (Triton; a one-off compilation per actor); unfused and slower on a CPU. Off until a GPU measures it.
-    flex_decode: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
     # rows of 200 lengths); on a CPU the codec is compute-bound and the windows' overlap only adds work

@@ -1,8 +1,8 @@
 """One decode step's attention at the release's head shapes: every row's whole prompt in its slot (sdpa over
 the packed query heads, the default) vs the rows' shared prefix kept once beside the slots
-(model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), each also as FlexAttention
-reading every row's own blocks only (model.attention.flex_decode_attention, `generation.engine.flex_decode`),
-as JSON.
+(model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), the latter also with the rows' own
+columns read by sdpa's fused kernels (model.attention.split_prefix_attention: `efficient`, `cudnn`), as JSON,
+with each variant's largest difference from prefix_attention.
 
     python scripts/bench_attention.py                                   # CPU, float32
     python scripts/bench_attention.py --device cuda --out attention.json   # GPU, bfloat16
@@ -11,8 +11,8 @@ Rows of one reference voice: a --prefix-token shared prompt prefix (system promp
 and --own-tokens of their own (script and frames so far) on average, spread evenly over +-(--own-spread)
 as a refilled batch's rows are at all stages of their audio; sdpa reads every row up to the longest one,
 rounded up as the engine's span is. Times one layer's attention, averaged over --repeats calls, per batch
-size; a step runs it once per layer (28 in the release). FlexAttention is compiled on a GPU; on a CPU it
-runs unfused unless --compile-flex (torch 2.11 compiles it there without the prefix's log-sum-exp only).
+size; a step runs it once per layer (28 in the release). GPU run 7 also timed FlexAttention reading each
+row's own blocks: 2.1-4.4x slower than sdpa on an H100, so it is gone (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import model.attention as attention  # noqa: E402
-from model.attention import RowBlocks, flex_decode_attention, packed_sdpa_attention, prefix_attention  # noqa: E402
+from model.attention import packed_sdpa_attention, prefix_attention, split_prefix_attention  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
@@ -54,9 +53,8 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def measure(
-    batch: int, prefix: int, own: int, spread: int, dtype: torch.dtype, device: torch.device, repeats: int,
-    flex=flex_decode_attention,
-) -> dict:  # fmt: skip
+    batch: int, prefix: int, own: int, spread: int, dtype: torch.dtype, device: torch.device, repeats: int
+) -> dict:
     lowest = torch.finfo(dtype).min
     scale = HEAD_DIM**-0.5
     # Each row's own tokens; its write position is the last of them.
@@ -73,9 +71,6 @@ def measure(
         bias = torch.zeros((batch, 1, 1, columns), dtype=dtype, device=device)
         return bias.masked_fill_(torch.arange(columns, device=device) >= used[:, None, None, None], lowest)
 
-    def blocks(columns: int, used: torch.Tensor):
-        return RowBlocks(used - 1, columns).mask(batch)
-
     def run(name: str, fn) -> float | None:
         try:
             return round(timed(fn, repeats, device), 4)
@@ -90,9 +85,6 @@ def measure(
         "whole_prompt_in_slots_ms": run(
             "whole", lambda: packed_sdpa_attention(_Layer(), query, keys, values, mask(whole, prefix + owns), scaling=scale)
         ),
-        "whole_prompt_flex_ms": run(
-            "whole_flex", lambda: flex(query, keys, values, blocks(whole, prefix + owns), scale)
-        ),
     }  # fmt: skip
     del keys, values
     span, shared_span = round_up(int(owns.max())), round_up(prefix)
@@ -100,13 +92,17 @@ def measure(
     shared = [torch.randn((KV_HEADS, shared_span, HEAD_DIM), dtype=dtype, device=device) for _ in range(2)]
     shared_mask = torch.zeros(shared_span, dtype=torch.float32, device=device)
     shared_mask[prefix:] = torch.finfo(torch.float32).min
-    times["prefix_once_ms"] = run(
-        "prefix_once",
-        lambda: prefix_attention(query, keys, values, mask(span, owns), *shared, shared_mask, scale),
-    )
-    times["prefix_once_flex_ms"] = run(
-        "prefix_once_flex", lambda: flex(query, keys, values, blocks(span, owns), scale, (*shared, shared_mask))
-    )  # fmt: skip
+    own_mask = mask(span, owns)
+    args = (query, keys, values, own_mask, *shared, shared_mask, scale)
+    times["prefix_once_ms"] = run("prefix_once", lambda: prefix_attention(*args))
+    expected = prefix_attention(*args).float()
+    differences = {}
+    for kernel in ("efficient", "cudnn"):
+        name = f"prefix_once_split_{kernel}"
+        times[f"{name}_ms"] = run(name, lambda kernel=kernel: split_prefix_attention(*args, kernel=kernel))
+        if times[f"{name}_ms"] is not None:
+            got = split_prefix_attention(*args, kernel=kernel).float()
+            differences[name] = float((got - expected).abs().max())
     base = times["whole_prompt_in_slots_ms"]
     return {
         "batch_size": batch,
@@ -114,12 +110,9 @@ def measure(
         "speed_up_vs_whole_prompt": {k: round(base / v, 2) for k, v in times.items() if v and base},
         "columns_read_per_row": {
             "whole": whole,
-            "whole_flex": round(float(((prefix + owns + 127) // 128 * 128).float().mean()), 1),
             "prefix_once": span + shared_span / batch,
-            "prefix_once_flex": round(
-                float(((owns + 127) // 128 * 128).float().mean()) + shared_span / batch, 1
-            ),
         },
+        "largest_difference_from_prefix_once": differences,
     }
 
 
@@ -132,7 +125,6 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=357, help="the bench_gpu rows' shared prefix")
     parser.add_argument("--own-tokens", type=int, default=456, help="331 of script + 125 frames so far")
     parser.add_argument("--own-spread", type=int, default=0, help="rows' own tokens spread evenly +- this")
-    parser.add_argument("--compile-flex", action="store_true", help="compile FlexAttention on a CPU too")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -146,16 +138,13 @@ def main() -> None:
         "own_spread": args.own_spread,
         "runs": [],
     }
-    flex = torch.compile(flex_decode_attention) if args.compile_flex else flex_decode_attention
     with torch.inference_mode():
         for batch in (int(n) for n in args.batch_sizes.split(",")):
             run = measure(
-                batch, args.prefix_tokens, args.own_tokens, args.own_spread, dtype, device, args.repeats, flex
+                batch, args.prefix_tokens, args.own_tokens, args.own_spread, dtype, device, args.repeats
             )
             report["runs"].append(run)
             print(run, file=sys.stderr, flush=True)
-    # On a GPU, whether FlexAttention ran compiled throughout (a failed compilation falls back to unfused).
-    report["flex_fell_back_to_unfused"] = attention._flex.failed
     emit(report, args.out)
 
 

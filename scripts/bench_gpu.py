@@ -15,8 +15,9 @@ prefilled in one forward, rows admitted by prompt length); `prompt_order`: `grap
 length alone, not the longest first; `refill_at_share`: `graphs` refilling only once 1/8 of the slots is
 free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
-`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `flex` /
-`compiled_flex`: `graphs` / `compiled` with FlexAttention reading each row's own KV blocks; `static`: the
+`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `split_efficient`
+/ `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
+(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -103,10 +104,10 @@ MODES = {
     # the same compiled.
     "fused": {"static_cache": True, "cuda_graphs": True, "fused_projections": True},
     "compiled_fused": {"static_cache": True, "cuda_graphs": True, "compile": True, "fused_projections": True},
-    # The default with decode attention reading each row's own KV blocks only (flex_decode), and the same
-    # compiled.
-    "flex": {"static_cache": True, "cuda_graphs": True, "flex_decode": True},
-    "compiled_flex": {"static_cache": True, "cuda_graphs": True, "compile": True, "flex_decode": True},
+    # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
+    # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
+    "split_efficient": {"static_cache": True, "cuda_graphs": True},
+    "split_cudnn": {"static_cache": True, "cuda_graphs": True},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -136,12 +137,16 @@ MODES = {
 DATASET_MAX_NEW_TOKENS = 2048
 DATASET_MARGIN = 2.0
 DATASET_RESERVE = {"dataset_2048": "max_new_tokens", "dataset_estimate": "estimate"}
-# model.engine constants a mode sets while it runs (the admission order came after `previous`).
+# model.engine constants (model.attention's as `attention.NAME`) a mode sets while it runs (the admission
+# order came after `previous`).
 MODE_CONSTANTS = {
     "previous": {"LENGTH_CLASS": 1 << 30, "PREFILL_AHEAD": False},
     "prompt_order": {"LENGTH_CLASS": 1 << 30},
     "refill_at_share": {"PREFILL_AHEAD": False},
+    "split_efficient": {"attention.OWN_KERNEL": "efficient"},
+    "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
 }
+CONSTANT_MODULES = {"": engine_module, "attention": attention}
 
 
 def engine_for(loaded, mode: str) -> SynthesisEngine:
@@ -241,14 +246,8 @@ def measure(
         out["kv_slots"] = slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
-        out["flex_decode"] = flex_running(engine._decode_step)
+        out["own_kernel"] = attention.OWN_KERNEL if engine._decode_step.cache.prefix_capacity else None
     return out
-
-
-def flex_running(step: DecodeStep) -> bool:
-    """Whether the step's attention runs as compiled FlexAttention (on a GPU; not fallen back to sdpa or to
-    the unfused kernel)."""
-    return step.blocks is not None and not (step.cache.mask.is_cuda and attention._flex.failed)
 
 
 @contextmanager
@@ -367,13 +366,16 @@ def engine_constants(constants: dict) -> Iterator[None]:
 
 @contextmanager
 def engine_constant(name: str, value) -> Iterator[None]:
-    """model.engine's constant `name` at `value` for the block, then back at its own."""
-    own = getattr(engine_module, name)
-    setattr(engine_module, name, value)
+    """model.engine's constant `name` (model.attention's, as `attention.NAME`) at `value` for the block, then
+    back at its own."""
+    module, _, name = name.rpartition(".")
+    module = CONSTANT_MODULES[module]
+    own = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(engine_module, name, own)
+        setattr(module, name, own)
 
 
 def before_and_after(
@@ -559,7 +561,7 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         rows = [replace(r, context=voice) for r in rows]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
-    with engine_constant("MIN_PREFIX_CACHE_ROWS", 1):  # 4 slots here
+    with engine_constant("MIN_PREFIX_CACHE_ROWS", 1), mode_constants(mode):  # 4 slots here
         a, b = fast.generate(rows), plain.generate(rows)
     same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
     return {
@@ -567,7 +569,6 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         "identical_rows": sum(same),
         "frames": [x.generated_frames for x in a],
         "cuda_graph_buckets": fast._decode_step.captured if fast._decode_step else [],
-        "flex_decode": bool(fast._decode_step and flex_running(fast._decode_step)),
     }
 
 
@@ -816,7 +817,8 @@ def main() -> None:
     for mode, mode_sizes in modes:
         engine = engine_for(loaded, mode)
         for size in mode_sizes:
-            run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
+            with mode_constants(mode):
+                run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
             report["engine"].append({"mode": mode, "batch_size": size, **run})
             print(json.dumps(report["engine"][-1]), file=sys.stderr, flush=True)
             save()
@@ -891,7 +893,7 @@ def main() -> None:
         save()
     if args.check_rows:
         checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
-                  ("compiled", "compiled", False), ("flex", "flex", False), ("flex_prefix_once", "flex", True))  # fmt: skip
+                  ("compiled", "compiled", False), ("split_prefix_once", "split_efficient", True))  # fmt: skip
         for name, mode, one_voice in checks:
             report[f"exactness_tiny_fp32_{name}"] = attempt(
                 f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)

@@ -6,13 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model.attention import (
-    FlexKernel,
-    RowBlocks,
-    flex_decode_attention,
-    packed_sdpa_attention,
-    prefix_attention,
-)
+from model.attention import packed_sdpa_attention, prefix_attention, split_prefix_attention
 
 
 def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
@@ -78,58 +72,22 @@ def test_attention_over_a_shared_prefix_reads_the_slot_keys_in_place_without_cop
     assert copies == []
 
 
-def _rows_at(write_pos: list[int], columns: int, dtype=torch.float64):
-    """Four rows' queries and slots, each row's columns past its write position holding stale keys."""
+def test_a_shared_prefix_joined_through_log_sum_exps_gives_the_one_softmax_result():
     torch.manual_seed(0)
-    query = torch.randn(len(write_pos), 6, 1, 16, dtype=dtype)  # 6 query heads on 2 key/value heads
-    key, value = (torch.randn(len(write_pos), 2, columns, 16, dtype=dtype) for _ in range(2))
-    written = torch.tensor(write_pos)
-    mask = torch.zeros(len(write_pos), 1, 1, columns, dtype=dtype)
-    mask.masked_fill_(torch.arange(columns) > written[:, None, None, None], torch.finfo(dtype).min)
-    return query, key, value, mask, RowBlocks(written, columns)
+    rows, kv_heads, groups, dim = 4, 2, 3, 16
+    query = torch.randn(rows, kv_heads * groups, 1, dim, dtype=torch.float64)
+    slots = [torch.randn(8, kv_heads, 80, dim, dtype=torch.float64) for _ in range(2)]
+    key, value = (slot[:rows, :, :40] for slot in slots)  # a step reads the first 40 columns of its slots
+    prefix_keys, prefix_values = (torch.randn(kv_heads, 24, dim, dtype=torch.float64) for _ in range(2))
+    lowest = torch.finfo(torch.float64).min
+    mask = torch.zeros(rows, 1, 1, 40, dtype=torch.float64)
+    mask[:, :, :, 30:] = lowest  # slot columns not in use yet
+    mask[1, :, :, 1:] = lowest  # a row with one token of its own so far
+    prefix_mask = torch.zeros(24, dtype=torch.float32)
+    prefix_mask[20:] = torch.finfo(torch.float32).min  # the prefix's span rounds up past its 20 tokens
+    args = (query, key, value, mask, prefix_keys, prefix_values, prefix_mask, 0.25)
 
+    got = split_prefix_attention(*args, kernel="efficient")
 
-def test_flex_decode_attention_reads_each_row_up_to_its_write_position_as_sdpa_does():
-    # An empty slot (column 0 only), rows ending inside a block, on a block's last column and the slot's.
-    query, key, value, mask, blocks = _rows_at([0, 5, 127, 255], columns=256)
-    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
-
-    got = flex_decode_attention(query, key, value, blocks.mask(4), 0.25)
-
-    expected, _ = packed_sdpa_attention(module, query, key, value, mask, scaling=0.25)
-    assert got.shape == (4, 1, 6, 16)
-    torch.testing.assert_close(got, expected)
-
-
-def test_flex_decode_attention_over_a_shared_prefix_is_one_softmax_over_both():
-    query, key, value, mask, blocks = _rows_at([3, 40, 200, 130], columns=256)
-    prefix_keys, prefix_values = (torch.randn(2, 24, 16, dtype=torch.float64) for _ in range(2))
-    prefix_bias = torch.zeros(24, dtype=torch.float32)
-    prefix_bias[20:] = torch.finfo(torch.float32).min  # the prefix's span rounds up past its 20 tokens
-    prefix = (prefix_keys, prefix_values, prefix_bias)
-
-    got = flex_decode_attention(query, key, value, blocks.mask(4), 0.25, prefix)
-
-    torch.testing.assert_close(got, prefix_attention(query, key, value, mask, *prefix, 0.25))
-
-
-def test_row_blocks_let_each_row_read_only_the_blocks_holding_its_tokens():
-    blocks = RowBlocks(torch.tensor([0, 127, 128, 300, 511, 9]), 512)
-    # The first three slots: column 0 (an empty slot), a block's last column, the next block's first.
-    assert blocks.mask(3).kv_num_blocks.flatten().tolist() == [1, 1, 2]
-    assert blocks.mask(6).kv_num_blocks.flatten().tolist() == [1, 1, 2, 3, 4, 1]
-
-
-def test_flex_attention_whose_compilation_fails_runs_unfused_with_the_same_result():
-    query, key, value, mask, blocks = _rows_at([3, 40, 200, 130], columns=256)
-    flex = FlexKernel(compiled_on=("cpu",))
-
-    def compiler_failure(*args, **kwargs):
-        raise RuntimeError("C++ compile error")
-
-    flex.compiled = compiler_failure  # as a later shape's compilation fails, mid-step
-    got = flex(query, key, value, blocks.mask(4), 0.25)
-
-    assert flex.failed
-    expected = flex_decode_attention(query, key, value, blocks.mask(4), 0.25)
-    torch.testing.assert_close(got.transpose(1, 2), expected)
+    assert got.shape == (rows, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(got, prefix_attention(*args))

@@ -236,7 +236,7 @@ def test_a_reserve_neither_a_count_nor_a_known_policy_is_a_configuration_error(
     "setting",
     [
         "generation.engine.static_cache=flase",
-        "generation.engine.flex_decode=1",
+        "generation.engine.compile=1",
         "voices.allow_private_urls=yes",
     ],
 )

@@ -347,25 +347,14 @@ def test_a_reused_cache_takes_the_next_calls_prefix(engine64, prefix_from_4_rows
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("shared_prefix", [False, True], ids=["whole_prompts", "prefix_once"])
-def test_flex_decode_reading_each_rows_own_blocks_gives_the_same_codes(
-    engine64, prefix_from_4_rows, shared_prefix
+def test_own_columns_read_by_sdpas_fused_kernel_beside_the_prefix_give_the_same_codes(
+    engine64, prefix_from_4_rows, monkeypatch
 ):
-    rows = one_voice_rows() if shared_prefix else rows_ending_both_ways()
-    sdpa = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
-    flex = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, flex_decode=True))
-    expected, got = codes(sdpa, rows), codes(flex, rows)
-    step = flex._decode_step
-    assert step.blocks is not None and (step.cache.prefix_tokens > 0) == shared_prefix
+    rows = one_voice_rows()
+    expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4)), rows)
+    monkeypatch.setattr("model.attention.OWN_KERNEL", "efficient")
+    split = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
+    got = codes(split, rows)
+    assert split._decode_step.cache.prefix_tokens > 0
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_where_flex_attention_cannot_run_the_step_decodes_with_sdpa(engine, monkeypatch):
-    def no_triton(*args, **kwargs):
-        raise RuntimeError("Cannot find a working triton installation")
-
-    monkeypatch.setattr("model.attention._flex", no_triton)
-    flex = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=2, flex_decode=True))
-    results = flex.generate([smart(0), smart(1)])
-    assert all(r.ok for r in results) and flex._decode_step.blocks is None
