@@ -62,10 +62,10 @@ def write_book_records(storage: Storage, records: list[dict], run_id: str) -> st
 def latest_book_records(storage: Storage) -> dict[str, dict]:
     """Each book's newest record over every part of the output."""
     latest: dict[str, dict] = {}
-    for key in storage.list(BOOKS_METADATA_DIR):
-        if not (key.startswith(PART_PREFIX) and key.endswith(".parquet")):
-            continue
-        for record in pq.read_table(io.BytesIO(storage.read_bytes(key))).to_pylist():
+    keys = storage.list(BOOKS_METADATA_DIR)
+    parts = [k for k in keys if k.startswith(PART_PREFIX) and k.endswith(".parquet")]
+    for _, contents in storage.read_each(parts):
+        for record in pq.read_table(io.BytesIO(contents)).to_pylist():
             previous = latest.get(record["book_id"])
             if previous is None or record["finished_at"] >= previous["finished_at"]:
                 latest[record["book_id"]] = record

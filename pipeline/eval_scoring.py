@@ -219,8 +219,8 @@ def format_scores(scores: dict) -> str:
 
 def _ok_files(storage: Storage) -> dict[str, str]:
     ok: dict[str, str] = {}
-    for key in metadata_parts(storage):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=["id", "status", "file_name"])
+    for _, contents in storage.read_each(metadata_parts(storage)):
+        table = pq.read_table(io.BytesIO(contents), columns=["id", "status", "file_name"])
         for row in table.to_pylist():
             if row["status"] == "ok" and row["file_name"]:
                 ok[row["id"]] = row["file_name"]

@@ -26,8 +26,8 @@ def metadata_parts(storage: Storage) -> list[str]:
 
 def _columns(storage: Storage, columns: list[str]) -> Iterator[tuple[pa.Table, pa.Schema]]:
     """Each part's `columns` that it has, with the part's whole schema."""
-    for key in metadata_parts(storage):
-        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
+    for _, contents in storage.read_each(metadata_parts(storage)):
+        parquet = pq.ParquetFile(io.BytesIO(contents))
         present = [c for c in columns if c in parquet.schema_arrow.names]
         yield parquet.read(columns=present), parquet.schema_arrow
 
@@ -44,8 +44,8 @@ def finished_ids(storage: Storage, retry_errors: bool = False) -> set[str]:
 
 def drop_error_rows(storage: Storage) -> None:
     """Rewrite each metadata part without its error rows (part by part, so memory stays flat)."""
-    for key in metadata_parts(storage):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
+    for key, contents in storage.read_each(metadata_parts(storage)):
+        table = pq.read_table(io.BytesIO(contents))
         keep = pa.compute.equal(table.column("status"), "ok")
         if pa.compute.all(keep).as_py():
             continue
@@ -111,8 +111,8 @@ def write_audiofolder_index(storage: Storage, schema: pa.Schema | None = None) -
     writer = None
     rows = 0
     buffer = io.BytesIO()
-    for key in metadata_parts(storage):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(key)))
+    for _, contents in storage.read_each(metadata_parts(storage)):
+        table = pq.read_table(io.BytesIO(contents))
         table = table.filter(pa.compute.equal(table.column("status"), "ok"))
         if table.num_rows == 0:
             continue

@@ -12,6 +12,10 @@ answer every request after `--delay-ms`:
   through s3fs from a moto S3 server (`--source s3`); the stage reads, decodes and resamples each clip.
 - `write`: every row carries 4 s of synthesised audio (noise at 24 kHz), which the stage encodes as WAV and
   stores in the moto S3 server, then writes the block's metadata part.
+- `driver`: what the dataset job's driver reads from an output of `--parts` metadata parts of `--block` rows
+  each on the moto S3 server (a run of 1M rows leaves ~8,000): the finished ids (resume, at the start), then
+  the totals and the AudioFolder index (at the end); `--threads` here are reads in flight
+  (pipeline.storage.READ_AHEAD). Reported as parts a second.
 
 Each combination of delay and threads runs the same blocks of `--block` rows through a fresh stage.
 """
@@ -35,10 +39,13 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pipeline.storage as storage_module  # noqa: E402
 from model.requests import SynthesisResult  # noqa: E402
 from pipeline.manifest import ManifestRules, validate_row  # noqa: E402
+from pipeline.metadata import finished_ids, totals, write_audiofolder_index  # noqa: E402
 from pipeline.references import FetchPolicy  # noqa: E402
 from pipeline.stages import FetchStage, WriteSettings, WriteStage, pack, unpack  # noqa: E402
+from pipeline.storage import Storage  # noqa: E402
 from scripts.bench_report import emit  # noqa: E402
 
 BUCKET = "bench"
@@ -115,11 +122,12 @@ def s3_options(endpoint: str) -> dict:
     return {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
-def fill_bucket(endpoint: str, files: dict[str, bytes]) -> None:
+def fill_bucket(endpoint: str, files: dict[str, bytes], create: bool = True) -> None:
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
+    if create:
+        client.create_bucket(Bucket=BUCKET)
     for name, data in files.items():
         client.put_object(Bucket=BUCKET, Key=name, Body=data)
 
@@ -145,6 +153,42 @@ def write_run(blocks: list, output: str, options: dict, threads: int) -> dict:
     return {"threads": threads, "seconds": round(seconds, 3), "rows_per_s": round(len(statuses) / seconds, 1)}
 
 
+def metadata_part(first: int, rows: int) -> bytes:
+    """A metadata part as the write stage leaves one: a block's rows, ok, with their files and durations."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"row-{i}" for i in range(first, first + rows)]
+    table = pa.table(
+        {
+            "id": ids,
+            "status": ["ok"] * rows,
+            "file_name": [f"audio/{i}.wav" for i in ids],
+            "duration_s": [4.0] * rows,
+            "text": ["Hi."] * rows,
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def driver_run(output: str, options: dict, ahead: int) -> dict:
+    storage_module.READ_AHEAD = ahead
+    storage = Storage(output, options)
+    out: dict = {"threads": ahead}
+    started = time.perf_counter()
+    out["finished_ids"] = len(finished_ids(storage))
+    out["resume_s"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    _, schema = totals(storage)
+    write_audiofolder_index(storage, schema)
+    out["summary_s"] = round(time.perf_counter() - started, 3)
+    parts = len(storage.list("metadata"))
+    out["parts_per_s"] = round(3 * parts / (out["resume_s"] + out["summary_s"]), 1)  # each part read 3 times
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +201,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each clip and each row's audio")
     parser.add_argument("--block", type=int, default=128, help="rows per stage call (MIN_BLOCK_ROWS)")
+    parser.add_argument("--parts", type=int, default=200, help="metadata parts the driver reads")
     parser.add_argument("--delay-ms", default="0,20,50")
     parser.add_argument("--threads", default="1,16")
     parser.add_argument("--out", default=None)
@@ -234,9 +279,17 @@ def main() -> None:
                         write_input[:1], output + "-warmup", options, t
                     )  # connections, the bucket's region
                     entry.setdefault("write", []).append(write_run(write_input, output, options, t))
+            if "driver" in stages:
+                parts = {
+                    f"out-driver/metadata/part-{i:05d}.parquet": metadata_part(i * args.block, args.block)
+                    for i in range(args.parts)
+                }
+                fill_bucket(s3_endpoint, parts, create=False)  # made above
+                output = f"s3://{BUCKET}/out-driver"
+                entry["driver"] = [driver_run(output, options, t) for t in thread_counts]
         for stage in stages:
-            runs = entry[stage]
-            entry[f"{stage}_speedup"] = round(runs[-1]["rows_per_s"] / runs[0]["rows_per_s"], 2)
+            runs, speed = entry[stage], "parts_per_s" if stage == "driver" else "rows_per_s"
+            entry[f"{stage}_speedup"] = round(runs[-1][speed] / runs[0][speed], 2)
         report["delays"].append(entry)
         print(entry, file=sys.stderr)
     emit(report, args.out)

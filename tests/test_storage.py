@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,38 @@ def test_an_s3_write_is_one_upload_to_its_key(s3_server, s3_bucket, caplog):
     calls = [r.getMessage().split(" - ")[0] for r in caplog.records if r.getMessage().startswith("CALL: ")]
     assert calls == ["CALL: put_object"]
     assert storage.read_bytes("audio/a.wav") == b"audio"
+
+
+def test_read_each_gives_every_key_its_contents_in_order(storage: Storage):
+    keys = [f"metadata/part-{i:03d}.parquet" for i in range(40)]
+    for key in reversed(keys):  # written in another order than read
+        storage.write_bytes(key, key.encode())
+
+    got = list(storage.read_each(keys, ahead=8))
+
+    assert got == [(key, key.encode()) for key in keys]
+
+
+def test_read_each_keeps_up_to_its_reads_in_flight_and_no_more(tmp_path: Path):
+    storage = Storage(str(tmp_path / "run1"))
+    keys = [f"part-{i}" for i in range(20)]
+    for key in keys:
+        storage.write_bytes(key, b"x")
+    lock, running, most = threading.Lock(), [0], [0]
+    read = storage.read_bytes
+
+    def slow_read(key: str) -> bytes:  # as an object store answers: after a while, many at once
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return read(key)
+
+    storage.read_bytes = slow_read
+    assert [key for key, _ in storage.read_each(keys, ahead=4)] == keys
+    assert most[0] == 4
 
 
 def test_exists_reflects_writes_and_deletes(storage: Storage):
