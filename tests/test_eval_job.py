@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 VOICES = REPO / "examples" / "voices"
 EXAMPLES = REPO / "examples" / "eval"
 # Whole CPUs for the 1-CPU tasks Ray Data adds (ListFiles, repartition): actors take under one of the two.
-UTTS = ("en_woman_walk", "en_man_meeting", "en_woman_train")  # examples/eval/meta.lst
 RESOURCES = Resources(actors=1, cpus_per_actor=0.5, batch_size=8, cpu_stage_workers=1, cpu_stage_cpus=0.1)
 
 # Line numbers matter: they are what the error rows report.
@@ -286,27 +285,36 @@ def test_emergent_scored(ray_local, tiny_checkpoint: str, scoring_models, tmp_pa
     assert "wer" not in pq.read_table(out / "metadata.parquet").column_names
 
 
-def test_a_jsonl_manifest_passed_through_is_scored_row_by_row(
-    ray_local, tiny_checkpoint: str, scoring_models, tmp_path: Path
-) -> None:
-    asr, sv = scoring_models
-    manifest = tmp_path / "manifest.jsonl"
-    rows = [{"id": f"row-{i}", "text": "Hello there, friend.", "voice": "en_woman"} for i in range(2)]
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
-    out = tmp_path / "out"
-    scoring = ScoringOptions(enabled=True, asr_model=asr, sv_model=sv, cpus_per_actor=0.5, batch_size=2)
-    job = EvalJob(
-        dataset(str(out), tiny_checkpoint, fetch=FetchPolicy(allowed_roots=(str(VOICES),))),
-        prepare_inputs("manifest", str(manifest), str(out)),
-        scoring=scoring,
-    )
-    summary = run_eval_job(job)
+def test_a_jsonl_manifests_lines_reach_scoring_row_by_row(ray_local, tmp_path: Path) -> None:
+    import pyarrow as pa
 
-    assert summary["this_run"]["by_status"] == {"ok": 2, "error": 1}
-    scored = [r for p in sorted((out / "scores").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    assert sorted(r["id"] for r in scored) == ["row-0", "row-1"]
-    assert all(r["error"] is None and r["wer"] >= 0 and -1 <= r["sim"] <= 1 for r in scored)
-    assert summary["scores"]["count"] == 2
+    from pipeline.eval_scoring import InputSettings, ScoreInputStage
+    from pipeline.json_lines import LINE, LINE_NUMBER
+    from pipeline.stages import unpack
+    from pipeline.storage import Storage
+
+    out = Storage(str(tmp_path / "out"))
+    for i in range(2):
+        out.write_bytes(f"row-{i}.wav", f"audio of row {i}".encode())
+    prompt = {"audio": str(VOICES / "en_woman.wav"), "transcript": "Hello."}
+    lines = [json.dumps({"id": f"row-{i}", "text": f"Line {i}.", "references": [prompt]}) for i in range(3)]
+    # eval_set=manifest hands a JSONL manifest on as its raw lines, as the dataset job reads one.
+    batch = pa.table({LINE_NUMBER: [1, 2, 3, 4], LINE: [line.encode() for line in [*lines, "{not json"]]})
+    settings = InputSettings(
+        output=out.root,
+        storage_options=None,
+        rules=ManifestRules(),
+        fetch=FetchPolicy(allowed_roots=(str(VOICES),)),
+        ok_files=ray_local.put({"row-0": "row-0.wav", "row-1": "row-1.wav"}),  # row-2 was not synthesized
+    )
+
+    rows = unpack(ScoreInputStage(settings)(batch))
+
+    assert [(r["id"], r["text"], r["audio"], r["error"]) for r in rows] == [
+        ("row-0", "Line 0.", b"audio of row 0", None),
+        ("row-1", "Line 1.", b"audio of row 1", None),
+    ]
+    assert all(r["reference_audio"] is not None for r in rows)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
@@ -383,46 +391,3 @@ def test_the_cli_exits_2_on_a_bad_config(tmp_path: Path) -> None:
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "configuration error: eval_set='librispeech'" in proc.stderr
-
-
-def test_cli_multirun_two_seeds(ray_local, tiny_checkpoint: str, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    # Joining the module's cluster saves starting a second one (runtime.address stays out of folder names).
-    address = ray_local.get_runtime_context().gcs_address
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.regenerate_eval",
-        "--multirun",
-        "generation.seed=1,2",
-        f"output={sweep}",
-        f"model.source={tiny_checkpoint}",
-        "generation.max_new_tokens=30",
-        "sample_rate=16000",
-        f"runtime.address={address}",
-        "runtime.cpus_per_actor=0.5",
-        "runtime.cpu_stage_cpus=0.1",
-        f"hydra.sweep.dir={tmp_path / 'hydra'}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    # jobs.common.run_output names each folder after its overrides (runtime.* ones are left out).
-    source = tiny_checkpoint.replace("/", "_")
-    names = [
-        f"generation.max_new_tokens=30_generation.seed={seed}_model.source={source}_sample_rate=16000"
-        for seed in (1, 2)
-    ]
-    assert sorted(p.name for p in sweep.iterdir()) == names
-    for seed, name in zip((1, 2), names, strict=True):
-        run = sweep / name
-        assert sorted(p.name for p in run.glob("*.wav")) == [f"{utt}.wav" for utt in sorted(UTTS)]
-        assert sf.info(run / "en_man_meeting.wav").samplerate == 16000
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["this_run"]["by_status"] == {"ok": 3}
-        assert f"seed: {seed}" in (run / "config.yaml").read_text()
-        assert set(pq.read_table(run / "metadata.parquet").column("seed").to_pylist()) == {seed}
-    assert proc.stdout.count("rows this run: 3 {'ok': 3}") == 2
-    # The seed reached the sampler: the two configurations do not sound the same.
-    clips = [[sf.read(sweep / name / f"{utt}.wav")[0] for utt in UTTS] for name in names]
-    assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(*clips, strict=True))
