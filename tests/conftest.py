@@ -174,13 +174,14 @@ def engine64(tiny_checkpoint: str):
     return SynthesisEngine.from_spec(spec, EngineOptions())
 
 
-# ---------------------------------------------------------------- a local Ray for the module
+# ---------------------------------------------------------------- a local Ray for the session
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 
+    # One instance for every module that runs jobs in-process: starting one costs ~8 s here.
     # address="local": a fresh instance even if a `ray start` cluster runs on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
