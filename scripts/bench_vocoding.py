@@ -10,6 +10,11 @@ reports how far windowed waveforms stray from decoding each row whole (max |diff
 --encode-clips N also encodes N reference clips of 3-10 s one at a time, as the engine encodes each distinct
 reference voice (SynthesisEngine.encode_reference): what an evaluation set, whose rows each bring their own
 voice, pays per row on the GPU before its rows decode.
+
+--codec-dtypes float32,bfloat16 measures the windowed vocoding (and the encoding) again with the codec cast
+to each later dtype: its speed, how far its waveforms stray from the first dtype's, and the share of encoded
+codes that stay the same (the engine's codec runs in the checkpoint's float32; GPU run 7 spent 19 % of a
+1,024-row call vocoding).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def main() -> None:
     )
     parser.add_argument("--check-rows", type=int, default=4, help="rows compared with whole decoding")
     parser.add_argument("--encode-clips", type=int, default=0, help="reference clips encoded (0: none)")
+    parser.add_argument(
+        "--codec-dtypes", default="float32", help="the codec's dtypes, the first the reference"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -57,7 +65,8 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     config = real_audio_tokenizer_config() if args.config == "real" else tiny_audio_tokenizer_config()
-    codec = HiggsAudioV2TokenizerModel(config).eval().to(device)
+    dtypes = args.codec_dtypes.split(",")
+    codec = HiggsAudioV2TokenizerModel(config).eval().to(device, getattr(torch, dtypes[0]))
     _fill_codebooks(codec)
 
     @torch.inference_mode()
@@ -108,35 +117,64 @@ def main() -> None:
     ]
     report["windowed_max_stray"] = max(stray)
     if args.encode_clips:
-        report["encoding"] = encoding_speed(codec, device, args.encode_clips)
+        report["encoding"], codes = encoding_speed(codec, device, args.encode_clips)
+    reference = [decode_whole(decode, row) for row in rows[: args.check_rows]]
+    for name in dtypes[1:]:
+        codec.to(getattr(torch, name))
+        vocode_rows(decode, rows[:8], margin, args.frames_per_call)  # warm-up
+        started = time.perf_counter()
+        waveforms, _ = vocode_rows(decode, rows, margin, args.frames_per_call)
+        wall = time.perf_counter() - started
+        audio_s = sum(len(w) for w in waveforms) / 24000
+        entry = {
+            "windowed_wall_s": round(wall, 3),
+            "windowed_x_real_time": round(audio_s / wall, 1),
+            "speedup_vs_first": round(report["windowed"]["wall_s"] / wall, 2),
+            "max_stray_vs_first": max(
+                float(np.abs(w - whole).max() / np.abs(whole).max())
+                for w, whole in zip(waveforms, reference, strict=False)
+            ),
+        }
+        if args.encode_clips:
+            entry["encoding"], other = encoding_speed(codec, device, args.encode_clips)
+            same = [float((a == b).mean()) for a, b in zip(codes, other, strict=True)]
+            entry["encoding"]["codes_same_as_first"] = round(float(np.mean(same)), 4)
+        report[f"codec_{name}"] = entry
     emit(report, args.out)
 
 
-def encoding_speed(codec, device: torch.device, clips: int) -> dict:
-    """`clips` clips of 3-10 s of noise encoded one at a time, after one warm-up clip."""
+def decode_whole(decode, codes: np.ndarray) -> np.ndarray:
+    """One row decoded in one codec call, as a reference waveform."""
+    return decode(torch.from_numpy(codes)[None])[0]
+
+
+def encoding_speed(codec, device: torch.device, clips: int) -> tuple[dict, list[np.ndarray]]:
+    """`clips` clips of 3-10 s of noise encoded one at a time, after one warm-up clip; and the first
+    few clips' codes."""
     rng = np.random.default_rng(2)
     seconds = [3 + (i * 7) % 8 for i in range(clips)]
     waves = [(0.1 * rng.standard_normal(s * 24000)).astype(np.float32) for s in seconds]
     dtype = next(codec.parameters()).dtype
 
     @torch.inference_mode()
-    def encode(wave: np.ndarray) -> None:
-        codec.encode(torch.from_numpy(wave).to(device, dtype)[None, None, :])
+    def encode(wave: np.ndarray) -> torch.Tensor:
+        codes = codec.encode(torch.from_numpy(wave).to(device, dtype)[None, None, :]).audio_codes
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return codes
 
     encode(waves[0])
     started = time.perf_counter()
-    for wave in waves:
-        encode(wave)
+    codes = [encode(wave) for wave in waves]
     wall = time.perf_counter() - started
-    return {
+    speed = {
         "clips": clips,
         "audio_s": sum(seconds),
         "wall_s": round(wall, 3),
         "ms_per_clip": round(1000 * wall / clips, 1),
         "x_real_time": round(sum(seconds) / wall, 1),
     }
+    return speed, [c.cpu().numpy() for c in codes[:8]]
 
 
 if __name__ == "__main__":

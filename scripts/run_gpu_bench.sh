@@ -38,10 +38,11 @@ step timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --b
 step timeout 130 python3 scripts/bench_gpu.py --out "$out/bench_realistic.json" --budget-s 70 --no-baseline \
   --modes "" --text-tokens 40 --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,split_efficient \
   --span-batch 0 --check-rows 0
-# The release's codec: 64 rows vocoded in windows (1,223x real time in run 7) and reference clips encoded one
-# at a time (25.8 ms a clip in run 7: more than a 4 s row's synthesis), ~20 s.
-step timeout 45 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
-  --out "$out/bench_codec.json"
+# The release's codec: 64 rows vocoded in windows (1,223x real time in run 7; 19 % of the 1,024-row call) and
+# reference clips encoded one at a time (25.8 ms a clip in run 7: more than a 4 s row's synthesis), then both
+# again with the codec in bfloat16 (its speed, its waveforms' stray, its codes' agreement), ~35 s.
+step timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
+  --codec-dtypes float32,bfloat16 --out "$out/bench_codec.json"
 # Audiobook chapters, if time is left: run 7 cut this off before its last order (~55 s in all).
-step timeout 75 python3 scripts/bench_longform.py --config real --device cuda --chapters 24 --slots 24 \
+step timeout 70 python3 scripts/bench_longform.py --config real --device cuda --chapters 24 --slots 24 \
   --chunks 4,10 --steps 60,150 --out "$out/bench_longform.json"
