@@ -28,14 +28,15 @@ from pipeline.attempts import AttemptLog
 from pipeline.json_lines import manifest_rows
 from pipeline.manifest import ManifestRules, passthrough_columns, recorded_id, to_request, validate_row
 from pipeline.references import FetchPolicy, fetch_reference
-from pipeline.storage import Storage
+from pipeline.storage import READ_AHEAD, Storage
 
 AUDIO_DIR = "audio"
 METADATA_DIR = "metadata"
-# Clips a fetch actor remembers having sent decoded (see FetchStage), and the reads or writes a CPU-stage
-# actor keeps in flight (FetchStage, WriteStage).
+# Clips a fetch actor remembers having sent decoded (see FetchStage).
 SEEN_CLIPS = 4096
-IO_THREADS = 16
+# The reads or writes a CPU-stage actor keeps in flight (FetchStage, WriteStage): as many as the driver's
+# reads, for the same reason (object storage answers each in tens of ms).
+IO_THREADS = READ_AHEAD
 TIMING_FIELDS = ("reference_encode_s", "prefill_s", "decode_s", "vocode_s")
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
