@@ -24,28 +24,40 @@ def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
     torch.testing.assert_close(packed, expected)
 
 
-def test_attention_over_a_shared_prefix_and_each_rows_own_keys_is_one_softmax_over_both():
+def _rows_beside_a_prefix(own_of_row_1: int) -> tuple:
+    """prefix_attention's arguments for 4 rows (6 query heads on 2 key/value heads) reading the first 40
+    columns of their slots, 30 of them in use, row 1 only `own_of_row_1`, beside a 20-token shared prefix."""
     torch.manual_seed(0)
     rows, kv_heads, groups, dim = 4, 2, 3, 16
     query = torch.randn(rows, kv_heads * groups, 1, dim, dtype=torch.float64)
-    key, value = (torch.randn(rows, kv_heads, 40, dim, dtype=torch.float64) for _ in range(2))
+    slots = [torch.randn(8, kv_heads, 80, dim, dtype=torch.float64) for _ in range(2)]
+    key, value = (slot[:rows, :, :40] for slot in slots)
     prefix_keys, prefix_values = (torch.randn(kv_heads, 24, dim, dtype=torch.float64) for _ in range(2))
     lowest = torch.finfo(torch.float64).min
     mask = torch.zeros(rows, 1, 1, 40, dtype=torch.float64)
     mask[:, :, :, 30:] = lowest  # slot columns not in use yet
-    mask[1, :, :, 12:] = lowest  # a row with fewer tokens of its own
+    mask[1, :, :, own_of_row_1:] = lowest  # a row with fewer tokens of its own
     prefix_mask = torch.zeros(24, dtype=torch.float32)
     prefix_mask[20:] = torch.finfo(torch.float32).min  # the prefix's span rounds up past its 20 tokens
+    return query, key, value, mask, prefix_keys, prefix_values, prefix_mask, 0.25
 
-    got = prefix_attention(query, key, value, mask, prefix_keys, prefix_values, prefix_mask, 0.25)
+
+def test_attention_over_a_shared_prefix_and_each_rows_own_keys_is_one_softmax_over_both():
+    args = _rows_beside_a_prefix(own_of_row_1=12)
+    query, key, value, mask, prefix_keys, prefix_values, prefix_mask, scale = args
+    rows, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+
+    got = prefix_attention(*args)
 
     # The same attention with the prefix copied in front of every row's keys.
     whole_keys = torch.cat([prefix_keys.expand(rows, -1, -1, -1), key], dim=2)
     whole_values = torch.cat([prefix_values.expand(rows, -1, -1, -1), value], dim=2)
+    lowest = torch.finfo(mask.dtype).min
     whole_mask = torch.cat([prefix_mask.to(mask.dtype).clamp(min=lowest).expand(rows, 1, 1, -1), mask], dim=3)
     module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
-    expected, _ = sdpa_attention_forward(module, query, whole_keys, whole_values, whole_mask, scaling=0.25)
-    assert got.shape == (rows, 1, kv_heads * groups, dim)
+    expected, _ = sdpa_attention_forward(module, query, whole_keys, whole_values, whole_mask, scaling=scale)
+    assert got.shape == (rows, 1, heads, dim)
     torch.testing.assert_close(got, expected)
 
 
@@ -73,21 +85,9 @@ def test_attention_over_a_shared_prefix_reads_the_slot_keys_in_place_without_cop
 
 
 def test_a_shared_prefix_joined_through_log_sum_exps_gives_the_one_softmax_result():
-    torch.manual_seed(0)
-    rows, kv_heads, groups, dim = 4, 2, 3, 16
-    query = torch.randn(rows, kv_heads * groups, 1, dim, dtype=torch.float64)
-    slots = [torch.randn(8, kv_heads, 80, dim, dtype=torch.float64) for _ in range(2)]
-    key, value = (slot[:rows, :, :40] for slot in slots)  # a step reads the first 40 columns of its slots
-    prefix_keys, prefix_values = (torch.randn(kv_heads, 24, dim, dtype=torch.float64) for _ in range(2))
-    lowest = torch.finfo(torch.float64).min
-    mask = torch.zeros(rows, 1, 1, 40, dtype=torch.float64)
-    mask[:, :, :, 30:] = lowest  # slot columns not in use yet
-    mask[1, :, :, 1:] = lowest  # a row with one token of its own so far
-    prefix_mask = torch.zeros(24, dtype=torch.float32)
-    prefix_mask[20:] = torch.finfo(torch.float32).min  # the prefix's span rounds up past its 20 tokens
-    args = (query, key, value, mask, prefix_keys, prefix_values, prefix_mask, 0.25)
+    args = _rows_beside_a_prefix(own_of_row_1=1)  # a row with one token of its own so far
 
     got = split_prefix_attention(*args, kernel="efficient")
 
-    assert got.shape == (rows, 1, kv_heads * groups, dim)
+    assert got.shape == (4, 1, 6, 16)
     torch.testing.assert_close(got, prefix_attention(*args))
