@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pipeline.storage as storage_module  # noqa: E402
 from model.requests import SynthesisResult  # noqa: E402
 from pipeline.manifest import ManifestRules, validate_row  # noqa: E402
-from pipeline.metadata import finished_ids, totals, write_audiofolder_index  # noqa: E402
+from pipeline.metadata import finished_ids, metadata_parts, totals, write_audiofolder_index  # noqa: E402
 from pipeline.references import FetchPolicy  # noqa: E402
-from pipeline.stages import FetchStage, WriteSettings, WriteStage, pack, unpack  # noqa: E402
+from pipeline.stages import METADATA_DIR, FetchStage, WriteSettings, WriteStage, pack, unpack  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from scripts.bench_report import emit  # noqa: E402
 
@@ -184,7 +184,7 @@ def driver_run(output: str, options: dict, ahead: int) -> dict:
     _, schema = totals(storage)
     write_audiofolder_index(storage, schema)
     out["summary_s"] = round(time.perf_counter() - started, 3)
-    parts = len(storage.list("metadata"))
+    parts = len(metadata_parts(storage))
     out["parts_per_s"] = round(3 * parts / (out["resume_s"] + out["summary_s"]), 1)  # each part read 3 times
     return out
 
@@ -281,7 +281,9 @@ def main() -> None:
                     entry.setdefault("write", []).append(write_run(write_input, output, options, t))
             if "driver" in stages:
                 parts = {
-                    f"out-driver/metadata/part-{i:05d}.parquet": metadata_part(i * args.block, args.block)
+                    f"out-driver/{METADATA_DIR}/part-{i:05d}.parquet": metadata_part(
+                        i * args.block, args.block
+                    )
                     for i in range(args.parts)
                 }
                 fill_bucket(s3_endpoint, parts, create=False)  # made above
