@@ -87,7 +87,7 @@ def fetch_urls(rows_urls: list[list[str]], server, threads: int = 16) -> list[di
     return unpack(stage(pack(rows)))
 
 
-def test_a_blocks_distinct_sources_are_read_at_once(tmp_path):
+def test_a_blocks_distinct_sources_are_read_at_once():
     urls = [f"/together/clip-{i}.wav" for i in range(4)]
     files = {f"/clip-{i}.wav": BELINDA.read_bytes() for i in range(4)}
     with serve_audio(files, together=4) as server:
@@ -96,7 +96,7 @@ def test_a_blocks_distinct_sources_are_read_at_once(tmp_path):
     assert sorted(server.paths) == urls
 
 
-def test_a_source_several_rows_of_a_block_name_is_read_once(tmp_path):
+def test_a_source_several_rows_of_a_block_name_is_read_once():
     with serve_audio({"/belinda.wav": BELINDA.read_bytes()}) as server:
         first, second, third = fetch_urls([["/belinda.wav"]] * 3, server)
     assert server.paths == ["/belinda.wav"]
