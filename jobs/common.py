@@ -218,6 +218,7 @@ def engine_options(cfg: DictConfig):
         share_prefix=flag(engine, "share_prefix"),
         shared_prefix_cache=flag(engine, "shared_prefix_cache"),
         vocode_windows=flag(engine, "vocode_windows", nullable=True),
+        overlap_vocoding=flag(engine, "overlap_vocoding"),
         reserve=kv_reserve(engine.reserve),
     )
 

@@ -12,7 +12,9 @@ embeddings, sampling) before the graph is captured; the step has no graph break,
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import fields
 
 import torch
@@ -43,6 +45,7 @@ class DecodeStep:
         stream_eos: int,
         ignore_eos: bool,
         compile: bool = False,
+        capture_lock: threading.Lock | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -61,6 +64,9 @@ class DecodeStep:
         self.dtype = next(model.parameters()).dtype
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        # Held while capturing: other threads (the engine's vocoding beside the decode) must not touch the
+        # GPU meanwhile.
+        self._capture_lock = capture_lock or nullcontext()
 
     @property
     def captured(self) -> list[int]:
@@ -77,7 +83,8 @@ class DecodeStep:
             return self._run(*key)
         if key not in self._graphs:
             try:
-                self._capture(key)
+                with self._capture_lock:
+                    self._capture(key)
             except RuntimeError as exc:
                 # Graphs only speed the step up; a step that cannot be captured still runs eagerly.
                 log.warning("decode step not captured as a CUDA graph (%s); running it eagerly", exc)

@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from model.slot_cache import SlotCache, round_up
 from model.speech_length import estimate_seconds
 from model.token_routing import use_indexed_routing
 from model.vocoding import margin_for, probe_reach, vocode_rows
+from model.vocoding_groups import VocodingGroups
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,9 @@ class SynthesisEngine:
         self.sample_rate = int(self.processor.audio_tokenizer.config.sample_rate)
         self.reference_cache = LRUCache(self.options.reference_cache_size)
         self._decode_step: DecodeStep | None = None
+        # Held by each codec call beside the decoding (overlap_vocoding) and by each CUDA graph capture: a
+        # capture fails if another thread syncs or queries the GPU meanwhile.
+        self._capture_lock = threading.Lock()
         self._compile = self.options.compile  # off once a step has failed to compile: the next would too
         use_indexed_routing(self.model)  # bit for bit transformers' layers, without their waits in prefill
 
@@ -369,9 +374,11 @@ class SynthesisEngine:
         """One result per request, in order. A bad request yields an error result; the others go on."""
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared = self._prepare_all(requests, results)
-        for item, result in self._decode_all(prepared):
-            results[item.index] = result
-        self._vocode_results([r for r in results if r is not None and r.ok and r.waveform is None])
+        with self._vocoding_groups(chained=False) as groups:
+            for item, result in self._decode_all(prepared):
+                results[item.index] = result
+                groups.add(item.index, result)
+            groups.close()
         return [r for r in results if r is not None]
 
     def generate_chained(
@@ -390,17 +397,11 @@ class SynthesisEngine:
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared = self._prepare_all(requests, results, priority)
         yield from ((request, r) for request, r in zip(requests, results, strict=True) if r is not None)
-        ready: list[tuple[SynthesisRequest, SynthesisResult]] = []
-        frames = 0
-        for item, result in self._decode_all(prepared, follow=follow, priority=priority):
-            ready.append((item.request, result))
-            frames += result.generated_frames
-            if frames >= self._vocode_budget():
-                self._vocode_results([r for _, r in ready if r.ok])
-                yield from ready
-                ready, frames = [], 0
-        self._vocode_results([r for _, r in ready if r.ok])
-        yield from ready
+        with self._vocoding_groups(chained=True) as groups:
+            for item, result in self._decode_all(prepared, follow=follow, priority=priority):
+                groups.add(item.request, result)
+                yield from groups.ready()
+            yield from groups.close()
 
     def _prepare_all(
         self,
@@ -729,6 +730,7 @@ class SynthesisEngine:
             self.stream_eos,
             self.options.ignore_eos,
             self._compile,
+            self._capture_lock,
         )
 
     def _drop_step(self) -> None:
@@ -920,6 +922,40 @@ class SynthesisEngine:
         """Frames of overlap each vocoding window needs on either side (model.vocoding), probed once."""
         return margin_for(probe_reach(self.vocode, self.num_codebooks))
 
+    def _vocoding_groups(self, chained: bool) -> VocodingGroups:
+        """Where a call's finished rows are vocoded: with `overlap_vocoding` in groups beside the decoding
+        (model.vocoding_groups); else in groups as they finish when the call is `chained` (its results come
+        out as they are vocoded), or all together after the last row."""
+        if not self.options.overlap_vocoding:
+            return VocodingGroups(self._vocode_results, self._vocode_budget if chained else None)
+        if self._vocode_windows():
+            _ = self._vocode_margin  # probed here: the worker thread would probe outside the capture lock
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return VocodingGroups(self._vocode_results, self._vocode_budget, self._vocode_beside, stream)
+
+    def _vocode_beside(self, results: list[SynthesisResult]) -> None:
+        """Vocode `results` in the worker thread, each codec call holding the capture lock; out of memory
+        is raised, for the caller's thread to vocode them again (see _vocode_results)."""
+
+        def decode(codes: torch.Tensor) -> np.ndarray:
+            with self._capture_lock:
+                return self.vocode(codes)
+
+        self._vocode_now(results, self._vocode_budget(), decode)
+
+    def _vocode_windows(self) -> bool:
+        windows = self.options.vocode_windows
+        return self.device.type == "cuda" if windows is None else windows
+
+    def _vocode_now(
+        self, results: list[SynthesisResult], budget: int, decode: Callable[[torch.Tensor], np.ndarray]
+    ) -> None:
+        margin = self._vocode_margin if self._vocode_windows() else None
+        waveforms, seconds = vocode_rows(decode, [r.audio_codes for r in results], margin, budget)
+        for result, waveform, spent in zip(results, waveforms, seconds, strict=True):
+            result.waveform = waveform
+            result.timings["vocode_s"] = spent
+
     def _vocode_results(self, results: list[SynthesisResult]) -> None:
         """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames (on a CPU,
         VOCODE_CPU_FRAMES): rows of one length together, or with `vocode_windows` every row cut into windows
@@ -931,36 +967,28 @@ class SynthesisEngine:
         frames; then each row is vocoded alone, and a row that still does not fit becomes an error row."""
         if not results:
             return
-        on_gpu = self.device.type == "cuda"
         budget = self._vocode_budget()
-        windows = self.options.vocode_windows
-        if windows is None:
-            windows = on_gpu
-        margin = self._vocode_margin if windows else None
-        codes = [r.audio_codes for r in results]
         while True:
             try:
-                waveforms, seconds = vocode_rows(self.vocode, codes, margin, budget)
-                break
+                self._vocode_now(results, budget, self.vocode)
+                return
             except torch.OutOfMemoryError as exc:
                 self._drop_step()
                 self._release_memory()
                 if budget > VOCODE_FRAMES_PER_ROW:
                     budget = max(VOCODE_FRAMES_PER_ROW, budget // 2)
                     log.warning(
-                        "out of memory vocoding %d rows; retrying in calls of %d frames", len(codes), budget
+                        "out of memory vocoding %d rows; retrying in calls of %d frames", len(results), budget
                     )
                 elif len(results) > 1:
                     for result in results:
                         self._vocode_results([result])
                     return
                 else:
-                    results[0].error = f"out of memory while vocoding {codes[0].shape[-1]} frames: {exc}"
+                    frames = results[0].audio_codes.shape[-1]
+                    results[0].error = f"out of memory while vocoding {frames} frames: {exc}"
                     results[0].error_field = "synthesis"
                     return
-        for result, waveform, spent in zip(results, waveforms, seconds, strict=True):
-            result.waveform = waveform
-            result.timings["vocode_s"] = spent
 
     def _vocode_budget(self) -> int:
         """Frames one vocoding call takes (see _vocode_results)."""
@@ -992,5 +1020,6 @@ class SynthesisEngine:
         return audio[0] if single else audio
 
     def _sync(self) -> None:
+        """Wait for this thread's GPU work (not the codec's beside it, see overlap_vocoding)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()

@@ -17,7 +17,8 @@ free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
-(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `static`: the
+(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `vocode_after`: `graphs` vocoding a
+call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -108,6 +109,9 @@ MODES = {
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
     "split_cudnn": {"static_cache": True, "cuda_graphs": True},
+    # The default vocoding a call's rows after they all decode (the default before 2026-11-27 06:00 UTC), not
+    # in groups beside the decoding (overlap_vocoding).
+    "vocode_after": {"static_cache": True, "cuda_graphs": True, "overlap_vocoding": False},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -120,6 +124,7 @@ MODES = {
         "shared_prefix_cache": False,
         "vocode_windows": False,
         "max_prefill_rows": 1 << 30,
+        "overlap_vocoding": False,
     },
     # The default admitting a call's rows by prompt length alone, not the longest expected first.
     "prompt_order": {"static_cache": True, "cuda_graphs": True},
@@ -236,6 +241,9 @@ def measure(
     if engine.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     out["decode_steps"] = len(steps)
+    # From the last call's last decode step to its results: that step, then the vocoding left after it
+    # (all of the call's with overlap_vocoding off).
+    out["after_last_step_s"] = round(started + wall - steps[-1], 3) if steps else None
     if engine._decode_step is not None:
         slots = engine._decode_step.cache.slots
         if engine.options.ignore_eos:  # each row takes exactly its max_new_tokens steps
@@ -251,13 +259,13 @@ def measure(
 
 
 @contextmanager
-def counting_steps() -> Iterator[list[int]]:
-    """The decode steps any engine runs inside the block (DecodeStep calls), one entry each in the list."""
-    steps: list[int] = []
+def counting_steps() -> Iterator[list[float]]:
+    """The decode steps any engine runs inside the block (DecodeStep calls): when each was launched."""
+    steps: list[float] = []
     original = DecodeStep.__call__
 
     def counted(self, *args):
-        steps.append(1)
+        steps.append(time.perf_counter())
         return original(self, *args)
 
     DecodeStep.__call__ = counted

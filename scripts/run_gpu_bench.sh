@@ -28,10 +28,12 @@ step timeout 60 python3 scripts/bench_attention.py --device cuda --batch-sizes 2
   --out "$out/bench_attention.json"
 # What decides the dataset pipeline's goal: 1,024 rows of 150-349 frames with the slots that fit free memory
 # (runtime.batch_size=auto) in one call, as the dataset job's actors get them, ~60 s a mode with its
-# warm-up: the defaults (286.1x in run 7) against the split attention's two kernels; first, where the GPU
-# time of a 256-row decode step goes (~20 s; run 7's profile was lost to the file limit).
+# warm-up: the defaults, which now vocode finished rows beside the decoding (never run on a GPU), against
+# vocoding after it (`vocode_after`: run 7's defaults, 286.1x, 6.8 s of its 35.7 s vocoding at the end)
+# and against the split attention's efficient kernel; first, where the GPU time of a 256-row decode step
+# goes (~20 s; run 7's profile was lost to the file limit).
 step timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 215 --no-baseline \
-  --modes "" --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,split_efficient,split_cudnn \
+  --modes "" --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,vocode_after,split_efficient \
   --profile 256 --span-batch 0 --check-rows 0
 # The same rows with text of a realistic length for their audio (~40 tokens for 6-14 s of speech, against
 # ~300 above): what a dataset's rows cost; the defaults, then the split attention's efficient kernel.

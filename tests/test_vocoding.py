@@ -1,12 +1,14 @@
 """Vocoding rows of any length in windows of one size: the same waveform as decoding each row whole, in a
-few codec calls."""
+few codec calls; and vocoding a call's rows in groups beside its decoding, with the same waveforms."""
+
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from model.engine import EngineOptions, SynthesisEngine
-from model.requests import SynthesisResult
+from model.requests import SynthesisRequest, SynthesisResult
 from model.vocoding import PROBE_FRAMES, cut
 
 
@@ -137,3 +139,80 @@ def test_a_row_too_long_to_vocode_alone_becomes_an_error_row_and_the_others_fini
         and "out of memory while vocoding 300 frames" in results[1].error
     )
     assert len(results[0].waveform) and len(results[2].waveform)
+
+
+def rows_to_vocode_in_groups() -> list[SynthesisRequest]:
+    """Twelve rows of 30-52 frames: ~500 frames, so groups of the CPU's 256 fill before the call ends."""
+    return [
+        SynthesisRequest(id=f"r{i}", text=f"Row {i} is spoken.", seed=i, max_new_tokens=30 + 2 * i)
+        for i in range(12)
+    ]
+
+
+def vocoding_threads(engine: SynthesisEngine, monkeypatch, fail_beside=None) -> list[str]:
+    """The name of the thread each codec call runs in; `fail_beside`, raised by calls in the worker."""
+    threads = []
+    original = engine.vocode
+
+    def vocode(codes):
+        threads.append(threading.current_thread().name)
+        if fail_beside is not None and threads[-1].startswith("vocoding"):
+            raise fail_beside
+        return original(codes)
+
+    monkeypatch.setattr(engine, "vocode", vocode)
+    return threads
+
+
+@pytest.fixture
+def overlapping(engine) -> SynthesisEngine:
+    """The default engine: it vocodes beside the decoding."""
+    return SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, ignore_eos=True))
+
+
+def after_decoding(engine) -> list[SynthesisResult]:
+    plain = SynthesisEngine(
+        engine.checkpoint, EngineOptions(max_batch_size=4, ignore_eos=True, overlap_vocoding=False)
+    )
+    return plain.generate(rows_to_vocode_in_groups())
+
+
+def assert_same_audio(expected: list[SynthesisResult], results: list[SynthesisResult]) -> None:
+    assert [r.id for r in results] == [r.id for r in expected]
+    for a, b in zip(expected, results, strict=True):
+        assert b.ok and b.timings["vocode_s"] > 0
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+        # Exactly: on a CPU rows of distinct lengths vocode alone, whatever group they finish in.
+        np.testing.assert_array_equal(a.waveform, b.waveform)
+
+
+def test_rows_vocoded_beside_the_decoding_get_the_waveforms_of_rows_vocoded_after_it(
+    engine, overlapping, monkeypatch
+):
+    expected = after_decoding(engine)
+    threads = vocoding_threads(overlapping, monkeypatch)
+    assert_same_audio(expected, overlapping.generate(rows_to_vocode_in_groups()))
+    beside = [t for t in threads if t.startswith("vocoding")]
+    assert beside and len(beside) < len(threads)  # groups in the worker, the last one in the caller's thread
+
+
+def test_a_group_out_of_memory_beside_the_decoding_is_vocoded_again_in_the_callers_thread(
+    engine, overlapping, monkeypatch
+):
+    expected = after_decoding(engine)
+    threads = vocoding_threads(overlapping, monkeypatch, fail_beside=torch.OutOfMemoryError("full"))
+    assert_same_audio(expected, overlapping.generate(rows_to_vocode_in_groups()))
+    assert any(t.startswith("vocoding") for t in threads)
+
+
+def test_a_codec_failure_beside_the_decoding_fails_the_call_as_it_would_after_it(overlapping, monkeypatch):
+    vocoding_threads(overlapping, monkeypatch, fail_beside=RuntimeError("codec broke"))
+    with pytest.raises(RuntimeError, match="codec broke"):
+        overlapping.generate(rows_to_vocode_in_groups())
+
+
+def test_chained_rows_vocoded_beside_the_decoding_come_out_with_their_waveforms(engine, overlapping):
+    expected = {r.id: r for r in after_decoding(engine)}
+    pairs = list(overlapping.generate_chained(rows_to_vocode_in_groups(), lambda request, result: None))
+    assert sorted(request.id for request, _ in pairs) == sorted(expected)
+    assert_same_audio([expected[r.id] for _, r in pairs], [r for _, r in pairs])
