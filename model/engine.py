@@ -930,8 +930,15 @@ class SynthesisEngine:
             return VocodingGroups(self._vocode_results, self._vocode_budget if chained else None)
         if self._vocode_windows():
             _ = self._vocode_margin  # probed here: the worker thread would probe outside the capture lock
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        return VocodingGroups(self._vocode_results, self._vocode_budget, self._vocode_beside, stream)
+        return VocodingGroups(
+            self._vocode_results, self._vocode_budget, self._vocode_beside, self._vocoding_stream
+        )
+
+    @cached_property
+    def _vocoding_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream codec calls beside the decoding queue on: one per engine, as the caching allocator
+        keeps the blocks freed on a stream for that stream."""
+        return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _vocode_beside(self, results: list[SynthesisResult]) -> None:
         """Vocode `results` in the worker thread, each codec call holding the capture lock; out of memory
