@@ -213,6 +213,12 @@ def test_vocoding_windows_follow_the_device_unless_the_config_sets_them(tiny_che
     assert job.engine.vocode_windows is False
 
 
+def test_rows_are_vocoded_beside_the_decoding_unless_the_config_turns_it_off(tiny_checkpoint, tmp_path):
+    assert dataset_job_of(tiny_checkpoint, tmp_path).engine.overlap_vocoding is True
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.overlap_vocoding=false")
+    assert job.engine.overlap_vocoding is False
+
+
 def test_kv_slots_reserve_each_texts_estimated_length_unless_the_config_says_otherwise(
     tiny_checkpoint, tmp_path
 ):
