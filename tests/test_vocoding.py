@@ -192,8 +192,7 @@ def test_rows_vocoded_beside_the_decoding_get_the_waveforms_of_rows_vocoded_afte
     expected = after_decoding(engine)
     threads = vocoding_threads(overlapping, monkeypatch)
     assert_same_audio(expected, overlapping.generate(rows_to_vocode_in_groups()))
-    beside = [t for t in threads if t.startswith("vocoding")]
-    assert beside and len(beside) < len(threads)  # groups in the worker, the last one in the caller's thread
+    assert any(t.startswith("vocoding") for t in threads)  # groups went to the worker before the call ended
 
 
 def test_a_group_out_of_memory_beside_the_decoding_is_vocoded_again_in_the_callers_thread(
