@@ -142,10 +142,10 @@ def test_a_row_too_long_to_vocode_alone_becomes_an_error_row_and_the_others_fini
 
 
 def rows_to_vocode_in_groups() -> list[SynthesisRequest]:
-    """Twelve rows of 30-52 frames: ~500 frames, so groups of the CPU's 256 fill before the call ends."""
+    """Eight rows of 40-54 frames: ~370 frames, so a group of the CPU's 256 fills before the call ends."""
     return [
-        SynthesisRequest(id=f"r{i}", text=f"Row {i} is spoken.", seed=i, max_new_tokens=30 + 2 * i)
-        for i in range(12)
+        SynthesisRequest(id=f"r{i}", text=f"Row {i} is spoken.", seed=i, max_new_tokens=40 + 2 * i)
+        for i in range(8)
     ]
 
 
@@ -170,7 +170,9 @@ def overlapping(engine) -> SynthesisEngine:
     return SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, ignore_eos=True))
 
 
-def after_decoding(engine) -> list[SynthesisResult]:
+@pytest.fixture(scope="module")
+def vocoded_after(engine) -> list[SynthesisResult]:
+    """The rows vocoded after the whole call decodes (overlap_vocoding off)."""
     plain = SynthesisEngine(
         engine.checkpoint, EngineOptions(max_batch_size=4, ignore_eos=True, overlap_vocoding=False)
     )
@@ -187,20 +189,18 @@ def assert_same_audio(expected: list[SynthesisResult], results: list[SynthesisRe
 
 
 def test_rows_vocoded_beside_the_decoding_get_the_waveforms_of_rows_vocoded_after_it(
-    engine, overlapping, monkeypatch
+    vocoded_after, overlapping, monkeypatch
 ):
-    expected = after_decoding(engine)
     threads = vocoding_threads(overlapping, monkeypatch)
-    assert_same_audio(expected, overlapping.generate(rows_to_vocode_in_groups()))
+    assert_same_audio(vocoded_after, overlapping.generate(rows_to_vocode_in_groups()))
     assert any(t.startswith("vocoding") for t in threads)  # groups went to the worker before the call ended
 
 
 def test_a_group_out_of_memory_beside_the_decoding_is_vocoded_again_in_the_callers_thread(
-    engine, overlapping, monkeypatch
+    vocoded_after, overlapping, monkeypatch
 ):
-    expected = after_decoding(engine)
     threads = vocoding_threads(overlapping, monkeypatch, fail_beside=torch.OutOfMemoryError("full"))
-    assert_same_audio(expected, overlapping.generate(rows_to_vocode_in_groups()))
+    assert_same_audio(vocoded_after, overlapping.generate(rows_to_vocode_in_groups()))
     assert any(t.startswith("vocoding") for t in threads)
 
 
@@ -210,8 +210,8 @@ def test_a_codec_failure_beside_the_decoding_fails_the_call_as_it_would_after_it
         overlapping.generate(rows_to_vocode_in_groups())
 
 
-def test_chained_rows_vocoded_beside_the_decoding_come_out_with_their_waveforms(engine, overlapping):
-    expected = {r.id: r for r in after_decoding(engine)}
+def test_chained_rows_vocoded_beside_the_decoding_come_out_with_their_waveforms(vocoded_after, overlapping):
+    expected = {r.id: r for r in vocoded_after}
     pairs = list(overlapping.generate_chained(rows_to_vocode_in_groups(), lambda request, result: None))
     assert sorted(request.id for request, _ in pairs) == sorted(expected)
     assert_same_audio([expected[r.id] for _, r in pairs], [r for _, r in pairs])
