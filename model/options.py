@@ -94,8 +94,9 @@ class EngineOptions:
     # Vocode a call's finished rows in groups while the others decode (model.vocoding_groups): in a worker
     # thread, on a GPU on a CUDA stream of its own, so the codec's kernels run beside the decode steps and in
     # their gaps instead of all after the last row, where they took 19 % of a 1,024-row call on an H100 (GPU
-    # run 7). Off: every row is vocoded after the call decodes. The waveforms are the same either way. 1.3x
-    # on the CPU (tiny checkpoint, 192 rows through 16 slots, bench_gpu.py); not yet measured on a GPU.
+    # run 7). Off: every row is vocoded after the call decodes. The waveforms are the same either way. On
+    # the CPU (tiny checkpoint, bench_gpu.py) 1.3x for 192 rows through 16 slots, no measurable change for 64
+    # through 8; not yet measured on a GPU.
     overlap_vocoding: bool = True
     # Rows that prefill in one forward at most. Their prompts' keys and values are held twice while they are
     # copied into the slots, so fewer leave that memory to slots (engine.fitting_batch_size): on an 80 GB
