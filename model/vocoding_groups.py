@@ -71,12 +71,12 @@ class VocodingGroups(Generic[Key]):
         out = [pair for group, future in self._sent for pair in self._collect(group, future)]
         self._sent.clear()
         group, self._group, self._frames = self._group, [], 0
-        self._vocode([r for _, r in group if _needs_audio(r)])
+        self._vocode(_to_vocode(group))
         return out + group
 
     def _send(self) -> None:
         group, self._group, self._frames = self._group, [], 0
-        todo = [r for _, r in group if _needs_audio(r)]
+        todo = _to_vocode(group)
         if self._pool is None:
             self._vocode(todo)
             self._sent.append((group, None))
@@ -91,7 +91,7 @@ class VocodingGroups(Generic[Key]):
         self, group: list[tuple[Key, SynthesisResult]], future: Future | None
     ) -> list[tuple[Key, SynthesisResult]]:
         if future is not None and isinstance(future.exception(), torch.OutOfMemoryError):
-            self._vocode([r for _, r in group if _needs_audio(r)])
+            self._vocode(_to_vocode(group))
         elif future is not None:
             future.result()  # raises the group's failure, if any
         return group
@@ -99,3 +99,7 @@ class VocodingGroups(Generic[Key]):
 
 def _needs_audio(result: SynthesisResult) -> bool:
     return result.ok and result.waveform is None
+
+
+def _to_vocode(group: list[tuple[Key, SynthesisResult]]) -> list[SynthesisResult]:
+    return [result for _, result in group if _needs_audio(result)]
