@@ -46,9 +46,8 @@ def packed_sdpa_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if slot_prefix is not None and query.shape[2] == 1:
         keys, values, mask = slot_prefix.prefix_for(module.layer_idx)
-        if OWN_KERNEL == "bmm":
-            return prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
-        return split_prefix_attention(query, key, value, attention_mask, keys, values, mask, scale), None
+        attend = prefix_attention if OWN_KERNEL == "bmm" else split_prefix_attention
+        return attend(query, key, value, attention_mask, keys, values, mask, scale), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
