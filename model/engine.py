@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -218,9 +219,14 @@ class SynthesisEngine:
         self.sample_rate = int(self.processor.audio_tokenizer.config.sample_rate)
         self.reference_cache = LRUCache(self.options.reference_cache_size)
         self._decode_step: DecodeStep | None = None
-        # Held by each codec call beside the decoding (overlap_vocoding) and by each CUDA graph capture: a
-        # capture fails if another thread syncs or queries the GPU meanwhile.
+        # Held by each codec call that may run beside the decoding (vocoding, overlap_vocoding; encoding
+        # another call's reference clips) and by each CUDA graph capture: a capture fails if another thread
+        # syncs or queries the GPU meanwhile.
         self._capture_lock = threading.Lock()
+        # One call decodes at a time: its slots are sized from the free memory. Another call prepares beside
+        # it (its reference clips encoded on the codec's stream), so a synthesis actor that takes two calls
+        # at once (pipeline.dataset_job.CALLS_PER_GPU_ACTOR) keeps the GPU decoding while it encodes.
+        self._decoding = threading.Lock()
         self._compile = self.options.compile  # off once a step has failed to compile: the next would too
         use_indexed_routing(self.model)  # bit for bit transformers' layers, without their waits in prefill
 
@@ -247,11 +253,18 @@ class SynthesisEngine:
             max_seconds=self.options.max_reference_seconds,
         )
         tokenizer = self.processor.audio_tokenizer
-        with torch.inference_mode():
+        with torch.inference_mode(), self._beside_decoding():
             values = torch.from_numpy(waveform).to(self.device, tokenizer.dtype)[None, None, :]
             codes = tokenizer.encode(values).audio_codes[0].to("cpu")
         self.reference_cache.put(key, codes)
         return codes
+
+    @contextmanager
+    def _beside_decoding(self) -> Iterator[None]:
+        """A codec call that may run beside another thread's decoding: holding the capture lock, its kernels
+        queued on the codec's own stream."""
+        with self._capture_lock, torch.cuda.stream(self._codec_stream):
+            yield
 
     def prepare(self, request: SynthesisRequest) -> tuple[list[int], torch.Tensor | None]:
         """The prompt token ids and the delayed audio codes (frames, codebooks) a request is generated from."""
@@ -374,7 +387,7 @@ class SynthesisEngine:
         """One result per request, in order. A bad request yields an error result; the others go on."""
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared = self._prepare_all(requests, results)
-        with self._vocoding_groups(chained=False) as groups:
+        with self._decoding_turn(), self._vocoding_groups(chained=False) as groups:
             for item, result in self._decode_all(prepared):
                 results[item.index] = result
                 groups.add(item.index, result)
@@ -397,7 +410,7 @@ class SynthesisEngine:
         results: list[SynthesisResult | None] = [None] * len(requests)
         prepared = self._prepare_all(requests, results, priority)
         yield from ((request, r) for request, r in zip(requests, results, strict=True) if r is not None)
-        with self._vocoding_groups(chained=True) as groups:
+        with self._decoding_turn(), self._vocoding_groups(chained=True) as groups:
             for item, result in self._decode_all(prepared, follow=follow, priority=priority):
                 groups.add(item.request, result)
                 yield from groups.ready()
@@ -410,8 +423,6 @@ class SynthesisEngine:
         priority: Priority | None = None,
     ) -> list[_Prepared]:
         """The requests prepared for generation; one that cannot be gets its error in `results`."""
-        use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
-        use_fused_projections(self.model, self.options.fused_projections)
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
             outcome = self._try_prepare(i, request, priority)
@@ -420,6 +431,14 @@ class SynthesisEngine:
             else:
                 prepared.append(outcome)
         return prepared
+
+    @contextmanager
+    def _decoding_turn(self) -> Iterator[None]:
+        """This call's turn to decode (see _decoding)."""
+        with self._decoding:
+            use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
+            use_fused_projections(self.model, self.options.fused_projections)
+            yield
 
     def _try_prepare(
         self, index: int, request: SynthesisRequest, priority: Priority | None = None
@@ -930,22 +949,20 @@ class SynthesisEngine:
             return VocodingGroups(self._vocode_results, self._vocode_budget if chained else None)
         if self._vocode_windows():
             _ = self._vocode_margin  # probed here: the worker thread would probe outside the capture lock
-        return VocodingGroups(
-            self._vocode_results, self._vocode_budget, self._vocode_beside, self._vocoding_stream
-        )
+        return VocodingGroups(self._vocode_results, self._vocode_budget, self._vocode_beside)
 
     @cached_property
-    def _vocoding_stream(self) -> torch.cuda.Stream | None:
+    def _codec_stream(self) -> torch.cuda.Stream | None:
         """The CUDA stream codec calls beside the decoding queue on: one per engine, as the caching allocator
-        keeps the blocks freed on a stream for that stream."""
+        keeps the blocks freed on a stream for that stream. None (the current stream) off a GPU."""
         return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _vocode_beside(self, results: list[SynthesisResult]) -> None:
-        """Vocode `results` in the worker thread, each codec call holding the capture lock; out of memory
-        is raised, for the caller's thread to vocode them again (see _vocode_results)."""
+        """Vocode `results` in the worker thread (see _beside_decoding); out of memory is raised, for the
+        caller's thread to vocode them again (see _vocode_results)."""
 
         def decode(codes: torch.Tensor) -> np.ndarray:
-            with self._capture_lock:
+            with self._beside_decoding():
                 return self.vocode(codes)
 
         self._vocode_now(results, self._vocode_budget(), decode)
@@ -967,8 +984,10 @@ class SynthesisEngine:
         """Decode codes to waveforms in calls of about VOCODE_FRAMES_PER_ROW x the slots frames (on a CPU,
         VOCODE_CPU_FRAMES): rows of one length together, or with `vocode_windows` every row cut into windows
         of one size (model.vocoding).
-        Either way a row's waveform never depends on its batch mates: equal lengths need no padding, and a
-        row's windows are the same whichever rows it is vocoded with.
+        Either way a row's waveform depends on its batch mates by float rounding at most: equal lengths need no
+        padding, and a row's windows are the same whichever rows it is vocoded with. (A codec call on two rows
+        and one on each alone differ by ~5e-9 on the tiny checkpoint on a CPU, which can move a 16-bit sample
+        by one step: a row retried alone after its actor died may differ from its first try by that.)
 
         Out of memory: the decode step's slots are freed and the calls halve, down to VOCODE_FRAMES_PER_ROW
         frames; then each row is vocoded alone, and a row that still does not fit becomes an error row."""

@@ -3,10 +3,10 @@
 A call's rows finish over its whole length, but vocoding them all after the last one leaves the codec's work
 (19 % of a 1,024-row call on an H100, GPU run 7) to run alone at the end. Groups of about one vocoding
 call's frames go to `vocode` as they fill instead: in a worker thread when `beside` is given
-(EngineOptions.overlap_vocoding), so the codec's kernels queue on a CUDA stream of their own beside the
-decode step's, and inline otherwise. A group that runs out of memory beside the decoding is vocoded again
-by `vocode` (which narrows calls down on its own) once the rows before it are; any other failure is raised
-where the group's rows are handed back.
+(EngineOptions.overlap_vocoding), whose codec calls queue on a CUDA stream of their own beside the decode
+step's (SynthesisEngine._beside_decoding), and inline otherwise. A group that runs out of memory beside the
+decoding is vocoded again by `vocode` (which narrows calls down on its own) once the rows before it are; any
+other failure is raised where the group's rows are handed back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Generic, TypeVar
 
 import torch
@@ -29,7 +28,7 @@ class VocodingGroups(Generic[Key]):
     """(key, result) pairs in, the same pairs out with their waveforms, in the order they came in.
 
     `vocode(results)` vocodes in the caller's thread and never raises OutOfMemoryError; `beside(results)`,
-    when given, runs in the worker thread on `stream` and may. `budget()`: a group's frames (None: one group
+    when given, runs in the worker thread and may. `budget()`: a group's frames (None: one group
     of every row, vocoded at close)."""
 
     def __init__(
@@ -37,9 +36,8 @@ class VocodingGroups(Generic[Key]):
         vocode: Vocode,
         budget: Callable[[], int] | None,
         beside: Vocode | None = None,
-        stream: torch.cuda.Stream | None = None,
     ) -> None:
-        self._vocode, self._beside, self._budget, self._stream = vocode, beside, budget, stream
+        self._vocode, self._beside, self._budget = vocode, beside, budget
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vocoding") if beside else None
         self._group: list[tuple[Key, SynthesisResult]] = []
         self._frames = 0
@@ -81,11 +79,7 @@ class VocodingGroups(Generic[Key]):
             self._vocode(todo)
             self._sent.append((group, None))
         else:
-            self._sent.append((group, self._pool.submit(self._in_background, todo)))
-
-    def _in_background(self, results: list[SynthesisResult]) -> None:
-        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            self._beside(results)
+            self._sent.append((group, self._pool.submit(self._beside, todo)))
 
     def _collect(
         self, group: list[tuple[Key, SynthesisResult]], future: Future | None

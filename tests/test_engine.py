@@ -1,5 +1,7 @@
 """The batched engine on the tiny checkpoint: mixed batches, per-row seeds and parameters, errors, cache."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +98,42 @@ def test_a_reference_clip_is_encoded_once_and_then_served_from_the_cache(engine)
     engine.generate([clone(40), clone(41), clone(42)])
     assert engine.reference_cache.misses - misses == 1
     assert engine.reference_cache.hits - hits == 2
+
+
+def test_a_call_encodes_its_reference_clips_while_another_call_decodes(engine):
+    # A GPU synthesis actor takes two calls at once (pipeline.dataset_job.CALLS_PER_GPU_ACTOR): the second
+    # prepares beside the first's decoding, then waits for its own turn to decode.
+    from model.engine import SynthesisEngine
+    from model.options import EngineOptions
+
+    two = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4, reference_cache_size=0))
+    encoded, decoding = threading.Event(), threading.Event()
+    encode, decode_all = two.encode_reference, two._decode_all
+
+    def encode_reference(ref):
+        codes = encode(ref)
+        encoded.set()
+        return codes
+
+    def decode_all_once_the_other_call_encoded(prepared, **kw):
+        decoding.set()
+        assert encoded.wait(60), "the other call encoded nothing while this one held its turn to decode"
+        yield from decode_all(prepared, **kw)
+
+    two.encode_reference = encode_reference
+    two._decode_all = decode_all_once_the_other_call_encoded
+    first_call, second_call = [smart(50), smart(51)], [clone(50), clone(51)]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(two.generate, first_call)
+        assert decoding.wait(60)
+        second = pool.submit(two.generate, second_call)
+        overlapped = first.result(timeout=120) + second.result(timeout=120)
+
+    alone = engine.generate(first_call) + engine.generate(second_call)
+    assert [r.id for r in overlapped] == ["smart50", "smart51", "clone50", "clone51"]
+    for a, b in zip(overlapped, alone, strict=True):
+        np.testing.assert_array_equal(a.audio_codes, b.audio_codes)
+        np.testing.assert_array_equal(a.waveform, b.waveform)
 
 
 def test_a_bad_request_errors_alone_and_its_batch_mates_succeed(engine):
