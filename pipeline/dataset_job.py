@@ -50,6 +50,11 @@ CALL_SLOTS = 4
 # Rows per synthesis call when the engine sizes its batch from free GPU memory (batch_size 0): CALL_SLOTS x
 # the most slots it takes (model.engine.fitting_batch_size's cap, which an 80 GB H100 reaches for ~10 s rows).
 AUTO_CALL_ROWS = CALL_SLOTS * 256
+# Synthesis calls a GPU actor takes at once: while one decodes, the next prepares, its rows' reference clips
+# encoded on the GPU beside the decoding (model.engine: one call decodes at a time). A clip costs about as
+# much GPU time as a short row's synthesis (docs/benchmarks.md), so a set whose rows each bring their own
+# voice would otherwise leave the decoding idle for it. On a CPU both calls would share the same cores.
+CALLS_PER_GPU_ACTOR = 2
 
 
 @dataclass
@@ -73,6 +78,16 @@ class Resources:
     @property
     def call_rows(self) -> int:
         return self.rows_per_call or (CALL_SLOTS * self.batch_size if self.batch_size else AUTO_CALL_ROWS)
+
+    def synthesis_compute(self):
+        """The synthesis actors' pool: `actors` of them, each taking CALLS_PER_GPU_ACTOR calls at once with a
+        GPU and one without."""
+        import ray
+
+        calls = CALLS_PER_GPU_ACTOR if self.gpus_per_actor > 0 else 1
+        return ray.data.ActorPoolStrategy(
+            size=self.actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1
+        )
 
 
 @dataclass
@@ -262,7 +277,7 @@ def _synthesise(
         fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine, attempts)},
         batch_format="pyarrow",
         batch_size=res.call_rows,
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        compute=res.synthesis_compute(),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )

@@ -219,6 +219,14 @@ def test_rows_are_vocoded_beside_the_decoding_unless_the_config_turns_it_off(tin
     assert job.engine.overlap_vocoding is False
 
 
+def test_a_gpu_synthesis_actor_takes_two_calls_at_once_and_a_cpu_actor_one(tiny_checkpoint, tmp_path):
+    # The second call's reference clips are encoded beside the first's decoding (model.engine).
+    gpu = dataset_job_of(tiny_checkpoint, tmp_path, "runtime=cluster").resources.synthesis_compute()
+    assert (gpu.max_concurrent_calls_per_actor, gpu.enable_true_multi_threading) == (2, True)
+    cpu = dataset_job_of(tiny_checkpoint, tmp_path).resources.synthesis_compute()
+    assert (cpu.max_concurrent_calls_per_actor, cpu.enable_true_multi_threading) == (1, False)
+
+
 def test_kv_slots_reserve_each_texts_estimated_length_unless_the_config_says_otherwise(
     tiny_checkpoint, tmp_path
 ):
