@@ -4,7 +4,7 @@
 # About 8.5 minutes at most (the device tool's per-call limit is 10): run it with timeout_s ~595. Each
 # benchmark writes its JSON after every measurement and bench_gpu starts nothing new after its --budget-s,
 # so a cut-off step keeps what it measured. Only 8 files come back from a call: all output goes to run.log,
-# and each step writes one JSON file (5 in all).
+# and each step writes one JSON file (6 in all).
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
 # (`bash scripts/gpu_wheels.sh` downloads them for its Python) are installed into /tmp/site first.
 set -uo pipefail
@@ -45,6 +45,10 @@ step timeout 130 python3 scripts/bench_gpu.py --out "$out/bench_realistic.json" 
 # again with the codec in bfloat16 (its speed, its waveforms' stray, its codes' agreement), ~35 s.
 step timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --check-rows 2 --encode-clips 64 \
   --codec-dtypes float32,bfloat16 --out "$out/bench_codec.json"
+# Rows that each clone a clip of their own (an eval set's), in calls two at a time as a GPU synthesis actor
+# takes them (pipeline.dataset_job.CALLS_PER_GPU_ACTOR: the next call's clips encoded beside this one's
+# decoding) against one after the other; never run on a GPU, ~80 s.
+step timeout 100 python3 scripts/bench_encode_ahead.py --calls 3 --repeats 1 --out "$out/bench_encode_ahead.json"
 # Audiobook chapters, if time is left: run 7 cut this off before its last order (~55 s in all).
 step timeout 70 python3 scripts/bench_longform.py --config real --device cuda --chapters 24 --slots 24 \
   --chunks 4,10 --steps 60,150 --out "$out/bench_longform.json"
