@@ -91,7 +91,7 @@ def free_port() -> int:
 def test_a_run_killed_half_way_resumes_and_writes_every_id_exactly_once(workdir: Path) -> None:
     # Two rows per batch: each batch is one metadata part, written as soon as it is synthesised.
     ids = [f"row-{i:02d}" for i in range(12)]
-    manifest = write_manifest(workdir / "manifest.jsonl", text_rows(12, max_new_tokens=120))
+    manifest = write_manifest(workdir / "manifest.jsonl", text_rows(12, max_new_tokens=60))
     out = workdir / "out"
     command = generate_command(
         f"manifest={manifest}", f"output={out}", "runtime.batch_size=2", "runtime.rows_per_call=2"
