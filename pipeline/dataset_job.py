@@ -79,6 +79,20 @@ class Resources:
     def call_rows(self) -> int:
         return self.rows_per_call or (CALL_SLOTS * self.batch_size if self.batch_size else AUTO_CALL_ROWS)
 
+    def layout(self, num_rows: int, pending: int) -> tuple[int, int]:
+        """(rows per synthesis call, blocks the manifest is read in) for a manifest of `num_rows` rows, of
+        which `pending` are to synthesise.
+
+        Calls take call_rows rows, but no more than each actor's share of the pending rows: a 1,088-row
+        evaluation set in calls of 1,024 would keep two of eight actors busy and leave six idle. Small
+        blocks are kept through the CPU stages (a block per call), so batches spread over all actors and
+        each block's audio and metadata part are written as soon as it is synthesised: a killed run loses
+        at most the blocks in flight. Small manifests get one synthesis call per block; large ones
+        MIN_BLOCK_ROWS rows, enough blocks still to keep every actor fed."""
+        call = max(1, min(self.call_rows, math.ceil(pending / self.actors)))
+        per_call = math.ceil(num_rows / call)
+        return call, max(1, min(per_call, max(4 * self.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
+
     def synthesis_compute(self):
         """The synthesis actors' pool: `actors` of them, each taking CALLS_PER_GPU_ACTOR calls at once with a
         GPU and one without."""
@@ -199,9 +213,10 @@ def _run(job: DatasetJob, storage: Storage) -> dict:
     run_counts: Counter[str] = Counter({"error": duplicate_errors} if duplicate_errors else {})
     run_audio_s = 0.0
     # A rerun of a finished job starts no actor, and so loads no model.
-    if ids.keys() - finished - duplicates.keys():
+    pending = len(ids.keys() - finished - duplicates.keys())
+    if pending:
         synthesised, run_audio_s = _synthesise(
-            job, write, finished, duplicates, ids.total(), columns, attempts
+            job, write, finished, duplicates, ids.total(), pending, columns, attempts
         )
         run_counts.update(synthesised)
     wall = time.time() - started
@@ -238,6 +253,7 @@ def _synthesise(
     finished: set[str],
     duplicates: dict[str, list[int]],
     num_rows: int,
+    pending: int,
     columns: list[str],
     attempts: AttemptLog,
 ) -> tuple[Counter[str], float]:
@@ -254,12 +270,7 @@ def _synthesise(
         "num_cpus": res.cpu_stage_cpus,
     }
 
-    # Small blocks, kept through the CPU stages (batch_size=None: a block per call), spread batches over
-    # all actors and get each block's audio and metadata part written as soon as it is synthesised, so a
-    # killed run loses at most the blocks in flight. Small manifests get one synthesis call per block;
-    # large ones MIN_BLOCK_ROWS rows, enough blocks still to keep every actor fed.
-    per_batch = math.ceil(num_rows / res.call_rows)
-    blocks = max(1, min(per_batch, max(4 * res.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
+    call_rows, blocks = res.layout(num_rows, pending)
     ds = read_manifest(job.manifest, job.storage_options, num_cpus=res.cpu_stage_cpus, num_blocks=blocks)
     ds = ds.map_batches(
         ValidateStage,
@@ -276,7 +287,7 @@ def _synthesise(
         SynthesizeStage,
         fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine, attempts)},
         batch_format="pyarrow",
-        batch_size=res.call_rows,
+        batch_size=call_rows,
         compute=res.synthesis_compute(),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,

@@ -348,6 +348,20 @@ def test_a_synthesis_call_takes_four_engine_batches_of_rows_by_default(
     assert len(list((out / "metadata").iterdir())) == 1
 
 
+def test_a_set_smaller_than_the_actors_calls_is_split_so_that_every_actor_gets_a_share():
+    from pipeline.dataset_job import AUTO_CALL_ROWS, Resources
+
+    eight = Resources(actors=8, batch_size=0)
+    # A 1,088-row evaluation set: eight calls of 136 rows, not two of up to 1,024 for two of the actors.
+    assert eight.layout(1088, 1088) == (136, 8)
+    # Large manifests keep whole calls, in as many blocks.
+    assert eight.layout(1_000_000, 1_000_000) == (AUTO_CALL_ROWS, 977)
+    # A rerun: the rows left, shared out, over blocks of the whole manifest.
+    assert eight.layout(1088, 100) == (13, 32)
+    # One actor: calls of call_rows as before.
+    assert Resources(actors=1, batch_size=2, rows_per_call=2).layout(12, 12) == (2, 4)
+
+
 def test_a_finished_local_run_leaves_no_working_folders_in_its_output(ray_local, tiny_checkpoint, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps(text_row(0)) + "\n")
