@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -41,6 +42,9 @@ from pipeline.stages import (
     metadata_table,
 )
 from pipeline.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from ray.data import ActorPoolStrategy
 
 log = logging.getLogger(__name__)
 # Rows per block at least this many once a manifest is large: a Ray block costs scheduling, driver memory
@@ -93,7 +97,7 @@ class Resources:
         per_call = math.ceil(num_rows / call)
         return call, max(1, min(per_call, max(4 * self.actors, math.ceil(num_rows / MIN_BLOCK_ROWS))))
 
-    def synthesis_compute(self):
+    def synthesis_compute(self) -> ActorPoolStrategy:
         """The synthesis actors' pool: `actors` of them, each taking CALLS_PER_GPU_ACTOR calls at once with a
         GPU and one without."""
         import ray
