@@ -7,7 +7,9 @@ A GPU synthesis actor takes CALLS_PER_GPU_ACTOR calls at once (pipeline.dataset_
 next one's reference clips are encoded beside it (model.engine). Here --calls calls of --rows rows, each row
 cloning a voice from a --clip-seconds clip of noise of its own (every clip encoded: the cache is off), every
 row generating --frames frames (EOS ignored), go through one engine with --slots slots, (a) one call after
-the other and (b) from CALLS_PER_GPU_ACTOR threads, as the actor runs them; --repeats times each, in turn.
+the other and (b) from --at-once threads (default 2, as the actor runs them); --repeats times each, in turn.
+It imports the engine only, not the pipeline: the GPU machine has torch and only the wheels
+scripts/gpu_wheels.sh brings, no pyarrow or fsspec among them.
 Reported: walls, x real time, the ratio of (a) to (b), the seconds spent encoding clips, and whether (a) and
 (b) gave the same codes.
 """
@@ -31,7 +33,6 @@ from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.requests import Reference, SynthesisRequest  # noqa: E402
 from model.tiny import random_checkpoint  # noqa: E402
-from pipeline.dataset_job import CALLS_PER_GPU_ACTOR  # noqa: E402
 from scripts.bench_gpu import FRAME_RATE, script  # noqa: E402
 from scripts.bench_report import emit, header  # noqa: E402
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=150, help="frames generated per row (6 s)")
     parser.add_argument("--text-tokens", type=int, default=40)
     parser.add_argument("--clip-seconds", type=float, default=8.0)
+    parser.add_argument("--at-once", type=int, default=2, help="calls run together (CALLS_PER_GPU_ACTOR)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -103,7 +105,7 @@ def main() -> None:
         "slots": args.slots,
         "frames_per_row": args.frames,
         "clip_seconds": args.clip_seconds,
-        "calls_at_once": CALLS_PER_GPU_ACTOR,
+        "calls_at_once": args.at_once,
     }
     warm = time.perf_counter()
     engine.generate(calls[0])  # kernels, allocator, CUDA graphs
@@ -113,7 +115,7 @@ def main() -> None:
         return [engine.generate(call) for call in calls]
 
     def at_once(calls):
-        with ThreadPoolExecutor(CALLS_PER_GPU_ACTOR) as pool:
+        with ThreadPoolExecutor(args.at_once) as pool:
             return list(pool.map(engine.generate, calls))
 
     runs: dict[str, list[float]] = {"one_after_another": [], "at_once": []}
