@@ -227,6 +227,10 @@ class SynthesisEngine:
         # it (its reference clips encoded on the codec's stream), so a synthesis actor that takes two calls
         # at once (pipeline.dataset_job.CALLS_PER_GPU_ACTOR) keeps the GPU decoding while it encodes.
         self._decoding = threading.Lock()
+        # The CUDA stream codec calls beside the decoding queue on (_beside_decoding): one per engine, as the
+        # caching allocator keeps the blocks freed on a stream for that stream; made here, not on first use,
+        # as two threads may first use it at once. None (the current stream) off a GPU.
+        self._codec_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._compile = self.options.compile  # off once a step has failed to compile: the next would too
         use_indexed_routing(self.model)  # bit for bit transformers' layers, without their waits in prefill
 
@@ -950,12 +954,6 @@ class SynthesisEngine:
         if self._vocode_windows():
             _ = self._vocode_margin  # probed here: the worker thread would probe outside the capture lock
         return VocodingGroups(self._vocode_results, self._vocode_budget, self._vocode_beside)
-
-    @cached_property
-    def _codec_stream(self) -> torch.cuda.Stream | None:
-        """The CUDA stream codec calls beside the decoding queue on: one per engine, as the caching allocator
-        keeps the blocks freed on a stream for that stream. None (the current stream) off a GPU."""
-        return torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _vocode_beside(self, results: list[SynthesisResult]) -> None:
         """Vocode `results` in the worker thread (see _beside_decoding); out of memory is raised, for the
