@@ -205,7 +205,7 @@ def engine_options(cfg: DictConfig):
     from model.options import EngineOptions
 
     engine = cfg.generation.engine
-    return EngineOptions(
+    values = dict(
         max_batch_size=batch_size(cfg.runtime),
         reference_cache_size=number(engine, "reference_cache_size", int, 0),
         max_reference_seconds=number(engine, "max_reference_seconds", float, MIN_REFERENCE_SECONDS),
@@ -215,12 +215,17 @@ def engine_options(cfg: DictConfig):
         compile=flag(engine, "compile"),
         fused_norms=flag(engine, "fused_norms"),
         fused_projections=flag(engine, "fused_projections"),
+        int8_weights=flag(engine, "int8_weights"),
         share_prefix=flag(engine, "share_prefix"),
         shared_prefix_cache=flag(engine, "shared_prefix_cache"),
         vocode_windows=flag(engine, "vocode_windows", nullable=True),
         overlap_vocoding=flag(engine, "overlap_vocoding"),
         reserve=kv_reserve(engine.reserve),
     )
+    try:
+        return EngineOptions(**values)
+    except ValueError as exc:  # settings that exclude each other
+        raise ConfigError(str(exc)) from exc
 
 
 def _is_count(value: object) -> bool:

@@ -29,6 +29,7 @@ from model.batch_state import DynamicBatch
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.decode_step import DecodeStep
 from model.fused_projections import use_fused_projections
+from model.int8_weights import use_int8_weights
 from model.lru import LRUCache
 from model.options import CheckpointSpec, EngineOptions
 from model.prompts import build_conversation, check_control_tokens, control_tokens, render
@@ -442,6 +443,7 @@ class SynthesisEngine:
         with self._decoding:
             use_fused_rms_norms(self.model, self.options.fused_norms)  # engines may share one model object
             use_fused_projections(self.model, self.options.fused_projections)
+            use_int8_weights(self.model, self.options.int8_weights)
             yield
 
     def _try_prepare(

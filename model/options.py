@@ -86,6 +86,12 @@ class EngineOptions:
     # weights become views into the fused ones on first use (no extra memory). 1.11x at one row on an H100
     # (GPU run 7), not measured at large batches, where a step's time is attention's: off by default.
     fused_projections: bool = False
+    # The decoder's projections with int8 weights, a scale per output channel (model.int8_weights): half the
+    # bytes a decode step reads at one row, where reading the weights bounds the step. Only with `compile`
+    # and one row a batch, where the compiled step converts the weights inside its matrix-vector products;
+    # anywhere else every step would first make a dequantized copy of them. Codes drift from the bf16
+    # model's; +50 % weight memory. Not yet measured on a GPU.
+    int8_weights: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
     # rows of 200 lengths); on a CPU the codec is compute-bound and the windows' overlap only adds work
@@ -113,3 +119,16 @@ class EngineOptions:
     # rows x context tokens above which a forward raises OutOfMemoryError; 0 = off. Simulates a full GPU
     # on CPU so the split-and-retry path can be tested.
     max_frames_per_batch: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked where the run is configured, before any actor loads the model.
+        if self.int8_weights and not (self.compile and self.static_cache and self.max_batch_size == 1):
+            raise ValueError(
+                "generation.engine.int8_weights=true is for one request at a time: it needs "
+                "generation.engine.compile=true, static_cache=true and runtime.batch_size=1 (at larger batches "
+                "every decode step would copy the weights back to bf16: slower than leaving it off)"
+            )
+        if self.int8_weights and self.fused_projections:
+            raise ValueError(
+                "generation.engine.int8_weights and fused_projections exclude each other: set one of them false"
+            )

@@ -105,6 +105,14 @@ MODES = {
     # the same compiled.
     "fused": {"static_cache": True, "cuda_graphs": True, "fused_projections": True},
     "compiled_fused": {"static_cache": True, "cuda_graphs": True, "compile": True, "fused_projections": True},
+    # The compiled step with int8 decoder weights (model.int8_weights), for one request at a time only.
+    "compiled_int8": {
+        "static_cache": True,
+        "cuda_graphs": True,
+        "compile": True,
+        "int8_weights": True,
+        "max_batch_size": 1,
+    },
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},

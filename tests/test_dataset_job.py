@@ -321,6 +321,19 @@ def test_vocode_windows_may_be_left_null_for_the_device_to_decide(tiny_checkpoin
         dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.vocode_windows=gpu")
 
 
+def test_int8_weights_are_taken_for_one_compiled_row_a_batch_and_refused_with_the_fix_otherwise(
+    tiny_checkpoint, tmp_path
+):
+    from jobs.common import ConfigError
+
+    one = ("generation.engine.int8_weights=true", "generation.engine.compile=true", "runtime.batch_size=1")
+    assert dataset_job_of(tiny_checkpoint, tmp_path, *one).engine.int8_weights
+    with pytest.raises(
+        ConfigError, match="needs generation.engine.compile=true, static_cache=true and runtime"
+    ):
+        dataset_job_of(tiny_checkpoint, tmp_path, *one[:2])  # the local runtime's batch of 8
+
+
 @pytest.mark.parametrize("value", ["0", "many", "true"])
 def test_a_batch_size_neither_a_count_nor_auto_is_a_configuration_error(tiny_checkpoint, tmp_path, value):
     from jobs.common import ConfigError

@@ -1,0 +1,60 @@
+"""The decoder's projections with int8 weights, a scale per output channel, for one request at a time.
+
+At one row a decode step of the release reads its ~5.7 GB of bf16 weights once, and on an H100 its 197
+matrix products alone took 2.7 ms of the compiled step's 4.1 ms (cuBLAS's split-K matrix-vector kernels,
+~2.1 TB/s): the 2.67 ms a step that 15x real time allows is gone before anything else runs (GPU runs 5 and
+7). Int8 weights halve those bytes. Their dequantization must happen inside the product, not before it: a
+dequantized copy per step would read and write more than the bf16 weights. torch.compile does that at one
+row: with inductor's coordinate-descent tuning (model.decode_step) a matrix-vector product becomes a
+multiply-and-sum reduction, into which the int8-to-bf16 conversion and the scale fuse, the recipe gpt-fast
+measured at ~1.5x for int8 weights at batch 1. Hence SynthesisEngine takes this only with `compile` and one
+row a batch (EngineOptions).
+
+Symmetric rounding per output channel (the largest magnitude maps to 127) changes each weight by at most half
+its channel's step, so codes drift from the bf16 model's, as any weight quantization does. The int8 weights
+are made once and kept beside the originals (+50 % weight memory), so engines sharing one model may switch
+them at each generate call, as with the fused norms and projections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.forward_override import override_forward
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, scale per output channel in the weight's dtype): weight ~= int8 * scale[:, None]."""
+    full = weight.detach().float()
+    scale = full.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(full / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
+
+
+def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # The conversion inside the product, then the scale on its (rows, out) result: both fuse into the
+    # compiled matrix-vector reduction at one row.
+    return F.linear(x, self.int8_weight.to(x.dtype)) * self.int8_scale.to(x.dtype)
+
+
+def _prepare(linear: torch.nn.Linear) -> bool:
+    if linear.bias is not None:
+        return False
+    if not hasattr(linear, "int8_weight"):
+        linear.int8_weight, linear.int8_scale = quantize(linear.weight)
+    return True
+
+
+def use_int8_weights(model: torch.nn.Module, on: bool = True) -> int:
+    """Run every projection of `model`'s decoder layers (attention and both MLPs; not the embeddings or the
+    audio head, ~1 % of the weights) with int8 weights, or with on=False with its own weights again.
+    Returns how many run in int8."""
+    count = 0
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if type(module) is not torch.nn.Linear:
+                continue
+            active = on and _prepare(module)
+            override_forward(module, _int8_forward if active else None)
+            count += active
+    return count

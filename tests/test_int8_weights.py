@@ -1,0 +1,73 @@
+"""Int8 weights for one request at a time: close to the model's own logits, reversible, and only where they
+pay (compiled, one row a batch)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model.engine import EngineOptions, SynthesisEngine
+from model.int8_weights import quantize, use_int8_weights
+from tests.test_engine import clone
+
+
+def test_an_int8_weight_is_within_half_a_step_of_its_channel_of_the_original():
+    weight = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # channels of very different scales
+    q, scale = quantize(weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    error = (q.float() * scale[:, None] - weight).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+
+
+def prompt_logits(engine: SynthesisEngine) -> torch.Tensor:
+    """The audio logits of a voice-cloning prompt's prefill."""
+    input_ids, codes = engine.prepare(clone(1))
+    with torch.inference_mode():
+        return engine.model(input_ids=torch.tensor([input_ids]), audio_input_ids=codes[None]).logits
+
+
+def test_int8_weights_keep_a_prompts_logits_within_2_percent_and_switch_back_to_the_originals(engine):
+    model = engine.model
+    own = prompt_logits(engine)
+    try:
+        # Every projection of every decoder layer: attention's four, the text and the audio MLP's three each.
+        assert use_int8_weights(model) == model.config.num_hidden_layers * 10
+        int8 = prompt_logits(engine)
+    finally:
+        use_int8_weights(model, on=False)
+    assert 0 < (int8 - own).abs().max() < 0.02 * own.abs().max()
+    assert torch.equal(prompt_logits(engine), own)
+
+
+def test_one_request_decodes_through_the_compiled_step_with_int8_weights(tiny_checkpoint, monkeypatch):
+    # Dynamo traces the step whole with the int8 projections in it, as on a GPU; inductor's lowering (where
+    # their conversion fuses into the matrix-vector products) is the GPU's to measure (bench_gpu.py).
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    from model.checkpoint import CheckpointSpec
+
+    int8 = SynthesisEngine.from_spec(
+        CheckpointSpec(source=tiny_checkpoint, device="cpu"),  # a model of its own: int8 stays switched on
+        EngineOptions(max_batch_size=1, compile=True, int8_weights=True),
+    )
+    (result,) = int8.generate([replace(clone(1), max_new_tokens=20)])
+    assert result.ok, result.error
+    assert int8._decode_step.compiled
+    assert int8.model.model.layers[0].audio_mlp.down_proj.int8_weight.dtype == torch.int8
+    assert result.audio_codes.shape == (8, result.generated_frames)
+    assert len(result.waveform) == result.generated_frames * 960 and np.isfinite(result.waveform).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile": False, "max_batch_size": 1}, "needs generation.engine.compile=true"),
+        ({"compile": True, "max_batch_size": 8}, "runtime.batch_size=1"),
+        ({"compile": True, "max_batch_size": 0}, "runtime.batch_size=1"),  # auto
+        ({"compile": True, "max_batch_size": 1, "fused_projections": True}, "exclude each other"),
+    ],
+)
+def test_int8_weights_anywhere_but_one_compiled_row_a_batch_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        EngineOptions(int8_weights=True, **options)
