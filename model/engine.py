@@ -287,8 +287,9 @@ class SynthesisEngine:
             if kind == "context":
                 codes = self._context_codes(request.context[i].codes, i)
             else:
+                ref = request.references[i]
                 try:
-                    codes = self.encode_reference(request.references[i])
+                    codes = ref.codes if ref.codes is not None else self.encode_reference(ref)
                 except RequestError as err:
                     raise RequestError(f"references[{i}].audio", err.reason) from err
             framed = torch.cat(

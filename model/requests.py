@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -122,21 +123,23 @@ class DecodedClip:
     source_hash: str
 
 
-@dataclass
-class EncodedClip:
-    """A reference clip's file as the dataset job's fetch stage hands it on once it has sent that clip
-    decoded: the bytes, for a synthesis actor that has not met the clip yet, and their content hash, under
-    which the others find its codes without hashing the file again (1.9 ms for a 3.4 MB WAV)."""
+@dataclass(frozen=True)
+class KnownClip:
+    """A reference clip the dataset job's fetch stage has already sent on decoded: later rows with it (a voice
+    library's) carry only its content hash, not its file (~0.3-3 MB a row through Ray's object store, 0.3-3 GB
+    a 1,024-row block). The synthesis stage fills in `codes` from its engine's cache, or, where its actor
+    has not met the clip, reads the row's source again."""
 
-    data: bytes
     source_hash: str
+    codes: Any = None  # (codebooks, frames), the engine's codes of the clip
 
 
 @dataclass
 class Reference:
     """One voice: a reference clip with its transcript, or a text voice profile.
 
-    `audio` is either encoded bytes (wav, flac, mp3, ogg) or a mono float32 waveform at `sample_rate`.
+    `audio` is either encoded bytes (wav, flac, mp3, ogg) or a mono float32 waveform at `sample_rate`;
+    `codes` stands in for it where the clip is encoded already (KnownClip).
     """
 
     audio: bytes | np.ndarray | None = None
@@ -146,9 +149,10 @@ class Reference:
     profile: str | None = None
     # Key of the clip's codes in the engine's cache when not the hash of `audio` (see DecodedClip).
     cache_key: str | None = None
+    codes: Any = None  # (codebooks, frames) codes of the clip, from the engine's cache
 
     def __post_init__(self) -> None:
-        if (self.audio is None) == (self.profile is None):
+        if sum(x is not None for x in (self.audio, self.profile, self.codes)) != 1:
             raise RequestError("references", "a reference needs exactly one of audio or profile")
 
 

@@ -289,7 +289,9 @@ def _synthesise(
     ds = ds.map_batches(FetchStage, fn_constructor_kwargs=fetch, **cpu_stage)
     ds = ds.map_batches(
         SynthesizeStage,
-        fn_constructor_kwargs={"settings": SynthesisSettings(job.checkpoint, job.engine, attempts)},
+        fn_constructor_kwargs={
+            "settings": SynthesisSettings(job.checkpoint, job.engine, attempts, job.fetch)
+        },
         batch_format="pyarrow",
         batch_size=call_rows,
         compute=res.synthesis_compute(),

@@ -22,7 +22,7 @@ import yaml
 from model import requests as rq
 from model.normalize import normalize_transcript
 from model.prompts import load_profiles
-from model.requests import DecodedClip, EncodedClip, Reference, RequestError, SynthesisRequest
+from model.requests import DecodedClip, KnownClip, Reference, RequestError, SynthesisRequest
 from pipeline.json_lines import LineLabel
 
 TEXT_ALIASES: tuple[str, ...] = ("text", "script", "prompt", "transcript")
@@ -125,9 +125,10 @@ def mark_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def to_request(
-    row: dict, audio_by_index: Sequence[bytes | EncodedClip | DecodedClip | None] | None = None
+    row: dict, audio_by_index: Sequence[bytes | KnownClip | DecodedClip | None] | None = None
 ) -> SynthesisRequest:
-    """A SynthesisRequest from a pending canonical row; clip audio comes fetched, one entry per reference."""
+    """A SynthesisRequest from a pending canonical row; clip audio comes fetched, one entry per reference (a
+    KnownClip with its codes filled in)."""
     if row.get("status") != "pending":
         raise ValueError(f"row {row.get('id')!r} is not pending: {row.get('error')}")
     refs = []
@@ -141,8 +142,12 @@ def to_request(
             raise RequestError("references", f"reference {i} audio has not been fetched", ref.get("audio"))
         if isinstance(audio, DecodedClip):
             clip = {"audio": audio.samples, "sample_rate": audio.sample_rate, "cache_key": audio.source_hash}
-        elif isinstance(audio, EncodedClip):
-            clip = {"audio": audio.data, "cache_key": audio.source_hash}
+        elif isinstance(audio, KnownClip):
+            if audio.codes is None:
+                raise RequestError(
+                    "references", f"reference {i} audio has not been fetched", ref.get("audio")
+                )
+            clip = {"codes": audio.codes, "cache_key": audio.source_hash}
         else:
             clip = {"audio": audio}
         refs.append(Reference(**clip, transcript=transcript, speaker_tag=tag))

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from model.lru import LRUCache
-from model.requests import CODEC_SAMPLE_RATE, DecodedClip, EncodedClip, RequestError, SynthesisResult
+from model.requests import CODEC_SAMPLE_RATE, DecodedClip, KnownClip, RequestError, SynthesisResult
 from pipeline.attempts import AttemptLog
 from pipeline.json_lines import manifest_rows
 from pipeline.manifest import ManifestRules, passthrough_columns, recorded_id, to_request, validate_row
@@ -130,9 +130,9 @@ class FetchStage:
     The first time a fetch actor meets a clip it decodes and resamples it to the codec's rate here, in a CPU
     actor beside the GPU ones: that takes 2-4 ms for a 10 s clip at 16 or 48 kHz
     (scripts/bench_references.py), which a synthesis actor spent with its GPU idle for every distinct clip of
-    an eval set. Later rows with the same clip (a voice library) carry its encoded bytes, as small as the
-    file, with their content hash (model.requests.EncodedClip), and find its codes in the synthesis actor's
-    cache by that hash without hashing the file again; an actor that has not met it decodes it once."""
+    an eval set. Later rows with the same clip (a voice library) carry only its content hash
+    (model.requests.KnownClip): the synthesis actor finds the clip's codes in its cache by it, and one that
+    has not met the clip reads and encodes it once (SynthesizeStage)."""
 
     def __init__(self, policy: FetchPolicy, max_seconds: float, threads: int = IO_THREADS) -> None:
         self.policy = policy
@@ -151,6 +151,7 @@ class FetchStage:
                 if isinstance(ref.get("audio"), str)
             }
         )
+        clips: dict[str, KnownClip | DecodedClip] = {}  # by location: a block's rows of one voice share it
         for i, row in enumerate(rows):
             if row["status"] != "pending":
                 continue
@@ -159,7 +160,15 @@ class FetchStage:
                 for j, ref in enumerate(row.get("references") or []):
                     source = ref.get("audio")
                     field_name = f"references[{j}].audio"
-                    audio.append(None if source is None else self._clip(read, source, field_name))
+                    if source is None:
+                        audio.append(None)
+                    elif isinstance(source, str) and source in clips:
+                        audio.append(KnownClip(clips[source].source_hash))
+                    else:
+                        clip = self._clip(read, source, field_name)
+                        if isinstance(source, str):
+                            clips[source] = clip
+                        audio.append(clip)
             except RequestError as exc:
                 rows[i] = fail(row, exc)
                 continue
@@ -177,7 +186,7 @@ class FetchStage:
         except RequestError as exc:
             return exc
 
-    def _clip(self, read: dict, source: Any, field_name: str) -> EncodedClip | DecodedClip:
+    def _clip(self, read: dict, source: Any, field_name: str) -> KnownClip | DecodedClip:
         # Imported here: the driver imports this module, and model.reference_audio brings torch.
         from model.reference_audio import content_hash, decode_reference
 
@@ -187,7 +196,7 @@ class FetchStage:
             raise RequestError(field_name, data.reason, data.value)
         key = content_hash(data)
         if self.decoded.get(key):
-            return EncodedClip(data, key)
+            return KnownClip(key)
         samples = decode_reference(data, CODEC_SAMPLE_RATE, max_seconds=self.max_seconds, field=field_name)
         self.decoded.put(key, True)
         return DecodedClip(samples, CODEC_SAMPLE_RATE, key)
@@ -199,6 +208,9 @@ class SynthesisSettings:
     engine: Any  # model.engine.EngineOptions
     # Where calls count their starts: the run's, under its output (pipeline.attempts); None: not counted.
     attempts: AttemptLog | None = None
+    # How a clip the actor has not met is read again when its row carries only the clip's hash (KnownClip):
+    # the fetch stage's policy.
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
 
 class SynthesizeStage:
@@ -211,15 +223,17 @@ class SynthesizeStage:
         self.engine = SynthesisEngine.from_spec(settings.checkpoint, settings.engine)
         self.checkpoint_name = settings.checkpoint.source
         self.attempts = settings.attempts
+        self.fetch = settings.fetch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
         todo, requests = [], []
+        met: dict[str, Any] = {}
         for i, row in enumerate(rows):
             if row["status"] != "pending":
                 continue
             try:
-                requests.append(to_request(row, row.pop("_audio", None)))
+                requests.append(to_request(row, self._known(row, row.pop("_audio", None), met)))
                 todo.append(i)
             except RequestError as exc:
                 rows[i] = fail(row, exc)
@@ -235,6 +249,27 @@ class SynthesizeStage:
                     message = f"{field_name}: {message}"
                 rows[i] = {**row, "status": "error", "error": message, "error_field": field_name}
         return pack(rows)
+
+    def _known(self, row: dict, audio: list | None, met: dict[str, Any]) -> list | None:
+        """The row's clips, each KnownClip given its codes from the engine's cache, or else the clip as an
+        earlier row of this call brought it (`met`, by content hash: the engine encodes it for that row
+        first), or else, for a clip this actor has not met or no longer holds, its source's bytes read
+        again."""
+        out = list(audio or [])
+        for j, clip in enumerate(out):
+            if isinstance(clip, DecodedClip):
+                met[clip.source_hash] = clip
+            if not isinstance(clip, KnownClip):
+                continue
+            codes = self.engine.reference_cache.get(clip.source_hash)
+            if codes is not None:
+                out[j] = KnownClip(clip.source_hash, codes)
+            elif clip.source_hash in met:
+                out[j] = met[clip.source_hash]
+            else:
+                source = row["references"][j]["audio"]
+                out[j] = met[clip.source_hash] = fetch_reference(source, self.fetch, f"references[{j}].audio")
+        return out if audio is not None else None
 
     def _generate(self, requests: list) -> list[SynthesisResult]:
         """The engine's results for `requests`, guarded against rows that kill the actor (pipeline.attempts)."""

@@ -135,12 +135,19 @@ def fill_bucket(endpoint: str, files: dict[str, bytes], create: bool = True) -> 
 def fetch_run(blocks: list, policy: FetchPolicy, threads: int) -> dict:
     stage = FetchStage(policy, max_seconds=60.0, threads=threads)
     started = time.perf_counter()
-    rows = [row for block in blocks for row in unpack(stage(block))]
+    out = [stage(block) for block in blocks]
     seconds = time.perf_counter() - started
+    rows = [row for block in out for row in unpack(block)]
     errors = [r["error"] for r in rows if r["status"] != "pending"]
     if errors:
         raise SystemExit(f"{len(errors)} rows errored, first: {errors[0]}")
-    return {"threads": threads, "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 1)}
+    return {
+        "threads": threads,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(len(rows) / seconds, 1),
+        # What the blocks carry on to the synthesis actors through Ray's object store.
+        "output_bytes_per_row": round(sum(block.nbytes for block in out) / len(rows)),
+    }
 
 
 def write_run(blocks: list, output: str, options: dict, threads: int) -> dict:

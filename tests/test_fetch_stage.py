@@ -1,14 +1,15 @@
 """The dataset job's fetch stage decodes each reference clip ahead of the synthesis actors the first time it
-meets it; they get the waveform (and so the codes) they would have decoded themselves."""
+meets it; they get the waveform (and so the codes) they would have decoded themselves. Later rows with the
+clip carry only its hash, which a synthesis actor resolves from its cache or by reading the clip again."""
 
 import numpy as np
 import torch
 
 from model.reference_audio import content_hash, decode_reference
-from model.requests import DecodedClip, EncodedClip, Reference
-from pipeline.manifest import ManifestRules, to_request, validate_row
+from model.requests import DecodedClip, KnownClip, Reference
+from pipeline.manifest import ManifestRules, validate_row
 from pipeline.references import FetchPolicy
-from pipeline.stages import FetchStage, pack, unpack
+from pipeline.stages import FetchStage, SynthesisSettings, SynthesizeStage, pack, unpack
 from tests.helpers import REPO, serve_audio, text_row, voices_copy
 
 BELINDA = REPO / "examples" / "voices" / "belinda.wav"  # 44.1 kHz
@@ -24,8 +25,11 @@ def fetch(tmp_path, rows_refs: list[list[dict]], extra: dict[str, bytes] | None 
         validate_row(text_row(i, references=[{**r, "audio": str(voices / r["audio"])} for r in refs]), rules)
         for i, refs in enumerate(rows_refs)
     ]
-    stage = FetchStage(FetchPolicy(allowed_roots=(str(voices),)), max_seconds=60.0)
-    return unpack(stage(pack(rows)))
+    return unpack(FetchStage(policy(tmp_path), max_seconds=60.0)(pack(rows)))
+
+
+def policy(tmp_path) -> FetchPolicy:
+    return FetchPolicy(allowed_roots=(str(tmp_path / "voices"),))
 
 
 def test_a_44_1_khz_reference_arrives_decoded_at_the_codec_rate(tmp_path):
@@ -36,20 +40,46 @@ def test_a_44_1_khz_reference_arrives_decoded_at_the_codec_rate(tmp_path):
     assert clip.source_hash == content_hash(BELINDA.read_bytes())
 
 
-def test_a_clip_met_again_travels_as_its_file_and_its_hash_not_decoded_again(tmp_path):
+def test_a_clip_met_again_travels_as_its_hash_alone_not_its_file(tmp_path):
     ref = {"audio": "belinda.wav", "transcript": "Hi."}
     first, second, third = fetch(tmp_path, [[ref], [ref], [ref]])
     assert isinstance(first["_audio"][0], DecodedClip)
-    data = BELINDA.read_bytes()
-    assert second["_audio"][0] == third["_audio"][0] == EncodedClip(data, content_hash(data))
+    assert second["_audio"][0] == third["_audio"][0] == KnownClip(content_hash(BELINDA.read_bytes()))
+    assert len(pack([third]).column("payload")[0].as_py()) < 2_000  # the file: 896,776 bytes
 
 
-def test_a_clip_met_again_becomes_a_reference_keyed_by_its_hash_so_the_file_is_not_hashed_again(tmp_path):
+def synthesis_stage(tiny_checkpoint: str, tmp_path) -> SynthesizeStage:
+    from model.checkpoint import CheckpointSpec
+    from model.engine import EngineOptions
+
+    # float64: rows voiced in different batches keep the same codes (see the engine64 fixture).
+    spec = CheckpointSpec(source=tiny_checkpoint, device="cpu", dtype="float64")
+    return SynthesizeStage(SynthesisSettings(spec, EngineOptions(max_batch_size=4), fetch=policy(tmp_path)))
+
+
+def codes_of(rows: list[dict]) -> list:
+    assert all(r["status"] == "pending" and r["_result"].ok for r in rows), [r.get("error") for r in rows]
+    return [r["_result"].audio_codes for r in rows]
+
+
+def test_rows_carrying_a_clips_hash_are_voiced_from_the_actors_cache_or_read_the_clip_again(
+    tiny_checkpoint, tmp_path
+):
     ref = {"audio": "belinda.wav", "transcript": "Hi."}
-    _, second = fetch(tmp_path, [[ref], [ref]])
-    [reference] = to_request(second, second.pop("_audio")).references
-    data = BELINDA.read_bytes()
-    assert reference.audio == data and reference.cache_key == content_hash(data)
+    rows = fetch(tmp_path, [[ref]] * 4)  # one decoded clip, three hashes
+    clip = tmp_path / "voices" / "belinda.wav"
+    data = clip.read_bytes()
+    clip.unlink()  # nothing below may read it again, until it is back
+    met = synthesis_stage(tiny_checkpoint, tmp_path)
+    voiced = codes_of(unpack(met(pack(rows[:2]))))  # the hash's row: the clip its batch mate brought
+    voiced += codes_of(unpack(met(pack(rows[2:]))))  # the actor's cache
+
+    fresh = synthesis_stage(tiny_checkpoint, tmp_path)  # an actor that never met the clip
+    [gone] = unpack(fresh(pack(rows[3:])))
+    assert (gone["status"], gone["error_field"]) == ("error", "references[0].audio")
+    clip.write_bytes(data)
+    for a, b in zip(codes_of(unpack(fresh(pack(rows[2:])))), voiced[2:], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_reference_that_does_not_decode_errors_its_row_naming_the_reference(tmp_path):
@@ -101,8 +131,7 @@ def test_a_source_several_rows_of_a_block_name_is_read_once():
         first, second, third = fetch_urls([["/belinda.wav"]] * 3, server)
     assert server.paths == ["/belinda.wav"]
     assert isinstance(first["_audio"][0], DecodedClip)
-    data = BELINDA.read_bytes()
-    assert second["_audio"][0] == third["_audio"][0] == EncodedClip(data, content_hash(data))
+    assert second["_audio"][0] == third["_audio"][0] == KnownClip(content_hash(BELINDA.read_bytes()))
 
 
 def test_a_source_that_cannot_be_read_errors_each_row_naming_it_where_that_row_does():
