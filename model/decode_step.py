@@ -35,13 +35,14 @@ def bucket_for(rows: int, slots: int) -> int:
     return min(bucket, slots)
 
 
-def compile_options(device: torch.device) -> dict:
-    """torch.compile's options for the step on `device`. On a GPU, inductor's coordinate-descent tuning: with
-    it, a matrix product of one row becomes a multiply-and-sum reduction (inductor's mm decomposition), which
-    reads the weights at closer to the memory's bandwidth than cuBLAS's split-K matrix-vector kernels (2.1 of
-    ~3.3 TB/s on an H100 at one row, GPU run 5), and into which int8 weights' conversion fuses
-    (model.int8_weights). Larger batches keep their matrix products. Unmeasured on a GPU so far."""
-    if device.type == "cuda":
+def compile_options(cache: SlotCache) -> dict:
+    """torch.compile's options for the step over `cache`. For one slot on a GPU (one request at a time),
+    inductor's coordinate-descent tuning: with it, a matrix product of one row becomes a multiply-and-sum
+    reduction (inductor's mm decomposition), which reads the weights at closer to the memory's bandwidth than
+    cuBLAS's split-K matrix-vector kernels (2.1 of ~3.3 TB/s on an H100 at one row, GPU run 5), and into
+    which int8 weights' conversion fuses (model.int8_weights). Unmeasured on a GPU so far, and it lengthens
+    compilation, so larger caches compile as before."""
+    if cache.mask.device.type == "cuda" and cache.slots == 1:
         return {"options": {"coordinate_descent_tuning": True}}
     return {}
 
@@ -69,9 +70,7 @@ class DecodeStep:
             raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
-            self._compiled = torch.compile(
-                self._step, fullgraph=True, dynamic=True, **compile_options(cache.mask.device)
-            )
+            self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True, **compile_options(cache))
         self.stream_bos, self.stream_eos, self.ignore_eos = stream_bos, stream_eos, ignore_eos
         self.num_codebooks = model.config.num_codebooks
         self.dtype = next(model.parameters()).dtype

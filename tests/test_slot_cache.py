@@ -156,6 +156,19 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine, monkeypatch):
     assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
 
 
+def test_only_a_one_slot_step_on_a_gpu_compiles_with_coordinate_descent_tuning():
+    from types import SimpleNamespace
+
+    from model.decode_step import compile_options
+
+    def cache(device: str, slots: int) -> SimpleNamespace:  # what compile_options reads of a SlotCache
+        return SimpleNamespace(mask=SimpleNamespace(device=torch.device(device)), slots=slots)
+
+    assert compile_options(cache("cuda", 1)) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_options(cache("cuda", 2)) == {}
+    assert compile_options(cache("cpu", 1)) == {}
+
+
 def test_a_step_that_failed_to_compile_is_rebuilt_without_compiling_again(engine, monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
 
