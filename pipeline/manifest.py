@@ -138,16 +138,12 @@ def to_request(
             refs.append(Reference(profile=ref["profile"], transcript=transcript, speaker_tag=tag))
             continue
         audio = audio_by_index[i] if audio_by_index is not None and i < len(audio_by_index) else None
-        if audio is None:
+        if audio is None or (isinstance(audio, KnownClip) and audio.codes is None):
             raise RequestError("references", f"reference {i} audio has not been fetched", ref.get("audio"))
         if isinstance(audio, DecodedClip):
             clip = {"audio": audio.samples, "sample_rate": audio.sample_rate, "cache_key": audio.source_hash}
         elif isinstance(audio, KnownClip):
-            if audio.codes is None:
-                raise RequestError(
-                    "references", f"reference {i} audio has not been fetched", ref.get("audio")
-                )
-            clip = {"codes": audio.codes, "cache_key": audio.source_hash}
+            clip = {"codes": audio.codes}
         else:
             clip = {"audio": audio}
         refs.append(Reference(**clip, transcript=transcript, speaker_tag=tag))

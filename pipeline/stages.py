@@ -170,7 +170,7 @@ class FetchStage:
                 if isinstance(ref.get("audio"), str)
             }
         )
-        clips: dict[str, KnownClip | DecodedClip] = {}  # by location: a block's rows of one voice share it
+        hashes: dict[str, str] = {}  # by location: a block's rows of one voice share its clip
         for i, row in enumerate(rows):
             if row["status"] != "pending":
                 continue
@@ -181,12 +181,12 @@ class FetchStage:
                     field_name = f"references[{j}].audio"
                     if source is None:
                         audio.append(None)
-                    elif isinstance(source, str) and source in clips:
-                        audio.append(KnownClip(clips[source].source_hash))
+                    elif isinstance(source, str) and source in hashes:
+                        audio.append(KnownClip(hashes[source]))
                     else:
                         clip = self._clip(read, source, field_name)
                         if isinstance(source, str):
-                            clips[source] = clip
+                            hashes[source] = clip.source_hash
                         audio.append(clip)
             except RequestError as exc:
                 rows[i] = fail(row, exc)
@@ -274,7 +274,9 @@ class SynthesizeStage:
         earlier row of this call brought it (`met`, by content hash: the engine encodes it for that row
         first), or else, for a clip this actor has not met or no longer holds, its source's bytes read
         again."""
-        out = list(audio or [])
+        if audio is None:
+            return None
+        out = list(audio)
         for j, clip in enumerate(out):
             if isinstance(clip, DecodedClip):
                 met[clip.source_hash] = clip
@@ -288,7 +290,7 @@ class SynthesizeStage:
             else:
                 source = row["references"][j]["audio"]
                 out[j] = met[clip.source_hash] = fetch_reference(source, self.fetch, f"references[{j}].audio")
-        return out if audio is not None else None
+        return out
 
     def _generate(self, requests: list) -> list[SynthesisResult]:
         """The engine's results for `requests`, guarded against rows that kill the actor (pipeline.attempts)."""
