@@ -16,6 +16,12 @@ reading the rows' own columns at ~1.4 TB/s through matrix products (`prefix_atte
 kernel read whole prompts at ~2.3 TB/s. `split_prefix_attention` reads the own columns with that kernel and
 joins the prefix's part through the log-sum-exps; OWN_KERNEL picks one (bench_attention.py and bench_gpu.py's
 `split` modes measure them).
+
+Every row of a step reads the same span of columns, up to the longest row's, rounded up: in a refilled batch,
+whose rows are at all stages of their audio, ~40 % of the own columns read are masked out (rows of 231-681
+own tokens under a 768-column span). `own_columns_attention` reads each row's own columns only, through the
+memory-efficient kernel's variable-length mode (OWN_KERNEL "varlen"; the decode step then passes each row's
+column count, `slot_columns`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 PACKED_SDPA = "higgs_batch_packed_sdpa"
 # How a decode step reads the rows' own columns beside a shared prefix: "bmm" (prefix_attention) or sdpa's
 # fused kernels with their log-sum-exp (split_prefix_attention): "efficient" or "cudnn" on a GPU (a CPU runs
-# its own flash kernel for either). "bmm" until a GPU has measured the others end to end.
+# its own flash kernel for either). "varlen": each row only its columns in use (own_columns_attention), with
+# or without a shared prefix. "bmm" until a GPU has measured the others end to end.
 OWN_KERNEL = "bmm"
 
 
@@ -41,13 +48,23 @@ def packed_sdpa_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     slot_prefix=None,
+    slot_columns: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if slot_prefix is not None and query.shape[2] == 1:
         keys, values, mask = slot_prefix.prefix_for(module.layer_idx)
+        if slot_columns is not None:
+            split = split_prefix_attention(
+                query, key, value, attention_mask, keys, values, mask, scale, columns=slot_columns
+            )
+            return split, None
         attend = prefix_attention if OWN_KERNEL == "bmm" else split_prefix_attention
         return attend(query, key, value, attention_mask, keys, values, mask, scale), None
+    if slot_columns is not None and query.shape[2] == 1:
+        b, heads, _, d = query.shape
+        out, _ = own_columns_attention(query, key, value, slot_columns, scale)
+        return out.to(query.dtype).reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -110,19 +127,24 @@ def split_prefix_attention(
     prefix_mask: torch.Tensor,
     scale: float,
     kernel: str | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """prefix_attention's result, its two parts computed apart: each row's own columns through sdpa's fused
     kernel (`kernel`, OWN_KERNEL by default), which gives their log-sum-exp beside the output, and the shared
     prefix through one matrix product for all rows; the two meet through their log-sum-exps, as one softmax.
-    Same arguments and result as prefix_attention."""
+    Same arguments and result as prefix_attention; with `columns` (b,), each row's own columns in use, the
+    first ones of its slot (the mask's unmasked ones), read alone (own_columns_attention)."""
     b, heads, _, d = query.shape
     kv_heads = prefix_keys.shape[0]
     groups = heads // kv_heads
-    # A key/value head's query heads stand in for query positions, so the kernel reads each key once.
-    q = query.reshape(b, kv_heads, groups, d)
-    own, own_lse = _fused_attention(
-        q, key, value, mask.expand(b, kv_heads, groups, key.shape[2]), scale, kernel
-    )
+    if columns is not None:
+        own, own_lse = own_columns_attention(query, key, value, columns, scale, log_sum_exp=True)
+    else:
+        # A key/value head's query heads stand in for query positions, so the kernel reads each key once.
+        q = query.reshape(b, kv_heads, groups, d)
+        own, own_lse = _fused_attention(
+            q, key, value, mask.expand(b, kv_heads, groups, key.shape[2]), scale, kernel
+        )
     scores = torch.add(prefix_mask, _against_prefix(query, prefix_keys), alpha=scale)
     shared_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = torch.exp(scores - shared_lse).to(prefix_values.dtype)
@@ -163,6 +185,92 @@ def _fused_attention(
     b, h, m, _ = query.shape
     # The kernels lay the log-sum-exp out as (b, h, m), (b, h, m, 1) or padded along m.
     return out, lse.reshape(b, h, -1)[..., :m, None].float()
+
+
+def own_columns_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    columns: torch.Tensor,
+    scale: float,
+    log_sum_exp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One query token per row over the first `columns[r]` keys and values of its slot only, however many more
+    the step's span holds: the memory-efficient kernel's variable-length mode, each (row, key/value head) a
+    sequence of its own whose query heads stand in for query positions.
+
+    query (b, heads, 1, d); key/value (b, kv_heads, span, d), views of a slot cache's first b slots (model.
+    slot_cache); columns (b,), at most span. Returns the output (b, kv_heads, groups, d) and, with
+    `log_sum_exp`, its log-sum-exp (b, kv_heads, groups, 1) in float32."""
+    b, heads, _, d = query.shape
+    kv_heads, span = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    sequences = b * kv_heads
+    q = query.reshape(sequences * groups, d)[None, :, None, :]
+    keys, length = _as_sequences(key)
+    values, _ = _as_sequences(value)
+    starts = torch.arange(sequences + 1, dtype=torch.int32, device=query.device)
+    # expand, not repeat_interleave: that reads its output's size back from the GPU, which a graph cannot.
+    lengths = columns.to(torch.int32)[:, None].expand(b, kv_heads).reshape(sequences)
+    attend = torch.ops.aten._efficient_attention_forward if query.device.type == "cuda" else _varlen_on_cpu
+    out, lse = attend(
+        q, keys, values, None, starts * groups, starts * length, groups, span, 0.0, 0, log_sum_exp,
+        scale=scale, seqlen_k=lengths,
+    )[:2]  # fmt: skip
+    out = out.view(b, kv_heads, groups, d)
+    if not log_sum_exp:
+        return out, None
+    return out, lse[:, 0, :groups].reshape(b, kv_heads, groups, 1).float()
+
+
+def _as_sequences(slots: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A slot cache's keys (or values), (b, kv_heads, span, d) of slots (b, kv_heads, length, d), as the
+    variable-length kernel reads them: (1, b * kv_heads * length, 1, d), a (row, head)'s columns at every
+    `length`-th token, read in place. Returns it with `length`."""
+    b, kv_heads, _, d = slots.shape
+    length = slots.stride(1) // d
+    if slots.stride(3) != 1 or slots.stride(2) != d or slots.stride(0) != kv_heads * slots.stride(1):
+        raise ValueError(f"keys of strides {slots.stride()} are not the first slots of a slot cache")
+    tokens = b * kv_heads * length
+    return slots.as_strided((1, tokens, 1, d), (tokens * d, d, d, 1)), length
+
+
+def _varlen_on_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    custom_mask_type: int,
+    compute_log_sumexp: bool,
+    *,
+    scale: float,
+    seqlen_k: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.aten._efficient_attention_forward's variable-length mode on a CPU, which lacks the kernel,
+    as that kernel reads its arguments: sequence i's queries from cu_seqlens_q[i] on (max_seqlen_q of them,
+    as every sequence here has), its keys and values from cu_seqlens_k[i], seqlen_k[i] of them. The output
+    (1, queries, 1, d) and the log-sum-exp (sequences, 1, max_seqlen_q rounded up to 32), laid out as the
+    kernel's; the log-sum-exp's padding is NaN, so reading it shows."""
+    d = query.shape[-1]
+    sequences = cu_seqlens_q.shape[0] - 1
+    rows = cu_seqlens_q[:-1, None] + torch.arange(max_seqlen_q, device=query.device)
+    cols = cu_seqlens_k[:-1, None] + torch.arange(max_seqlen_k, device=query.device)
+    q = query[0, :, 0][rows][:, None]  # (sequences, 1, queries, d)
+    k, v = key[0, :, 0][cols][:, None], value[0, :, 0][cols][:, None]
+    unused = torch.arange(max_seqlen_k, device=query.device) >= seqlen_k[:, None]
+    bias = torch.zeros((sequences, 1, max_seqlen_q, max_seqlen_k), dtype=query.dtype, device=query.device)
+    bias.masked_fill_(unused[:, None, None, :], torch.finfo(query.dtype).min)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=bias, scale=scale
+    )
+    padded = torch.full((sequences, 1, -(-max_seqlen_q // 32) * 32), torch.nan, device=query.device)
+    padded[:, :, :max_seqlen_q] = lse.reshape(sequences, 1, -1)[:, :, :max_seqlen_q]
+    return out.reshape(1, sequences * max_seqlen_q, 1, d), padded
 
 
 def _against_prefix(query: torch.Tensor, prefix_keys: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import fields
 
 import torch
 
+from model import attention
 from model.attention import use_packed_sdpa
 from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
@@ -68,6 +69,8 @@ class DecodeStep:
         self.compile_failed = False
         if cache.prefix_capacity and not use_packed_sdpa(model):
             raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
+        # Each row reads only its own columns in use (model.attention.own_columns_attention), on sdpa models.
+        self.own_columns = attention.OWN_KERNEL == "varlen" and use_packed_sdpa(model)
         if compile:
             use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True, **compile_options(cache))
@@ -160,15 +163,18 @@ class DecodeStep:
         cache = self.cache
         mask = torch.zeros((b, 1, 1, span), dtype=self.dtype, device=cache.mask.device)
         mask.masked_fill_(~cache.mask[:b, None, None, :span], torch.finfo(self.dtype).min)
-        # The shared prefix reaches model.attention through the model's keyword arguments.
-        shared = {"slot_prefix": cache} if prefix_span else {}
+        # The shared prefix and the rows' columns reach model.attention through the model's keyword arguments.
+        extra = {"slot_prefix": cache} if prefix_span else {}
+        if self.own_columns:
+            # A slot's columns in use are its first ones, up to the one this step writes (SlotCache.load).
+            extra["slot_columns"] = (cache.write_pos[:b] + 1).clamp(max=span)
         out = self.model(
             audio_input_ids=cache.audio_in[:b],
             attention_mask=mask,
             position_ids=cache.position_in[:b],
             past_key_values=cache,
             use_cache=True,
-            **shared,
+            **extra,
         )
         return out.logits[:, -1, :].view(b, self.num_codebooks, -1)
 

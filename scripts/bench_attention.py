@@ -1,8 +1,9 @@
 """One decode step's attention at the release's head shapes: every row's whole prompt in its slot (sdpa over
 the packed query heads, the default) vs the rows' shared prefix kept once beside the slots
 (model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), the latter also with the rows' own
-columns read by sdpa's fused kernels (model.attention.split_prefix_attention: `efficient`, `cudnn`), as JSON,
-with each variant's largest difference from prefix_attention.
+columns read by sdpa's fused kernels (model.attention.split_prefix_attention: `efficient`, `cudnn`), and both
+with each row reading only its own columns in use (model.attention.own_columns_attention, `varlen`), as JSON,
+with each variant's largest difference from the one it stands in for.
 
     python scripts/bench_attention.py                                   # CPU, float32
     python scripts/bench_attention.py --device cuda --out attention.json   # GPU, bfloat16
@@ -80,13 +81,23 @@ def measure(
 
     query = torch.randn((batch, HEADS, 1, HEAD_DIM), dtype=dtype, device=device)
     whole = round_up(prefix + int(owns.max()))
-    keys, values = slots(whole)
-    times = {
-        "whole_prompt_in_slots_ms": run(
-            "whole", lambda: packed_sdpa_attention(_Layer(), query, keys, values, mask(whole, prefix + owns), scaling=scale)
-        ),
-    }  # fmt: skip
-    del keys, values
+
+    def whole_prompts() -> tuple[dict, dict]:
+        # In a function of its own: these slots are freed before the next ones are made.
+        keys, values = slots(whole)
+        args = (_Layer(), query, keys, values, mask(whole, prefix + owns))
+        varlen = {"scaling": scale, "slot_columns": prefix + owns}
+        times = {
+            "whole_prompt_in_slots_ms": run("whole", lambda: packed_sdpa_attention(*args, scaling=scale)),
+            "whole_prompt_varlen_ms": run("whole_varlen", lambda: packed_sdpa_attention(*args, **varlen)),
+        }
+        if times["whole_prompt_varlen_ms"] is None:
+            return times, {}
+        expected = packed_sdpa_attention(*args, scaling=scale)[0].float()
+        got = packed_sdpa_attention(*args, **varlen)[0].float()
+        return times, {"whole_prompt_varlen": float((got - expected).abs().max())}
+
+    times, differences = whole_prompts()
     span, shared_span = round_up(int(owns.max())), round_up(prefix)
     keys, values = slots(span)
     shared = [torch.randn((KV_HEADS, shared_span, HEAD_DIM), dtype=dtype, device=device) for _ in range(2)]
@@ -96,12 +107,12 @@ def measure(
     args = (query, keys, values, own_mask, *shared, shared_mask, scale)
     times["prefix_once_ms"] = run("prefix_once", lambda: prefix_attention(*args))
     expected = prefix_attention(*args).float()
-    differences = {}
-    for kernel in ("efficient", "cudnn"):
-        name = f"prefix_once_split_{kernel}"
-        times[f"{name}_ms"] = run(name, lambda kernel=kernel: split_prefix_attention(*args, kernel=kernel))
+    variants = {f"prefix_once_split_{kernel}": {"kernel": kernel} for kernel in ("efficient", "cudnn")}
+    variants["prefix_once_split_varlen"] = {"columns": owns}
+    for name, how in variants.items():
+        times[f"{name}_ms"] = run(name, lambda how=how: split_prefix_attention(*args, **how))
         if times[f"{name}_ms"] is not None:
-            got = split_prefix_attention(*args, kernel=kernel).float()
+            got = split_prefix_attention(*args, **how).float()
             differences[name] = float((got - expected).abs().max())
     base = times["whole_prompt_in_slots_ms"]
     return {
@@ -110,9 +121,13 @@ def measure(
         "speed_up_vs_whole_prompt": {k: round(base / v, 2) for k, v in times.items() if v and base},
         "columns_read_per_row": {
             "whole": whole,
+            "whole_varlen": prefix + float(owns.float().mean()),
             "prefix_once": span + shared_span / batch,
+            "prefix_once_varlen": float(owns.float().mean()) + shared_span / batch,
         },
-        "largest_difference_from_prefix_once": differences,
+        # Each variant's against the one it stands in for: whole_prompt_varlen's against whole_prompt_in_slots,
+        # the prefix_once_split ones' against prefix_once.
+        "largest_difference": differences,
     }
 
 

@@ -17,7 +17,8 @@ free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
-(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `vocode_after`: `graphs` vocoding a
+(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `varlen`: `graphs` with each row reading
+only its own columns in use, not the step's whole span, with or without a shared prefix; `vocode_after`: `graphs` vocoding a
 call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
@@ -117,6 +118,8 @@ MODES = {
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
     "split_cudnn": {"static_cache": True, "cuda_graphs": True},
+    # The default with each row reading only its own columns in use (model.attention.own_columns_attention).
+    "varlen": {"static_cache": True, "cuda_graphs": True},
     # The default vocoding a call's rows after they all decode (the default before 2026-11-27 06:00 UTC), not
     # in groups beside the decoding (overlap_vocoding).
     "vocode_after": {"static_cache": True, "cuda_graphs": True, "overlap_vocoding": False},
@@ -158,6 +161,7 @@ MODE_CONSTANTS = {
     "refill_at_share": {"PREFILL_AHEAD": False},
     "split_efficient": {"attention.OWN_KERNEL": "efficient"},
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
+    "varlen": {"attention.OWN_KERNEL": "varlen"},
 }
 CONSTANT_MODULES = {"": engine_module, "attention": attention}
 
@@ -262,7 +266,8 @@ def measure(
         out["kv_slots"] = slots
         out["kv_slot_tokens"] = engine._decode_step.cache.length
         out["cuda_graph_buckets"] = engine._decode_step.captured
-        out["own_kernel"] = attention.OWN_KERNEL if engine._decode_step.cache.prefix_capacity else None
+        step = engine._decode_step
+        out["own_kernel"] = attention.OWN_KERNEL if step.cache.prefix_capacity or step.own_columns else None
     return out
 
 
@@ -588,6 +593,19 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
     }
 
 
+# The exactness checks (exactness()): each a mode, and whether all rows clone one voice, so that a call keeps
+# their shared prefix once.
+EXACTNESS = {
+    "graphs": ("graphs", False),
+    "prefix_once": ("graphs", True),
+    "fused": ("fused", False),
+    "compiled": ("compiled", False),
+    "split_prefix_once": ("split_efficient", True),
+    "varlen": ("varlen", False),
+    "varlen_prefix_once": ("varlen", True),
+}
+
+
 def profile_steps(loaded, mode: str, batch: int, rows: list[SynthesisRequest], steps: int = 8) -> dict:
     """Where a decode step's time goes: `steps` steps of `batch` rows (prompts prefilled, a call-wide prefix
     kept once where the engine keeps it) run eagerly under torch.profiler, whose kernels are the ones a CUDA
@@ -779,6 +797,11 @@ def main() -> None:
     parser.add_argument(
         "--check-rows", type=int, default=4, help="rows of the greedy agreement check (0: no checks)"
     )
+    parser.add_argument(
+        "--exactness",
+        default="",
+        help=f"only these exactness checks, without the greedy agreement: any of {', '.join(EXACTNESS)}",
+    )
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this")
     parser.add_argument("--frames", type=int, default=250, help="frames generated per row (10 s)")
     parser.add_argument("--text-tokens", type=int, default=300)
@@ -786,6 +809,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    chosen = [name for name in args.exactness.split(",") if name]
+    if unknown := set(chosen) - set(EXACTNESS):
+        raise SystemExit(f"unknown exactness checks {sorted(unknown)}; checks: {', '.join(EXACTNESS)}")
     device = resolve_device(args.device)
     started = time.perf_counter()
     loaded = random_checkpoint("real" if args.config == "real" else "tiny", device)
@@ -907,13 +933,13 @@ def main() -> None:
             "span", lambda: step_time_by_span(engine_for(loaded, first), args.span_batch, rows)
         )
         save()
-    if args.check_rows:
-        checks = (("graphs", "graphs", False), ("prefix_once", "graphs", True), ("fused", "fused", False),
-                  ("compiled", "compiled", False), ("split_prefix_once", "split_efficient", True))  # fmt: skip
-        for name, mode, one_voice in checks:
+    if args.check_rows or chosen:
+        for name in chosen or EXACTNESS:
+            mode, one_voice = EXACTNESS[name]
             report[f"exactness_tiny_fp32_{name}"] = attempt(
                 f"exactness {name}", lambda m=mode, v=one_voice: exactness(device, m, v)
             )
+    if args.check_rows:
         report["agreement_greedy"] = attempt(
             "agreement", lambda: agreement(loaded, rows[: args.check_rows], min(args.frames, 40))
         )

@@ -5,7 +5,7 @@
 # The first runs with timeout_s ~595 (the device tool's per-call limit is 10 minutes). Each
 # benchmark writes its JSON after every measurement and bench_gpu starts nothing new after its --budget-s,
 # so a cut-off step keeps what it measured. Only 8 files come back from a call: all output goes to run.log,
-# and each step writes one JSON file (6 in all).
+# and each step writes one JSON file (7 in all).
 # The machine has torch but not necessarily this project's transformers or soundfile: wheels found in .whl/
 # (`bash scripts/gpu_wheels.sh` downloads them for its Python) are installed into /tmp/site first.
 set -uo pipefail
@@ -33,23 +33,29 @@ fi
 # One layer's decode attention with rows at all stages of their audio, as a refilled batch has them (own
 # tokens 231-681 after a 357-token prefix): the prefix kept once, its rows' own columns read by matrix
 # products (the default; 0.501 ms at 256 rows in run 7, ~14 of a step's 18.2 ms over 28 layers) against
-# by sdpa's fused kernels with their log-sum-exps (`split`, efficient and cuDNN; never run on a GPU: each
-# variant's largest difference from the default is in the JSON).
+# by sdpa's fused kernels with their log-sum-exps (`split`, efficient and cuDNN), and each row reading only
+# its own columns in use through the efficient kernel's variable-length mode (`varlen`: ~40 % fewer columns
+# here), with the prefix kept once and with whole prompts in the slots. None of these ran on a GPU yet: each
+# variant's largest difference from the one it stands in for is in the JSON.
 step timeout 60 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,128,64 --own-spread 225 \
   --out "$out/bench_attention.json"
+# The same kernels end to end on the tiny config in float32, ~20 s: whether a call's rows get the plain
+# path's codes from each of them (on the CPU the tests assert it; here the GPU's own kernels run).
+step timeout 60 python3 scripts/bench_gpu.py --config tiny --out "$out/bench_exactness.json" --no-baseline \
+  --modes "" --span-batch 0 --check-rows 0 --exactness varlen,varlen_prefix_once,split_prefix_once,prefix_once
 # What decides the dataset pipeline's goal: 1,024 rows of 150-349 frames with the slots that fit free memory
 # (runtime.batch_size=auto) in one call, as the dataset job's actors get them, ~60 s a mode with its
 # warm-up: the defaults, which now vocode finished rows beside the decoding (never run on a GPU), against
-# vocoding after it (`vocode_after`: run 7's defaults, 286.1x, 6.8 s of its 35.7 s vocoding at the end)
-# and against the split attention's efficient kernel; first, where the GPU time of a 256-row decode step
-# goes (~20 s; run 7's profile was lost to the file limit).
+# each row reading only its own columns (`varlen`), and against vocoding after the decoding (`vocode_after`:
+# run 7's defaults, 286.1x, 6.8 s of its 35.7 s vocoding at the end); first, where the GPU time of a
+# 256-row decode step goes (~20 s; run 7's profile was lost to the file limit).
 step timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 215 --no-baseline \
-  --modes "" --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,vocode_after,split_efficient \
+  --modes "" --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,varlen,vocode_after \
   --profile 256 --span-batch 0 --check-rows 0
 # The same rows with text of a realistic length for their audio (~40 tokens for 6-14 s of speech, against
-# ~300 above): what a dataset's rows cost; the defaults, then the split attention's efficient kernel.
+# ~300 above): what a dataset's rows cost; the defaults, then each row reading only its own columns.
 step timeout 130 python3 scripts/bench_gpu.py --out "$out/bench_realistic.json" --budget-s 70 --no-baseline \
-  --modes "" --text-tokens 40 --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,split_efficient \
+  --modes "" --text-tokens 40 --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,varlen \
   --span-batch 0 --check-rows 0
 # The release's codec: 64 rows vocoded in windows (1,223x real time in run 7; 19 % of the 1,024-row call) and
 # reference clips encoded one at a time (25.8 ms a clip in run 7: more than a 4 s row's synthesis), then both

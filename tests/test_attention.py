@@ -6,7 +6,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from model.attention import packed_sdpa_attention, prefix_attention, split_prefix_attention
+from model.attention import (
+    own_columns_attention,
+    packed_sdpa_attention,
+    prefix_attention,
+    split_prefix_attention,
+)
 
 
 def test_packed_attention_of_one_query_token_matches_transformers_sdpa():
@@ -90,4 +95,38 @@ def test_a_shared_prefix_joined_through_log_sum_exps_gives_the_one_softmax_resul
     got = split_prefix_attention(*args, kernel="efficient")
 
     assert got.shape == (4, 1, 6, 16)
+    torch.testing.assert_close(got, prefix_attention(*args))
+
+
+def test_each_rows_own_columns_read_alone_give_the_masked_attention_over_the_whole_span():
+    args = _rows_beside_a_prefix(own_of_row_1=7)
+    query, key, value, mask = args[:4]
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    columns = torch.tensor([30, 7, 30, 30])  # the unmasked columns, the first ones of each slot
+
+    got, _ = packed_sdpa_attention(module, query, key, value, mask, scaling=0.25, slot_columns=columns)
+
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == (4, 1, 6, 16)
+    torch.testing.assert_close(got, expected)
+
+
+def test_own_columns_read_alone_give_their_log_sum_exp_per_query_head():
+    query, key, value = _rows_beside_a_prefix(own_of_row_1=7)[:3]
+    columns = torch.tensor([30, 7, 30, 30])
+
+    _, lse = own_columns_attention(query, key, value, columns, 0.25, log_sum_exp=True)
+
+    scores = torch.einsum("bhgd,bhkd->bhgk", query.view(4, 2, 3, 16), key) * 0.25
+    used = torch.arange(40) < columns[:, None, None, None]
+    expected = torch.logsumexp(scores.masked_fill(~used, float("-inf")), dim=-1, keepdim=True)
+    assert lse.shape == (4, 2, 3, 1)
+    torch.testing.assert_close(lse, expected.float())
+
+
+def test_a_shared_prefix_joined_to_each_rows_own_columns_read_alone_gives_the_one_softmax_result():
+    args = _rows_beside_a_prefix(own_of_row_1=1)
+
+    got = split_prefix_attention(*args, columns=torch.tensor([30, 1, 30, 30]))
+
     torch.testing.assert_close(got, prefix_attention(*args))
