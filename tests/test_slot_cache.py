@@ -365,28 +365,18 @@ def test_a_reused_cache_takes_the_next_calls_prefix(engine64, prefix_from_4_rows
         np.testing.assert_array_equal(a, b)
 
 
-def test_own_columns_read_by_sdpas_fused_kernel_beside_the_prefix_give_the_same_codes(
-    engine64, prefix_from_4_rows, monkeypatch
+@pytest.mark.parametrize("kernel", ["efficient", "varlen"])
+def test_own_columns_read_apart_from_the_shared_prefix_give_the_same_codes(
+    engine64, prefix_from_4_rows, monkeypatch, kernel
 ):
+    # efficient: sdpa's fused kernel over the step's span; varlen: each row's columns in use only.
     rows = one_voice_rows()
     expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4)), rows)
-    monkeypatch.setattr("model.attention.OWN_KERNEL", "efficient")
+    monkeypatch.setattr("model.attention.OWN_KERNEL", kernel)
     split = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
     got = codes(split, rows)
     assert split._decode_step.cache.prefix_tokens > 0
-    for a, b in zip(expected, got, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_rows_reading_only_their_own_columns_beside_the_prefix_give_the_same_codes(
-    engine64, prefix_from_4_rows, monkeypatch
-):
-    rows = one_voice_rows()
-    expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4)), rows)
-    monkeypatch.setattr("model.attention.OWN_KERNEL", "varlen")
-    varlen = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
-    got = codes(varlen, rows)
-    assert varlen._decode_step.own_columns and varlen._decode_step.cache.prefix_tokens > 0
+    assert split._decode_step.own_columns == (kernel == "varlen")
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
 
