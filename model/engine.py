@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from model import admission
 from model.attention import use_packed_sdpa
 from model.batch_state import DynamicBatch
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -114,49 +115,6 @@ VOCODE_MAX_FRAMES = 32768
 # 4,096 frames (bench_vocoding.py --config real, 2-core CPU); the tiny codec 128 rows of 30-34 frames at
 # 191x / 168x / 124x / 131x in calls of 256 / 512 / 1,024 / 4,096.
 VOCODE_CPU_FRAMES = 256
-# A call's rows of one voice prefill apart from other rows once there are this many: the voice's tokens then
-# run through the model once for them all (share_prefix), which outweighs a prefill forward's fixed cost
-# (~40 ms on an H200, against ~4 ms of compute a row for a ~350-token reference turn). Voices with fewer
-# rows prefill together with other rows, by length, their whole prompts each.
-MIN_VOICE_RUN = 8
-# Rows expected to run longest are admitted first, so the ones admitted last, as the call drains, finish
-# soonest: fewer steps run with slots idle at the end of a call. Rows whose reserves lie within one class of
-# this many steps count as alike and go by prompt length instead, so prefill groups keep their padding low.
-# On the CPU (bench_lengths.py), calls of rows of 150-349 frames through 32 slots took 1.19x / 1.14x / 1.05x
-# fewer decode steps at 2 / 2.5 / 4 rows a slot than by prompt length alone. In an earlier probe (64 rows of
-# 40-159 frames, 32 slots), classes of 1 / 16 / 64 steps took 220 / 225 / 245 steps (295 by prompt length,
-# 195 at the least).
-LENGTH_CLASS = 16
-# A prefill group takes rows from up to this many times its size ahead in the queue (SynthesisEngine._admit):
-# in that probe, groups of consecutive rows only took 24 prefill forwards instead of 11 (10 by prompt length).
-ADMIT_WINDOW = 2
-# A running batch's refills prefill at least this share of its slots' rows at once: the rows beyond its free
-# slots wait prefilled (their prompts' keys and values, as a prefill group holds them anyway) and take slots
-# as rows finish, at the engine's next look. A prefill forward has a fixed cost: on an H200 one row's took 48
-# ms against 7 ms a row at 128 rows, so prefilling each row as a slot freed made 512 rows through 128 slots
-# slower (132x real time) than not refilling at all (155x). Waiting instead until this share of the slots was
-# free (the rule until 2026-11-26 14:28 UTC) left slots idle meanwhile: ~6 % of a 256-slot batch's steps.
-REFILL_SHARE = 1 / 8
-# Whether refills prefill ahead as above; False: the rule before (bench_gpu.py's `refill_at_share` mode).
-PREFILL_AHEAD = True
-# Rows that join a running call one at a time (generate_chained's next chunks) wait up to this many looks
-# (model.slot_batch.LOOK_EVERY steps each) for more to prefill with, unless REFILL_SHARE of the slots' rows
-# already wait: a prefill forward has a fixed cost (on an H100 one 688-token row took 42 ms, ~2-4 decode
-# steps of a full batch, against 7.5 ms a row at 128 rows) that stalls every slot, while a waiting row idles
-# only its own. scripts/bench_longform.py measures both.
-FOLLOWER_LOOKS = 2
-
-
-def _refill_rows(slots: int) -> int:
-    """REFILL_SHARE of a batch's slots, in rows."""
-    return math.ceil(slots * REFILL_SHARE)
-
-
-def _rank(p: _Prepared) -> tuple:
-    """A row's place among the waiting ones (SynthesisEngine._order), the first first: the highest priority,
-    then each voice run together, the longest expected audio (its reserve, in classes of LENGTH_CLASS
-    steps), the shortest prompt."""
-    return (-p.priority, p.run, -(p.reserve // LENGTH_CLASS), len(p.input_ids))
 
 
 @dataclass
@@ -197,7 +155,7 @@ class _Prepared:
     # The prompt's first audio (a reference clip, or else a context turn), hashed: rows with equal voices can
     # share their prompt's leading tokens (SynthesisEngine._shared_prefix). None without audio.
     voice: bytes | None = None
-    run: int = -1  # the voice run it prefills in (SynthesisEngine._order); -1: with the rows of no run
+    run: int = -1  # the voice run it prefills in (model.admission.order); -1: with the rows of no run
     priority: float = 0.0  # among the waiting rows, the highest first (generate_chained)
     reserve: int = 0  # steps of audio its KV slot is sized for (SynthesisEngine._reserve)
 
@@ -507,38 +465,16 @@ class SynthesisEngine:
         )
 
     def _order(self, prepared: list[_Prepared]) -> deque[_Prepared]:
-        """The call's rows in prefill order (_rank): each voice with at least MIN_VOICE_RUN rows as a run of
-        its own (with share_prefix), then the other rows together; within those, the longest expected audio
-        first (its reserve, in classes of LENGTH_CLASS steps), and shortest prompts first within a class."""
-        counts = Counter(p.voice for p in prepared)
-        big = [v for v, n in counts.items() if v is not None and n >= MIN_VOICE_RUN]
-        runs = {voice: i for i, voice in enumerate(big)} if self.options.share_prefix else {}
-        for p in prepared:
-            p.run = runs.get(p.voice, -1)
-        return deque(sorted(prepared, key=_rank))
+        return admission.order(prepared, self.options.share_prefix)
 
     def _admit(self, waiting: deque[_Prepared], free: int) -> list[_Prepared]:
-        """The next prefill group: the first waiting row (see _order), then the rows of its run among the next
-        ones whose prompts keep the group's padding waste under max_padding_waste; rows passed over keep
-        their place. Looking ADMIT_WINDOW groups' worth ahead keeps groups large where rows of one expected
-        length have prompts of many lengths, without straying far from the order."""
-        group = [waiting.popleft()]
-        shortest = longest = len(group[0].input_ids)
-        size = min(free, self.options.max_prefill_rows)
-        passed: list[_Prepared] = []
-        for _ in range(min(len(waiting), ADMIT_WINDOW * size)):
-            if len(group) == size:
-                break
-            item = waiting.popleft()
-            n = len(item.input_ids)
-            low, high = min(shortest, n), max(longest, n)
-            if item.run == group[0].run and (high - low) / high <= self.options.max_padding_waste:
-                group.append(item)
-                shortest, longest = low, high
-            else:
-                passed.append(item)
-        waiting.extendleft(reversed(passed))
-        return group
+        return admission.admit(waiting, free, self.options.max_prefill_rows, self.options.max_padding_waste)
+
+    def _refills(self, state, size: int, free: int, waiting: deque[_Prepared]) -> bool:
+        return admission.refills(state is not None, self.options.refill, size, free, len(waiting))
+
+    def _group_size(self, state, size: int, free: int) -> int:
+        return admission.group_size(state is not None, size, free)
 
     @torch.inference_mode()
     def _decode_all(
@@ -567,10 +503,11 @@ class SynthesisEngine:
         prefix, size = self._call_layout(layout, size)
         fits = self._fitting(layout, prefix)
         state: DynamicBatch | SlotBatch | None = None
-        staged: DynamicBatch | None = None  # rows prefilled ahead of the slots they join (REFILL_SHARE)
+        # Rows prefilled ahead of the slots they join (admission.REFILL_SHARE).
+        staged: DynamicBatch | None = None
         outgrown: list[_Prepared] = []
         unfit: list[_Prepared] = []  # followers for the next layout
-        looks = 0  # the waiting followers have waited (FOLLOWER_LOOKS)
+        looks = 0  # the waiting followers have waited (admission.FOLLOWER_LOOKS)
 
         def finished(pairs):
             for item, result in pairs:
@@ -583,7 +520,7 @@ class SynthesisEngine:
                         chain.append((_Prepared(-1, request, [], None), joining))
                     elif joining is not None:
                         if fits(joining):
-                            bisect.insort(waiting, joining, key=_rank)
+                            bisect.insort(waiting, joining, key=admission.rank)
                         else:
                             unfit.append(joining)
                     yield item, result
@@ -617,8 +554,8 @@ class SynthesisEngine:
                 gathering = (
                     follow is not None
                     and state is not None
-                    and len(waiting) < _refill_rows(size)
-                    and looks < FOLLOWER_LOOKS
+                    and len(waiting) < admission.refill_rows(size)
+                    and looks < admission.FOLLOWER_LOOKS
                 )
                 while free > 0 and (
                     staged is not None
@@ -691,22 +628,6 @@ class SynthesisEngine:
             return (prefix is None or prefix.covers(item)) and all(need <= has for need, has in needs)
 
         return fits
-
-    def _refills(self, state, size: int, free: int, waiting: deque) -> bool:
-        """Whether waiting rows are prefilled now: always into an empty batch; into a running one with
-        `refill` (continuous batching), once a slot is free (see REFILL_SHARE)."""
-        if state is None:
-            return True
-        if not self.options.refill:
-            return False
-        return PREFILL_AHEAD or free >= min(len(waiting), _refill_rows(size))
-
-    def _group_size(self, state, size: int, free: int) -> int:
-        """Rows the next prefill group takes (at most; see _admit): the free slots, and while a batch runs at
-        least REFILL_SHARE of its slots, the rows beyond the free ones prefilled ahead."""
-        if state is None or not PREFILL_AHEAD:
-            return free
-        return max(free, _refill_rows(size))
 
     def _failure(self, item: _Prepared, field_name: str, message: str) -> SynthesisResult:
         return SynthesisResult(

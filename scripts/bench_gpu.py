@@ -46,6 +46,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import model.admission as admission  # noqa: E402
 import model.attention as attention  # noqa: E402
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
@@ -153,17 +154,17 @@ MODES = {
 DATASET_MAX_NEW_TOKENS = 2048
 DATASET_MARGIN = 2.0
 DATASET_RESERVE = {"dataset_2048": "max_new_tokens", "dataset_estimate": "estimate"}
-# model.engine constants (model.attention's as `attention.NAME`) a mode sets while it runs (the admission
-# order came after `previous`).
+# model.engine constants (model.admission's and model.attention's as `admission.NAME`, `attention.NAME`)
+# a mode sets while it runs (the admission order came after `previous`).
 MODE_CONSTANTS = {
-    "previous": {"LENGTH_CLASS": 1 << 30, "PREFILL_AHEAD": False},
-    "prompt_order": {"LENGTH_CLASS": 1 << 30},
-    "refill_at_share": {"PREFILL_AHEAD": False},
+    "previous": {"admission.LENGTH_CLASS": 1 << 30, "admission.PREFILL_AHEAD": False},
+    "prompt_order": {"admission.LENGTH_CLASS": 1 << 30},
+    "refill_at_share": {"admission.PREFILL_AHEAD": False},
     "split_efficient": {"attention.OWN_KERNEL": "efficient"},
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
     "varlen": {"attention.OWN_KERNEL": "varlen"},
 }
-CONSTANT_MODULES = {"": engine_module, "attention": attention}
+CONSTANT_MODULES = {"": engine_module, "admission": admission, "attention": attention}
 
 
 def engine_for(loaded, mode: str) -> SynthesisEngine:
@@ -320,7 +321,9 @@ def measure_voice_library(
     ]
     return {
         "voices": voices,
-        **before_and_after(engine, batch, library, "MIN_VOICE_RUN", 1 << 30, ("by_length", "voice_runs")),
+        **before_and_after(
+            engine, batch, library, "admission.MIN_VOICE_RUN", 1 << 30, ("by_length", "voice_runs")
+        ),
     }
 
 
@@ -372,13 +375,14 @@ def dataset_reserve(engine: SynthesisEngine, mode: str) -> Iterator[None]:
 
 
 def mode_constants(mode: str):
-    """model.engine's constants as `mode` sets them (MODE_CONSTANTS), for the block."""
+    """The engine's constants as `mode` sets them (MODE_CONSTANTS), for the block."""
     return engine_constants(MODE_CONSTANTS.get(mode, {}))
 
 
 @contextmanager
 def engine_constants(constants: dict) -> Iterator[None]:
-    """model.engine's constants at the values `constants` names, for the block, then back at their own."""
+    """The engine's constants at the values `constants` names (see engine_constant), for the block, then back
+    at their own."""
     with ExitStack() as stack:
         for name, value in constants.items():
             stack.enter_context(engine_constant(name, value))
@@ -387,16 +391,21 @@ def engine_constants(constants: dict) -> Iterator[None]:
 
 @contextmanager
 def engine_constant(name: str, value) -> Iterator[None]:
-    """model.engine's constant `name` (model.attention's, as `attention.NAME`) at `value` for the block, then
-    back at its own."""
-    module, _, name = name.rpartition(".")
-    module = CONSTANT_MODULES[module]
+    """model.engine's constant `name` (model.admission's or model.attention's, as `admission.NAME` or
+    `attention.NAME`) at `value` for the block, then back at its own."""
+    module, name = constant_place(name)
     own = getattr(module, name)
     setattr(module, name, value)
     try:
         yield
     finally:
         setattr(module, name, own)
+
+
+def constant_place(name: str) -> tuple:
+    """The module and the bare name of an engine constant named as engine_constant takes it."""
+    module, _, name = name.rpartition(".")
+    return CONSTANT_MODULES[module], name
 
 
 def before_and_after(
@@ -410,7 +419,7 @@ def before_and_after(
     """`rows` through `batch` slots twice: with model.engine's `constant` at `undone` (the change off), then
     at its value; with the prefill and wall-time ratios of the two."""
     out: dict = {"rows": len(rows)}
-    for name, setting in zip(names, (undone, getattr(engine_module, constant)), strict=True):
+    for name, setting in zip(names, (undone, getattr(*constant_place(constant))), strict=True):
         with engine_constant(constant, setting):
             out[name] = measure(engine, batch, 0, rows, count=len(rows))
     before, after = (out[name] for name in names)
@@ -425,7 +434,7 @@ def measure_refill(
     n: int,
     rows: list[SynthesisRequest],
     per_call: int,
-    share: float = engine_module.REFILL_SHARE,
+    share: float = admission.REFILL_SHARE,
     mode: str = "",
 ) -> dict:
     """`n` rows of 150-349 frames through `batch` slots, `per_call` rows per call: rows finish at different
@@ -437,7 +446,11 @@ def measure_refill(
         replace(rows[i % len(rows)], id=f"m{i}", seed=1000 + i, max_new_tokens=150 + (i * 37) % 200 + 8)
         for i in range(n)
     ]
-    with engine_constant("REFILL_SHARE", share), mode_constants(mode), dataset_reserve(engine, mode):
+    with (
+        engine_constant("admission.REFILL_SHARE", share),
+        mode_constants(mode),
+        dataset_reserve(engine, mode),
+    ):
         result = measure(engine, batch, 0, mixed, count=n, per_call=per_call)
     result.update(rows=n, rows_per_call=per_call, refill_share=share, frames_per_row="150-349")
     return result
@@ -894,7 +907,7 @@ def main() -> None:
         # engine modes that make each of them.
         slots = args.refill_slots or max(sizes, default=128)
         report["continuous_batching"] = []
-        grouped = engine_module.REFILL_SHARE
+        grouped = admission.REFILL_SHARE
         runs = [(slots, slots, 0.0), (slots, 4 * slots, grouped)]
         runs += [(slots, 4 * slots, 0.0)] if args.refill_slot_by_slot else []
         runs += [(0, args.auto_call_rows, grouped)]

@@ -12,8 +12,8 @@ speech length (generation.engine.reserve) instead of max_new_tokens, and the lon
    reserve so tight that most rows outgrow it and run again: wall time, rows run again, and whether every
    row's codes equal those of max_new_tokens slots.
 3. Measured on the tiny checkpoint: calls of `--order-calls` rows of 150-349 frames (stream-eos ignored)
-   through `--order-slots` slots, admitted by prompt length only (engine.LENGTH_CLASS above every reserve,
-   the order before), longest first, and longest first with refills prefilled ahead (engine.PREFILL_AHEAD,
+   through `--order-slots` slots, admitted by prompt length only (admission.LENGTH_CLASS above every reserve,
+   the order before), longest first, and longest first with refills prefilled ahead (admission.PREFILL_AHEAD,
    the engine's now): decode steps against the fewest possible (the rows' frames over the slots), prefill
    groups, and wall time.
 """
@@ -134,12 +134,12 @@ def measured(loaded, rows: int) -> dict:
     return report
 
 
-# The policies compared, each as model.engine constants: admitting by prompt length only (the order before
+# The policies compared, each as model.admission constants: admitting by prompt length only (the order before
 # the CPU session of 2026-11-26 12:31 UTC), longest first, and longest first with refills prefilled ahead
 # (the engine's now; before, a refill waited for REFILL_SHARE of the slots to be free).
 ORDER_POLICIES = {
-    "prompt_length": {"LENGTH_CLASS": 1 << 30, "PREFILL_AHEAD": False},
-    "longest_first": {"PREFILL_AHEAD": False},
+    "prompt_length": {"admission.LENGTH_CLASS": 1 << 30, "admission.PREFILL_AHEAD": False},
+    "longest_first": {"admission.PREFILL_AHEAD": False},
     "prefill_ahead": {},
 }
 

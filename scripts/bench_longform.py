@@ -9,7 +9,7 @@ An audiobook's chapters go through the engine together, each chunk with the last
 `lockstep` is the order before 2026-11-26 18:30 UTC: chunk k of every chapter in one engine call, the next
 call once the longest of them is done. `chained` is model.longform.generate_longform itself: a chapter's
 next chunk joins the running batch as soon as its last one is done (SynthesisEngine.generate_chained),
-waiting up to engine.FOLLOWER_LOOKS looks for others to prefill with, the chapters with the most text left
+waiting up to admission.FOLLOWER_LOOKS looks for others to prefill with, the chapters with the most text left
 first; `chained_ungathered` prefills each as it comes, `chained_unranked` takes waiting chunks in arrival order.
 Chunk lengths are drawn per chunk (stream-eos ignored, so each runs to its length), as sentence chunking's
 chunks vary with their paragraphs, and each chunk's text is as long as its audio; each chapter's chunk
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import model.engine as engine_module  # noqa: E402
+import model.admission as admission  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.longform import LongformText, chunk_request, generate_longform  # noqa: E402
@@ -181,18 +181,18 @@ def main() -> None:
         }
     )
     runs = {}
-    gathered = engine_module.FOLLOWER_LOOKS
+    gathered = admission.FOLLOWER_LOOKS
     for name, order, looks in (
         ("lockstep", lockstep, gathered),
         ("chained", chained, gathered),
         ("chained_ungathered", chained, 0),
         ("chained_unranked", partial(chained, ranked=False), gathered),
     ):
-        default, engine_module.FOLLOWER_LOOKS = engine_module.FOLLOWER_LOOKS, looks
+        default, admission.FOLLOWER_LOOKS = admission.FOLLOWER_LOOKS, looks
         try:
             report[name], runs[name] = measure(engine, order, plan, words, args.buffer_size)
         finally:
-            engine_module.FOLLOWER_LOOKS = default
+            admission.FOLLOWER_LOOKS = default
         if name != "lockstep":
             report[name].update(against_lockstep(report, runs, name))
         if args.out:  # what a run cut off by a timeout measured

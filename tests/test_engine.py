@@ -257,7 +257,8 @@ def test_a_batch_fills_its_free_slots_in_prefill_groups_of_max_prefill_rows_befo
 
 
 def test_a_call_admits_the_rows_expected_to_run_longest_first(engine, monkeypatch):
-    from model.engine import LENGTH_CLASS, EngineOptions, SynthesisEngine
+    from model.admission import LENGTH_CLASS
+    from model.engine import EngineOptions, SynthesisEngine
 
     refilled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=4))
     admitted = []
