@@ -64,7 +64,7 @@ def packed_sdpa_attention(
     if slot_columns is not None and query.shape[2] == 1:
         b, heads, _, d = query.shape
         out, _ = own_columns_attention(query, key, value, slot_columns, scale)
-        return out.to(query.dtype).reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+        return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -239,7 +239,7 @@ def _varlen_on_cpu(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    bias: None,
+    attn_bias: None,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
@@ -255,7 +255,7 @@ def _varlen_on_cpu(
     as that kernel reads its arguments: sequence i's queries from cu_seqlens_q[i] on (max_seqlen_q of them,
     as every sequence here has), its keys and values from cu_seqlens_k[i], seqlen_k[i] of them. The output
     (1, queries, 1, d) and the log-sum-exp (sequences, 1, max_seqlen_q rounded up to 32), laid out as the
-    kernel's; the log-sum-exp's padding is NaN, so reading it shows."""
+    kernel's (empty without `compute_log_sumexp`); its padding is NaN, so reading it shows."""
     d = query.shape[-1]
     sequences = cu_seqlens_q.shape[0] - 1
     rows = cu_seqlens_q[:-1, None] + torch.arange(max_seqlen_q, device=query.device)
@@ -268,8 +268,10 @@ def _varlen_on_cpu(
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=bias, scale=scale
     )
-    padded = torch.full((sequences, 1, -(-max_seqlen_q // 32) * 32), torch.nan, device=query.device)
-    padded[:, :, :max_seqlen_q] = lse.reshape(sequences, 1, -1)[:, :, :max_seqlen_q]
+    width = -(-max_seqlen_q // 32) * 32 if compute_log_sumexp else 0
+    padded = torch.full((sequences, 1, width), torch.nan, device=query.device)
+    kept = min(width, max_seqlen_q)
+    padded[:, :, :kept] = lse.reshape(sequences, 1, -1)[:, :, :kept]
     return out.reshape(1, sequences * max_seqlen_q, 1, d), padded
 
 
