@@ -197,7 +197,8 @@ def own_columns_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per row over the first `columns[r]` keys and values of its slot only, however many more
     the step's span holds: the memory-efficient kernel's variable-length mode, each (row, key/value head) a
-    sequence of its own whose query heads stand in for query positions.
+    sequence of its own whose query heads stand in for query positions. Few rows are also cut into chunks of
+    columns (see chunks_for), each a sequence, joined through their log-sum-exps.
 
     query (b, heads, 1, d); key/value (b, kv_heads, span, d), views of a slot cache's first b slots (model.
     slot_cache); columns (b,), at most span. Returns the output (b, kv_heads, groups, d) and, with
@@ -205,22 +206,58 @@ def own_columns_attention(
     b, heads, _, d = query.shape
     kv_heads, span = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    sequences = b * kv_heads
-    q = query.reshape(sequences * groups, d)[None, :, None, :]
+    chunks = chunks_for(b * kv_heads, span)
+    width = span // chunks
+    sequences = b * kv_heads * chunks
+    q = query.reshape(b, kv_heads, 1, groups, d).expand(b, kv_heads, chunks, groups, d)
+    q = q.reshape(sequences * groups, d)[None, :, None, :]
     keys, length = _as_sequences(key)
     values, _ = _as_sequences(value)
-    starts = torch.arange(sequences + 1, dtype=torch.int32, device=query.device)
+    i = torch.arange(sequences + 1, dtype=torch.int32, device=query.device)
+    key_starts = torch.div(i, chunks, rounding_mode="floor") * length + (i % chunks) * width
+    # A chunk's columns in use; at least one, so that no sequence is empty (an empty one's output is 0/0 in
+    # the kernel): a chunk past a row's columns reads one column and is weighed out below.
+    offsets = torch.arange(chunks, device=query.device) * width
+    left = columns[:, None] - offsets  # (b, chunks)
     # expand, not repeat_interleave: that reads its output's size back from the GPU, which a graph cannot.
-    lengths = columns.to(torch.int32)[:, None].expand(b, kv_heads).reshape(sequences)
+    lengths = left.clamp(1, width).to(torch.int32)[:, None, :].expand(b, kv_heads, chunks).reshape(sequences)
     attend = torch.ops.aten._efficient_attention_forward if query.device.type == "cuda" else _varlen_on_cpu
     out, lse = attend(
-        q, keys, values, None, starts * groups, starts * length, groups, span, 0.0, 0, log_sum_exp,
+        q, keys, values, None, i * groups, key_starts, groups, width, 0.0, 0, log_sum_exp or chunks > 1,
         scale=scale, seqlen_k=lengths,
     )[:2]  # fmt: skip
-    out = out.view(b, kv_heads, groups, d)
+    if chunks == 1:
+        out = out.view(b, kv_heads, groups, d)
+        if not log_sum_exp:
+            return out, None
+        return out, lse[:, 0, :groups].reshape(b, kv_heads, groups, 1).float()
+    out = out.view(b, kv_heads, chunks, groups, d).float()
+    lse = lse[:, 0, :groups].reshape(b, kv_heads, chunks, groups).float()
+    lse = lse.masked_fill((left <= 0)[:, None, :, None], float("-inf"))
+    total = torch.logsumexp(lse, dim=2, keepdim=True)  # finite: every row has a column in its first chunk
+    joined = (out * torch.exp(lse - total)[..., None]).sum(dim=2)
     if not log_sum_exp:
-        return out, None
-    return out, lse[:, 0, :groups].reshape(b, kv_heads, groups, 1).float()
+        return joined.to(query.dtype), None
+    return joined.to(query.dtype), total.view(b, kv_heads, groups, 1)
+
+
+# Sequences a variable-length attention call should have for the GPU's SMs to share them (an H100 has 132):
+# one row's 8 key/value heads over ~700 columns ran on 8 CTAs, ~19 us a layer where its ~3 MB of keys and
+# values take ~1.5 us to read (GPU runs 5 and 7).
+MIN_SEQUENCES = 256
+# The fewest columns a chunk takes: the kernel reads keys in blocks of 64-128.
+MIN_CHUNK = 64
+
+
+def chunks_for(sequences: int, span: int) -> int:
+    """Into how many chunks of equal width each of `sequences` (row, head) pairs' `span` columns is cut: the
+    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more."""
+    chunks = 1
+    while (
+        sequences * chunks < MIN_SEQUENCES and span % (2 * chunks) == 0 and span // (2 * chunks) >= MIN_CHUNK
+    ):
+        chunks *= 2
+    return chunks
 
 
 def _as_sequences(slots: torch.Tensor) -> tuple[torch.Tensor, int]:

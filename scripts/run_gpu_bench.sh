@@ -22,12 +22,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
 if [ "${2:-}" = one-request ]; then
   # One request (issue 7's 15x goal; run 7: graphs 6.67x, compiled 8.85x): the default step for this run's
-  # ratio, the compiled step with int8 decoder weights (model.int8_weights), then the compiled one in bf16,
-  # both now with inductor's coordinate-descent tuning, which turns one row's matrix products into fused
-  # reductions (model.decode_step.compile_options); never run on a GPU. Each compilation took 111 s in
-  # run 7 and may take longer tuned, so the last may not start.
+  # ratio; the same with the row's columns read in 8 chunks at once (`varlen`, model.attention.chunks_for:
+  # one row's attention ran on 8 CTAs, ~0.5 ms of a ~4 ms step); the compiled step with int8 decoder weights
+  # (model.int8_weights), then the compiled one in bf16, both now with inductor's coordinate-descent tuning,
+  # which turns one row's matrix products into fused reductions (model.decode_step.compile_options). None of
+  # these but graphs has run on a GPU. Each compilation took 111 s in run 7 and may take longer tuned, so the
+  # last may not start.
   step timeout 190 python3 scripts/bench_gpu.py --out "$out/bench_one_request.json" --budget-s 100 \
-    --no-baseline --modes graphs=1,compiled_int8=1,compiled=1 --span-batch 0 --check-rows 0
+    --no-baseline --modes graphs=1,varlen=1,compiled_int8=1,compiled=1 --span-batch 0 --check-rows 0
   exit 0
 fi
 # One layer's decode attention with rows at all stages of their audio, as a refilled batch has them (own
@@ -35,9 +37,10 @@ fi
 # products (the default; 0.501 ms at 256 rows in run 7, ~14 of a step's 18.2 ms over 28 layers) against
 # by sdpa's fused kernels with their log-sum-exps (`split`, efficient and cuDNN), and each row reading only
 # its own columns in use through the efficient kernel's variable-length mode (`varlen`: ~40 % fewer columns
-# here), with the prefix kept once and with whole prompts in the slots. None of these ran on a GPU yet: each
-# variant's largest difference from the one it stands in for is in the JSON.
-step timeout 60 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,128,64 --own-spread 225 \
+# here; at 8 and 1 rows each row's columns also cut into chunks, so that the GPU has enough sequences), with
+# the prefix kept once and with whole prompts in the slots. None of these ran on a GPU yet: each variant's
+# largest difference from the one it stands in for is in the JSON.
+step timeout 60 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,128,64,8,1 --own-spread 225 \
   --out "$out/bench_attention.json"
 # The same kernels end to end on the tiny config in float32, ~20 s: whether a call's rows get the plain
 # path's codes from each of them (on the CPU the tests assert it; here the GPU's own kernels run).

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from model.attention import (
+    chunks_for,
     own_columns_attention,
     packed_sdpa_attention,
     prefix_attention,
@@ -130,3 +131,27 @@ def test_a_shared_prefix_joined_to_each_rows_own_columns_read_alone_gives_the_on
     got = split_prefix_attention(*args, columns=torch.tensor([30, 1, 30, 30]))
 
     torch.testing.assert_close(got, prefix_attention(*args))
+
+
+def test_few_rows_are_cut_into_chunks_of_columns_until_the_gpu_has_enough_sequences():
+    assert chunks_for(1 * 8, 768) == 8  # one row, 8 key/value heads: chunks of 96 columns
+    assert chunks_for(16 * 8, 768) == 2
+    assert chunks_for(256 * 8, 768) == 1
+    assert chunks_for(1 * 8, 256) == 4  # no chunk under 64 columns
+
+
+def test_own_columns_read_in_chunks_give_the_masked_attention_and_its_log_sum_exp():
+    torch.manual_seed(1)
+    query = torch.randn(2, 6, 1, 16, dtype=torch.float64)
+    slots = [torch.randn(4, 2, 512, 16, dtype=torch.float64) for _ in range(2)]
+    key, value = (slot[:2, :, :256] for slot in slots)
+    columns = torch.tensor([200, 30])  # row 1's columns end in its first chunk of 64
+    assert chunks_for(2 * 2, 256) == 4
+
+    out, lse = own_columns_attention(query, key, value, columns, 0.25, log_sum_exp=True)
+
+    scores = torch.einsum("bhgd,bhkd->bhgk", query.view(2, 2, 3, 16), key) * 0.25
+    scores = scores.masked_fill(torch.arange(256) >= columns[:, None, None, None], float("-inf"))
+    expected = torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), value)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1, keepdim=True).float())
