@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.decode_step import bucket_for
+from model.decode_step import DecodeStep, bucket_for
 from model.engine import EngineOptions, SynthesisEngine
 from model.slot_cache import SlotCache, round_up
 from model.speech_length import estimate_seconds
@@ -405,3 +405,18 @@ def test_a_compiled_step_reading_only_each_rows_own_columns_gives_the_same_codes
     for a, b in zip(expected, codes(compiled, rows), strict=True):
         np.testing.assert_array_equal(a, b)
     assert compiled._decode_step.compiled
+
+
+def test_a_slots_columns_in_use_are_always_its_first_ones_up_to_the_column_it_writes(engine, monkeypatch):
+    # What the varlen attention reads (slot_columns): the mask's columns, without the mask.
+    checked = []
+    forward = DecodeStep._forward
+
+    def watched(self, b, span, prefix_span):
+        in_use = torch.arange(span) < (self.cache.write_pos[:b, None] + 1)
+        checked.append(torch.equal(self.cache.mask[:b, :span], in_use))
+        return forward(self, b, span, prefix_span)
+
+    monkeypatch.setattr(DecodeStep, "_forward", watched)
+    SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3)).generate(rows_ending_both_ways())
+    assert len(checked) > 100 and all(checked)
