@@ -187,6 +187,25 @@ def _fused_attention(
     return out, lse.reshape(b, h, -1)[..., :m, None].float()
 
 
+# Sequences a variable-length attention call should have for the GPU's SMs to share them (an H100 has 132):
+# one row's 8 key/value heads over ~700 columns ran on 8 CTAs, ~19 us a layer where its ~3 MB of keys and
+# values take ~1.5 us to read (GPU runs 5 and 7).
+MIN_SEQUENCES = 256
+# The fewest columns a chunk takes: the kernel reads keys in blocks of 64-128.
+MIN_CHUNK = 64
+
+
+def chunks_for(sequences: int, span: int) -> int:
+    """Into how many chunks of equal width each of `sequences` (row, head) pairs' `span` columns is cut: the
+    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more."""
+    chunks = 1
+    while (
+        sequences * chunks < MIN_SEQUENCES and span % (2 * chunks) == 0 and span // (2 * chunks) >= MIN_CHUNK
+    ):
+        chunks *= 2
+    return chunks
+
+
 def own_columns_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -239,25 +258,6 @@ def own_columns_attention(
     if not log_sum_exp:
         return joined.to(query.dtype), None
     return joined.to(query.dtype), total.view(b, kv_heads, groups, 1)
-
-
-# Sequences a variable-length attention call should have for the GPU's SMs to share them (an H100 has 132):
-# one row's 8 key/value heads over ~700 columns ran on 8 CTAs, ~19 us a layer where its ~3 MB of keys and
-# values take ~1.5 us to read (GPU runs 5 and 7).
-MIN_SEQUENCES = 256
-# The fewest columns a chunk takes: the kernel reads keys in blocks of 64-128.
-MIN_CHUNK = 64
-
-
-def chunks_for(sequences: int, span: int) -> int:
-    """Into how many chunks of equal width each of `sequences` (row, head) pairs' `span` columns is cut: the
-    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more."""
-    chunks = 1
-    while (
-        sequences * chunks < MIN_SEQUENCES and span % (2 * chunks) == 0 and span // (2 * chunks) >= MIN_CHUNK
-    ):
-        chunks *= 2
-    return chunks
 
 
 def _as_sequences(slots: torch.Tensor) -> tuple[torch.Tensor, int]:
