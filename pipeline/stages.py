@@ -95,10 +95,10 @@ def pack(rows: list[dict]) -> pa.Table:
 def unpack(batch: pa.Table) -> list[dict]:
     rows = []
     for chunk in batch.column("payload").chunks:
-        # Each payload read in place from the block's buffer, not copied out into bytes first.
-        _, offsets_buffer, data_buffer = chunk.buffers()
         if not len(chunk):
             continue
+        # Each payload read in place from the block's buffer, not copied out into bytes first.
+        _, offsets_buffer, data_buffer = chunk.buffers()
         offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
         data = memoryview(data_buffer)
         rows.extend(
@@ -247,7 +247,15 @@ class SynthesizeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = unpack(batch)
         todo, requests = [], []
-        met: dict[str, Any] = {}
+        # The clips this call's rows bring decoded, by content hash: a row carrying only a clip's hash takes it
+        # from them, wherever in the call it lies (blocks from the fetch actors come in any order).
+        met = {
+            clip.source_hash: clip
+            for row in rows
+            if row["status"] == "pending"
+            for clip in row.get("_audio") or ()
+            if isinstance(clip, DecodedClip)
+        }
         for i, row in enumerate(rows):
             if row["status"] != "pending":
                 continue
@@ -270,16 +278,14 @@ class SynthesizeStage:
         return pack(rows)
 
     def _known(self, row: dict, audio: list | None, met: dict[str, Any]) -> list | None:
-        """The row's clips, each KnownClip given its codes from the engine's cache, or else the clip as an
-        earlier row of this call brought it (`met`, by content hash: the engine encodes it for that row
-        first), or else, for a clip this actor has not met or no longer holds, its source's bytes read
-        again."""
+        """The row's clips, each KnownClip given its codes from the engine's cache, or else the clip as a row
+        of this call brought it (`met`, by content hash: the engine encodes it once, for the first row that
+        needs it), or else, for a clip this actor has not met or no longer holds, its source's bytes read
+        again (and kept in `met` for the call's other rows)."""
         if audio is None:
             return None
         out = list(audio)
         for j, clip in enumerate(out):
-            if isinstance(clip, DecodedClip):
-                met[clip.source_hash] = clip
             if not isinstance(clip, KnownClip):
                 continue
             codes = self.engine.reference_cache.get(clip.source_hash)

@@ -143,3 +143,12 @@ def test_a_source_that_cannot_be_read_errors_each_row_naming_it_where_that_row_d
     assert (alone["status"], alone["error_field"]) == ("error", "references[0].audio")
     assert both["error"].endswith("answered HTTP 404") and alone["error"].endswith("answered HTTP 404")
     assert fine["status"] == "pending" and server.paths.count("/gone.wav") == 1
+
+
+def test_a_row_carrying_a_clips_hash_takes_the_clip_from_a_later_row_of_its_call(tiny_checkpoint, tmp_path):
+    # Blocks from the fetch actors reach a synthesis call in any order.
+    ref = {"audio": "belinda.wav", "transcript": "Hi."}
+    decoded, known = fetch(tmp_path, [[ref], [ref]])
+    (tmp_path / "voices" / "belinda.wav").unlink()  # reading it again would fail the row
+    first, second = unpack(synthesis_stage(tiny_checkpoint, tmp_path)(pack([known, decoded])))
+    assert codes_of([first, second])
