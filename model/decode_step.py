@@ -20,7 +20,6 @@ from dataclasses import fields
 import torch
 
 from model import attention
-from model.attention import use_packed_sdpa
 from model.sampling import RowParams, advance_counters, select_next_frame
 from model.slot_cache import SlotCache
 
@@ -67,12 +66,13 @@ class DecodeStep:
         # still captured from it); fullgraph: a graph break would split the step back into small launches.
         self._compiled = None
         self.compile_failed = False
-        if cache.prefix_capacity and not use_packed_sdpa(model):
+        if cache.prefix_capacity and not attention.use_packed_sdpa(model):
             raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
         # Each row reads only its own columns in use (model.attention.own_columns_attention), on sdpa models.
-        self.own_columns = attention.OWN_KERNEL == "varlen" and use_packed_sdpa(model)
+        self.own_columns = attention.OWN_KERNEL == "varlen" and attention.use_packed_sdpa(model)
         if compile:
-            use_packed_sdpa(model)  # transformers' sdpa repeats keys/values for every head when compiled
+            # transformers' sdpa repeats keys/values for every head when compiled
+            attention.use_packed_sdpa(model)
             self._compiled = torch.compile(self._step, fullgraph=True, dynamic=True, **compile_options(cache))
         self.stream_bos, self.stream_eos, self.ignore_eos = stream_bos, stream_eos, ignore_eos
         self.num_codebooks = model.config.num_codebooks
