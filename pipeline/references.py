@@ -111,7 +111,7 @@ class _Fetch:
         self.field = field
 
     def error(self, reason: str) -> RequestError:
-        return RequestError(self.field, reason, _shown(self.source))
+        return RequestError(self.field, reason, shown_source(self.source))
 
     def too_large(self) -> RequestError:
         return self.error(f"is larger than the limit of {self.policy.max_bytes} bytes")
@@ -455,7 +455,7 @@ def _is_private(address: str) -> bool:
 # ---- messages -----------------------------------------------------------------------------------------
 
 
-def _shown(source: str) -> str:
+def shown_source(source: str) -> str:
     """The source as an error may show it: no URL credentials or query, at most 60 characters."""
     if _SCHEME.match(source):
         try:

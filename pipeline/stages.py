@@ -27,7 +27,7 @@ from model.requests import CODEC_SAMPLE_RATE, DecodedClip, KnownClip, RequestErr
 from pipeline.attempts import AttemptLog
 from pipeline.json_lines import manifest_rows
 from pipeline.manifest import ManifestRules, passthrough_columns, recorded_id, to_request, validate_row
-from pipeline.references import FetchPolicy, fetch_reference
+from pipeline.references import FetchPolicy, fetch_reference, shown_source
 from pipeline.storage import READ_AHEAD, Storage
 
 AUDIO_DIR = "audio"
@@ -294,9 +294,25 @@ class SynthesizeStage:
             elif clip.source_hash in met:
                 out[j] = met[clip.source_hash]
             else:
-                source = row["references"][j]["audio"]
-                out[j] = met[clip.source_hash] = fetch_reference(source, self.fetch, f"references[{j}].audio")
+                out[j] = met[clip.source_hash] = self._read_again(row["references"][j]["audio"], clip, j)
         return out
+
+    def _read_again(self, source: str | bytes, clip: KnownClip, j: int) -> bytes:
+        """The clip's bytes from its source, refused if they are no longer the bytes the fetch stage hashed:
+        this row would be voiced from another clip than the rows of its voice before it."""
+        from model.reference_audio import content_hash
+
+        field_name = f"references[{j}].audio"
+        data = fetch_reference(source, self.fetch, field_name)
+        if content_hash(data) != clip.source_hash:
+            raise RequestError(
+                field_name,
+                "changed after this run first read it (its content hash differs), so earlier rows of this "
+                "voice were voiced from another clip; leave reference files unchanged while a run reads them, "
+                "and rerun with retry_errors=true to voice this row from the file as it is now",
+                shown_source(source),
+            )
+        return data
 
     def _generate(self, requests: list) -> list[SynthesisResult]:
         """The engine's results for `requests`, guarded against rows that kill the actor (pipeline.attempts)."""

@@ -152,3 +152,14 @@ def test_a_row_carrying_a_clips_hash_takes_the_clip_from_a_later_row_of_its_call
     (tmp_path / "voices" / "belinda.wav").unlink()  # reading it again would fail the row
     first, second = unpack(synthesis_stage(tiny_checkpoint, tmp_path)(pack([known, decoded])))
     assert codes_of([first, second])
+
+
+def test_a_clip_that_changed_since_the_fetch_stage_read_it_errors_the_row_that_reads_it_again(
+    tiny_checkpoint, tmp_path
+):
+    ref = {"audio": "belinda.wav", "transcript": "Hi."}
+    _, known = fetch(tmp_path, [[ref], [ref]])
+    (tmp_path / "voices" / "en_man.wav").replace(tmp_path / "voices" / "belinda.wav")
+    [row] = unpack(synthesis_stage(tiny_checkpoint, tmp_path)(pack([known])))  # an actor that never met it
+    assert (row["status"], row["error_field"]) == ("error", "references[0].audio")
+    assert "changed after this run first read it" in row["error"] and "retry_errors=true" in row["error"]
