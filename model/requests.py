@@ -153,7 +153,12 @@ class Reference:
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.audio, self.profile, self.codes)) != 1:
-            raise RequestError("references", "a reference needs exactly one of audio or profile")
+            # `codes` is set by the synthesis stage only, so a manifest's user meets audio and profile alone.
+            given = [name for name in ("audio", "profile", "codes") if getattr(self, name) is not None]
+            raise RequestError(
+                "references",
+                f"a reference needs exactly one of audio or profile, got {' and '.join(given) or 'neither'}",
+            )
 
 
 @dataclass

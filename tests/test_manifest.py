@@ -645,3 +645,11 @@ def test_recorded_id_is_the_id_the_rows_record_carries(row, expected):
 
     assert recorded_id({"text": "Hi.", **row}) == expected
     assert validate_row({"text": "Hi.", **row}, RULES)["id"] == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "given"), [({}, "neither"), ({"audio": b"RIFF", "profile": "calm"}, "audio and profile")]
+)
+def test_a_reference_with_neither_or_both_of_audio_and_profile_says_which_it_got(fields, given):
+    with pytest.raises(RequestError, match=f"exactly one of audio or profile, got {given}$"):
+        Reference(**fields)
