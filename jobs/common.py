@@ -220,6 +220,7 @@ def engine_options(cfg: DictConfig):
         shared_prefix_cache=flag(engine, "shared_prefix_cache"),
         vocode_windows=flag(engine, "vocode_windows", nullable=True),
         overlap_vocoding=flag(engine, "overlap_vocoding"),
+        overlap_prefill=flag(engine, "overlap_prefill"),
         reserve=kv_reserve(engine.reserve),
     )
     try:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
 import torch
@@ -190,6 +190,8 @@ class SynthesisEngine:
         # caching allocator keeps the blocks freed on a stream for that stream; made here, not on first use,
         # as two threads may first use it at once. None (the current stream) off a GPU.
         self._codec_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The CUDA stream refills prefill on while the running rows' decode steps run (overlap_prefill).
+        self._prefill_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._compile = self.options.compile  # off once a step has failed to compile: the next would too
         use_indexed_routing(self.model)  # bit for bit transformers' layers, without their waits in prefill
 
@@ -557,6 +559,7 @@ class SynthesisEngine:
                     and len(waiting) < admission.refill_rows(size)
                     and looks < admission.FOLLOWER_LOOKS
                 )
+                beside: list[_Prepared] = []  # rows to prefill while the running rows' next steps run
                 while free > 0 and (
                     staged is not None
                     or (waiting and not (unfit or gathering) and self._refills(state, size, free, waiting))
@@ -564,8 +567,11 @@ class SynthesisEngine:
                     if staged is None:
                         group = self._admit(waiting, self._group_size(state, size, free))
                         involved += group
-                        staged = self._prefill(group, prefix)
                         looks = 0
+                        if self.options.overlap_prefill and isinstance(state, SlotBatch) and len(state):
+                            beside = group  # they join at the next look, their slots free until then
+                            break
+                        staged = self._prefill(group, prefix)
                     if free >= len(staged):
                         joining, staged = staged, None
                     else:
@@ -579,7 +585,13 @@ class SynthesisEngine:
                             state = SlotBatch(self._slots(size, [*layout, *waiting], prefix))
                             fits = self._fitting(layout, prefix, state.step.cache)  # maybe larger
                         state.merge(joining)
-                yield from finished(self._step(state, outgrown))
+                if beside:
+                    prefilled: list[DynamicBatch] = []
+                    then = partial(self._prefill_beside, beside, prefix, self._mark(), prefilled.append)
+                    yield from finished(self._step(state, outgrown, then))
+                    [staged] = prefilled
+                else:
+                    yield from finished(self._step(state, outgrown))
                 looks = looks + 1 if waiting else 0
                 if not len(state):
                     state = None
@@ -759,6 +771,30 @@ class SynthesisEngine:
             frames=torch.zeros((rows, 0, self.num_codebooks), dtype=torch.long, device=device),
         )
 
+    def _mark(self) -> torch.cuda.Event | None:
+        """An event after the GPU work queued so far on this thread's stream; None off a GPU."""
+        return torch.cuda.current_stream(self.device).record_event() if self._prefill_stream else None
+
+    def _prefill_beside(
+        self,
+        batch: list[_Prepared],
+        prefix: _Prefix | None,
+        ready: torch.cuda.Event | None,
+        done: Callable[[DynamicBatch], None],
+    ) -> None:
+        """`batch` prefilled, handed to `done`, while the decode steps queued since `ready` run
+        (overlap_prefill): on a GPU on a stream of its own, which waits for the work before those steps (the
+        call's prefix, the slots' last merge) but not for them. Its tensors are read on the decoding's stream
+        and freed there, which hands their memory back to this stream's pool: the next prefill here waits for
+        a later `ready`, so it reuses that memory only after those reads."""
+        if self._prefill_stream is None:
+            return done(self._prefill(batch, prefix))
+        self._prefill_stream.wait_event(ready)
+        with torch.cuda.stream(self._prefill_stream):
+            staged = self._prefill(batch, prefix)  # returns once the prefill is done (_sync)
+        torch.cuda.current_stream(self.device).wait_stream(self._prefill_stream)
+        done(staged)
+
     def _shared_prefix(self, batch: list[_Prepared]) -> int:
         """How many leading prompt tokens every row of `batch` shares, audio included (the frames behind the
         audio placeholders among them must be equal too); 0 when under MIN_SHARED_PREFIX. A dataset voiced
@@ -807,11 +843,17 @@ class SynthesisEngine:
         self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return _Prefix(shared, cache, item.input_ids[:shared], audio)
 
-    def _step(self, state: DynamicBatch | SlotBatch, outgrown: list[_Prepared]):
+    def _step(
+        self,
+        state: DynamicBatch | SlotBatch,
+        outgrown: list[_Prepared],
+        then: Callable[[], None] | None = None,
+    ):
         """Advance the batch and yield the rows that finished; rows that outgrew their slot go to `outgrown`
-        instead, to be generated again with their whole max_new_tokens."""
+        instead, to be generated again with their whole max_new_tokens. `then` (a SlotBatch's only) runs once
+        the steps are queued, before the engine looks at them."""
         started = time.perf_counter()
-        retired = state.advance(self)
+        retired = state.advance(self) if then is None else state.advance(self, then)
         elapsed = time.perf_counter() - started
         for item in [*state.items, *(i for i, _ in retired)]:
             item.timings["decode_s"] += elapsed

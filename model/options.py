@@ -104,6 +104,13 @@ class EngineOptions:
     # the CPU (tiny checkpoint, bench_gpu.py) 1.3x for 192 rows through 16 slots, no measurable change for 64
     # through 8; not yet measured on a GPU.
     overlap_vocoding: bool = True
+    # Refill rows prefill while the running rows decode: the engine queues their next steps, then the
+    # prefill (on a GPU on a CUDA stream of its own), and the rows join at the look after. Off: the running
+    # rows wait for each refill's prefill, which took 18 % of a 1,024-row call on an H100 (GPU run 7: 28
+    # forwards, 6.5 of 35.7 s), while the prefill's matrix products leave the memory bandwidth a decode step
+    # needs mostly unused. Its rows' slots stay free for one look longer. The codes are the same either way;
+    # on a CPU it only delays the joins. Not yet measured on a GPU.
+    overlap_prefill: bool = False
     # Rows that prefill in one forward at most. Their prompts' keys and values are held twice while they are
     # copied into the slots, so fewer leave that memory to slots (engine.fitting_batch_size): on an 80 GB
     # H100, ~250 slots of 1,280 tokens fit instead of 188. Prefill is compute-bound long before: 64 rows of

@@ -9,6 +9,7 @@ same as on the plain path (tests/test_slot_cache.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,10 @@ class SlotBatch:
             r.ras for r in rows
         )
 
-    def advance(self, engine) -> list[tuple]:
+    def advance(self, engine, then: Callable[[], None] | None = None) -> list[tuple]:
         """Run up to LOOK_EVERY steps, then retire the rows that finished. Returns them as
-        (item, (steps, C) frames on the CPU)."""
+        (item, (steps, C) frames on the CPU). `then` runs once the steps are queued, before the look waits
+        for them: GPU work it queues on another stream runs beside them."""
         cache = self.step.cache
         rows = self.rows.values()
         widest, any_ras = self.sampling_shape
@@ -78,6 +80,8 @@ class SlotBatch:
         span = min(cache.length, round_up(self.length + steps))
         for _ in range(steps):
             self.step(highest, span, widest, any_ras)
+        if then is not None:
+            then()
         for row in rows:
             row.tokens += steps
             row.left -= steps

@@ -19,7 +19,9 @@ with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `gra
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `varlen`: `graphs` with each row reading
 only its own columns in use, not the step's whole span, with or without a shared prefix; `vocode_after`: `graphs` vocoding a
-call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `static`: the
+call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `prefill_beside` /
+`varlen_prefill_beside`: `graphs` / `varlen` prefilling refills while the running rows decode
+(overlap_prefill); `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -124,6 +126,10 @@ MODES = {
     # The default vocoding a call's rows after they all decode (the default before 2026-11-27 06:00 UTC), not
     # in groups beside the decoding (overlap_vocoding).
     "vocode_after": {"static_cache": True, "cuda_graphs": True, "overlap_vocoding": False},
+    # The default prefilling refills while the running rows decode (overlap_prefill), and the same with each
+    # row reading only its own columns.
+    "prefill_beside": {"static_cache": True, "cuda_graphs": True, "overlap_prefill": True},
+    "varlen_prefill_beside": {"static_cache": True, "cuda_graphs": True, "overlap_prefill": True},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -163,6 +169,7 @@ MODE_CONSTANTS = {
     "split_efficient": {"attention.OWN_KERNEL": "efficient"},
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
     "varlen": {"attention.OWN_KERNEL": "varlen"},
+    "varlen_prefill_beside": {"attention.OWN_KERNEL": "varlen"},
 }
 CONSTANT_MODULES = {"": engine_module, "admission": admission, "attention": attention}
 
@@ -616,6 +623,8 @@ EXACTNESS = {
     "split_prefix_once": ("split_efficient", True),
     "varlen": ("varlen", False),
     "varlen_prefix_once": ("varlen", True),
+    "prefill_beside": ("prefill_beside", False),
+    "prefill_beside_prefix_once": ("prefill_beside", True),
 }
 
 

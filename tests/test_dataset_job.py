@@ -219,6 +219,12 @@ def test_rows_are_vocoded_beside_the_decoding_unless_the_config_turns_it_off(tin
     assert job.engine.overlap_vocoding is False
 
 
+def test_refills_prefill_beside_the_decoding_only_when_the_config_turns_it_on(tiny_checkpoint, tmp_path):
+    assert dataset_job_of(tiny_checkpoint, tmp_path).engine.overlap_prefill is False
+    job = dataset_job_of(tiny_checkpoint, tmp_path, "generation.engine.overlap_prefill=true")
+    assert job.engine.overlap_prefill is True
+
+
 def test_a_gpu_synthesis_actor_takes_two_calls_at_once_and_a_cpu_actor_one(tiny_checkpoint, tmp_path):
     # The second call's reference clips are encoded beside the first's decoding (model.engine).
     gpu = dataset_job_of(tiny_checkpoint, tmp_path, "runtime=cluster").resources.synthesis_compute()

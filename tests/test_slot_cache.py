@@ -420,3 +420,88 @@ def test_a_slots_columns_in_use_are_always_its_first_ones_up_to_the_column_it_wr
     monkeypatch.setattr(DecodeStep, "_forward", watched)
     SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3)).generate(rows_ending_both_ways())
     assert len(checked) > 100 and all(checked)
+
+
+def prefills_beside(engine: SynthesisEngine, monkeypatch) -> list[int]:
+    """Records how many rows running in the slots each refill's prefill ran beside: 0 for one the running
+    rows waited for."""
+    from model.slot_batch import SlotBatch
+
+    running = []
+    advance = SlotBatch.advance
+    prefill = engine._prefill
+
+    def advancing(self, engine, then=None):
+        running.append(len(self))
+        try:
+            return advance(self, engine, then)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(SlotBatch, "advance", advancing)
+    beside: list[int] = []
+    monkeypatch.setattr(
+        engine,
+        "_prefill",
+        lambda *a, **kw: beside.append(running[-1] if running else 0) or prefill(*a, **kw),
+    )
+    return beside
+
+
+def test_refills_prefilled_while_the_running_rows_decode_give_the_same_codes(engine64, monkeypatch):
+    rows = rows_ending_both_ways()
+    expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=3)), rows)
+    overlapped = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=3, overlap_prefill=True))
+    beside = prefills_beside(overlapped, monkeypatch)
+    got = codes(overlapped, rows)
+    assert beside[0] == 0 and all(beside[1:]), beside  # only the first, into empty slots, runs alone
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refills_of_one_voice_prefilled_while_the_others_decode_give_the_same_codes(
+    engine64, monkeypatch, prefix_from_4_rows
+):
+    rows = [replace(r, max_new_tokens=6 + 4 * i) for i, r in enumerate(one_voice_rows())]  # ending apart
+    expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4)), rows)
+    overlapped = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4, overlap_prefill=True))
+    beside = prefills_beside(overlapped, monkeypatch)
+    got = codes(overlapped, rows)
+    assert overlapped._decode_step.cache.prefix_tokens > 0 and any(beside), beside
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_overlap_prefill_the_running_rows_wait_for_each_refills_prefill(engine64, monkeypatch):
+    waited = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=3))
+    beside = prefills_beside(waited, monkeypatch)
+    codes(waited, rows_ending_both_ways())
+    assert len(beside) > 1 and not any(beside)
+
+
+def test_a_refill_whose_prefill_breaks_beside_the_decoding_errors_alone(engine64, monkeypatch):
+    from tests.test_engine import smart
+
+    rows = [
+        smart(6, max_new_tokens=40),
+        smart(7, max_new_tokens=12),
+        replace(smart(5, max_new_tokens=12), id="broken"),
+    ]
+    plain = {
+        r.id: r for r in SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
+    }
+    overlapped = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2, overlap_prefill=True))
+    prefill = overlapped._prefill
+
+    def failing(batch, *rest):
+        if any(p.request.id == "broken" for p in batch):
+            raise RuntimeError("a kernel failed")
+        return prefill(batch, *rest)
+
+    monkeypatch.setattr(overlapped, "_prefill", failing)
+    beside = prefills_beside(overlapped, monkeypatch)
+    results = {r.id: r for r in overlapped.generate(rows)}
+    assert beside[:2] == [0, 1]  # the broken row's prefill ran beside the first row's decoding
+    assert "a kernel failed" in results["broken"].error
+    for name in ("smart6", "smart7"):
+        np.testing.assert_array_equal(results[name].audio_codes, plain[name].audio_codes)
