@@ -23,28 +23,27 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
 if [ "${2:-}" != rest ]; then
-  # Whether each path's rows get the plain path's codes through the GPU's own kernels (on the CPU the tests
-  # assert it): the tiny config in float32, ~20 s, for varlen, varlen_prefix_once, split_prefix_once and
-  # prefix_once.
-  step timeout 45 python3 scripts/bench_gpu.py --config tiny --out "$out/bench_exactness.json" --no-baseline \
-    --modes "" --span-batch 0 --check-rows 0 --exactness varlen,varlen_prefix_once,split_prefix_once,prefix_once
+  # Whether each path's rows get the plain path's codes through the GPU's own kernels and streams (on the
+  # CPU the tests assert it): the tiny config in float32, ~5 s a check.
+  step timeout 50 python3 scripts/bench_gpu.py --config tiny --out "$out/bench_exactness.json" --no-baseline \
+    --modes "" --span-batch 0 --check-rows 0 \
+    --exactness varlen,varlen_prefix_once,prefix_once,prefill_beside,prefill_beside_prefix_once
   # The 300x goal: 1,024 rows of 150-349 frames with the slots that fit free memory (runtime.batch_size=auto)
   # in one call, as the dataset job's actors get them, ~60 s a mode with its warm-up: the defaults, which now
-  # vocode finished rows beside the decoding (never run on a GPU), against each row reading only its own
-  # columns (`varlen`), and against vocoding after the decoding (`vocode_after`: run 7's defaults, 286.1x,
-  # 6.8 s of its 35.7 s vocoding at the end); first, where the GPU time of a 256-row decode step goes (~20 s;
-  # run 7's profile was lost to the file limit).
-  step timeout 250 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 215 --no-baseline \
-    --modes "" --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,varlen,vocode_after \
-    --profile 256 --span-batch 0 --check-rows 0
-  # The 15x goal (run 7: graphs 6.67x, compiled 8.85x): the default step for this run's ratio; the same with
-  # the row's columns read in 8 chunks at once (`varlen`, model.attention.chunks_for: one row's attention ran
-  # on 8 CTAs, ~0.5 ms of a ~4 ms step); then the compiled step with int8 decoder weights (model.int8_weights)
-  # and inductor's coordinate-descent tuning, which turns one row's matrix products into fused reductions
-  # (model.decode_step.compile_options). None but graphs has run on a GPU. Compiling took 111 s untuned in run
-  # 7 and will take longer tuned: hence this call, not the second, which may get only ~150 s.
-  step timeout 280 python3 scripts/bench_gpu.py --out "$out/bench_one_request.json" --budget-s 45 \
-    --no-baseline --modes graphs=1,varlen=1,compiled_int8=1 --span-batch 0 --check-rows 0
+  # vocode finished rows beside the decoding (never run on a GPU); each row reading only its own columns
+  # (`varlen`); the same with refills prefilled while the running rows decode (`varlen_prefill_beside`,
+  # overlap_prefill: run 7's 28 prefill forwards took 6.5 of its 35.7 s, all slots waiting); and vocoding
+  # after the decoding (`vocode_after`: run 7's defaults, 286.1x, 6.8 s of vocoding at the end).
+  step timeout 270 python3 scripts/bench_gpu.py --out "$out/bench_refill.json" --budget-s 205 --no-baseline \
+    --modes "" --refill-rows 1024 --refill-runs auto:1024 \
+    --refill-modes graphs,varlen,varlen_prefill_beside,vocode_after --span-batch 0 --check-rows 0
+  # The 15x goal (run 7: graphs 6.67x, compiled 8.85x): the default step for this run's ratio, then the
+  # compiled step with int8 decoder weights (model.int8_weights) and inductor's coordinate-descent tuning,
+  # which turns one row's matrix products into fused reductions (model.decode_step.compile_options); never
+  # run on a GPU. Compiling took 111 s untuned in run 7 and will take longer tuned: hence this call, not the
+  # second, which may get only ~150 s.
+  step timeout 255 python3 scripts/bench_gpu.py --out "$out/bench_one_request.json" --budget-s 30 \
+    --no-baseline --modes graphs=1,compiled_int8=1 --span-batch 0 --check-rows 0
   exit 0
 fi
 # Rows that each clone a clip of their own (an eval set's), in calls two at a time as a GPU synthesis actor
@@ -61,12 +60,17 @@ step timeout 100 python3 scripts/bench_encode_ahead.py --calls 3 --repeats 1 --o
 # largest difference from the one it stands in for is in the JSON.
 step timeout 60 python3 scripts/bench_attention.py --device cuda --batch-sizes 256,128,64,8,1 --own-spread 225 \
   --out "$out/bench_attention.json"
-# The same 1,024 rows as the first call's with text of a realistic length for their audio (~40 tokens for
-# 6-14 s of speech, against ~300): what a dataset's rows cost; the defaults, then each row reading only its
-# own columns.
-step timeout 130 python3 scripts/bench_gpu.py --out "$out/bench_realistic.json" --budget-s 70 --no-baseline \
+# The first call's 1,024 rows with text of a realistic length for their audio (~40 tokens for 6-14 s of
+# speech, against ~300): what a dataset's rows cost, the defaults then each row reading only its own columns;
+# first, where the GPU time of a 256-row decode step goes (~20 s; run 7's profile was lost to the file limit).
+step timeout 150 python3 scripts/bench_gpu.py --out "$out/bench_realistic.json" --budget-s 90 --no-baseline \
   --modes "" --text-tokens 40 --refill-rows 1024 --refill-runs auto:1024 --refill-modes graphs,varlen \
-  --span-batch 0 --check-rows 0
+  --profile 256 --span-batch 0 --check-rows 0
+# One request with the row's columns read in 8 chunks at once (`varlen`, model.attention.chunks_for: one row's
+# attention ran on 8 CTAs, ~0.5 ms of a ~4 ms step), then compiled in bf16, now tuned (run 7's untuned:
+# 8.85x).
+step timeout 300 python3 scripts/bench_gpu.py --out "$out/bench_one_request_bf16.json" --budget-s 40 \
+  --no-baseline --modes graphs=1,varlen=1,compiled=1 --span-batch 0 --check-rows 0
 # The release's codec: 64 rows vocoded in windows (1,223x real time in run 7; 19 % of the 1,024-row call) and
 # reference clips encoded one at a time (25.8 ms a clip in run 7: more than a 4 s row's synthesis), then both
 # again with the codec in bfloat16 (its speed, its waveforms' stray, its codes' agreement), ~35 s.
@@ -75,6 +79,3 @@ step timeout 60 python3 scripts/bench_vocoding.py --config real --rows 64 --chec
 # Audiobook chapters: run 7 cut this off before its last order (~55 s in all).
 step timeout 70 python3 scripts/bench_longform.py --config real --device cuda --chapters 24 --slots 24 \
   --chunks 4,10 --steps 60,150 --out "$out/bench_longform.json"
-# One request compiled in bf16, now tuned (run 7's untuned: 8.85x), if time is left.
-step timeout 300 python3 scripts/bench_gpu.py --out "$out/bench_one_request_bf16.json" --budget-s 20 \
-  --no-baseline --modes graphs=1,compiled=1 --span-batch 0 --check-rows 0
