@@ -307,9 +307,9 @@ class SynthesizeStage:
         if content_hash(data) != clip.source_hash:
             raise RequestError(
                 field_name,
-                "changed after this run first read it (its content hash differs), so earlier rows of this "
-                "voice were voiced from another clip; leave reference files unchanged while a run reads them, "
-                "and rerun with retry_errors=true to voice this row from the file as it is now",
+                "changed after this run first read it (its content hash differs), and the other rows of "
+                "this voice are voiced from the clip as it was; leave reference files unchanged while a run "
+                "reads them, and rerun with retry_errors=true to voice this row from the file as it is now",
                 shown_source(source),
             )
         return data
