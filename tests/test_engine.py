@@ -379,18 +379,23 @@ def test_a_row_that_never_fits_errors_with_out_of_memory_and_the_others_succeed(
     assert "out of memory" in results["long"].error
 
 
-def test_a_request_that_breaks_generation_errors_alone(engine, monkeypatch):
-    from model.engine import SynthesisEngine
-
-    fragile = SynthesisEngine(engine.checkpoint, engine.options)
-    prefill = fragile._prefill
+def break_prefills(engine, monkeypatch) -> None:
+    """Every prefill of `engine` that holds the row with id "broken" raises, as a failing kernel would."""
+    prefill = engine._prefill
 
     def failing(batch, *rest):
         if any(p.request.id == "broken" for p in batch):
             raise RuntimeError("a kernel failed")
         return prefill(batch, *rest)
 
-    monkeypatch.setattr(fragile, "_prefill", failing)
+    monkeypatch.setattr(engine, "_prefill", failing)
+
+
+def test_a_request_that_breaks_generation_errors_alone(engine, monkeypatch):
+    from model.engine import SynthesisEngine
+
+    fragile = SynthesisEngine(engine.checkpoint, engine.options)
+    break_prefills(fragile, monkeypatch)
     results = {r.id: r for r in fragile.generate([smart(6), replace(smart(5), id="broken"), smart(7)])}
     assert results["smart6"].ok and results["smart7"].ok
     assert results["broken"].error_field == "synthesis"

@@ -480,7 +480,7 @@ def test_without_overlap_prefill_the_running_rows_wait_for_each_refills_prefill(
 
 
 def test_a_refill_whose_prefill_breaks_beside_the_decoding_errors_alone(engine64, monkeypatch):
-    from tests.test_engine import smart
+    from tests.test_engine import break_prefills, smart
 
     rows = [
         smart(6, max_new_tokens=40),
@@ -491,14 +491,7 @@ def test_a_refill_whose_prefill_breaks_beside_the_decoding_errors_alone(engine64
         r.id: r for r in SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=1)).generate(rows)
     }
     overlapped = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2, overlap_prefill=True))
-    prefill = overlapped._prefill
-
-    def failing(batch, *rest):
-        if any(p.request.id == "broken" for p in batch):
-            raise RuntimeError("a kernel failed")
-        return prefill(batch, *rest)
-
-    monkeypatch.setattr(overlapped, "_prefill", failing)
+    break_prefills(overlapped, monkeypatch)
     beside = prefills_beside(overlapped, monkeypatch)
     results = {r.id: r for r in overlapped.generate(rows)}
     assert beside[:2] == [0, 1]  # the broken row's prefill ran beside the first row's decoding
