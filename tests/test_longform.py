@@ -1,6 +1,7 @@
 """Long-form generation: chunks in order, the last N chunks' codes carried into the next chunk's context."""
 
 import numpy as np
+import pytest
 import torch
 
 from model.longform import LongformText, chunk_request, generate_longform
@@ -102,8 +103,9 @@ def test_a_chapters_next_chunk_starts_without_waiting_for_the_other_chapters_chu
     assert seen == ["quick#0", "quick#1", "quick#2", "slow#0", "slow#1"]
 
 
-def test_chapters_generated_together_match_each_chapter_generated_alone(engine64):
-    engine = running_to_max_new_tokens(engine64, max_batch_size=3)
+@pytest.mark.parametrize("overlap_prefill", [False, True], ids=["prefill_then_step", "prefill_beside"])
+def test_chapters_generated_together_match_each_chapter_generated_alone(engine64, overlap_prefill):
+    engine = running_to_max_new_tokens(engine64, max_batch_size=3, overlap_prefill=overlap_prefill)
     together = generate_longform(
         engine, [paced("a", 4, 20), paced("bb", 2, 45), paced("ccc", 3, 12)], buffer_size=2
     )
