@@ -299,7 +299,7 @@ class SynthesizeStage:
 
     def _read_again(self, source: str | bytes, clip: KnownClip, j: int) -> bytes:
         """The clip's bytes from its source, refused if they are no longer the bytes the fetch stage hashed:
-        this row would be voiced from another clip than the rows of its voice before it."""
+        this row would be voiced from another clip than the other rows of its voice."""
         from model.reference_audio import content_hash
 
         field_name = f"references[{j}].audio"
