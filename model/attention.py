@@ -36,8 +36,15 @@ PACKED_SDPA = "higgs_batch_packed_sdpa"
 # How a decode step reads the rows' own columns beside a shared prefix: "bmm" (prefix_attention) or sdpa's
 # fused kernels with their log-sum-exp (split_prefix_attention): "efficient" or "cudnn" on a GPU (a CPU runs
 # its own flash kernel for either). "varlen": each row only its columns in use (own_columns_attention), with
-# or without a shared prefix. "bmm" until a GPU has measured the others end to end.
-OWN_KERNEL = "bmm"
+# or without a shared prefix, in caches of MIN_OWN_COLUMNS_SLOTS slots or more (below, "bmm"). On an H100
+# (GPU run 8) 1,024 rows of 150-349 frames through 256 slots ran at 401.8x real time with "varlen" against
+# 371.8x with "bmm", and their codes matched the plain path's on the GPU (docs/benchmarks.md).
+OWN_KERNEL = "varlen"
+# The fewest slots a decode step reads each row's own columns alone in (OWN_KERNEL "varlen"). With few rows
+# the kernel has too few sequences for the GPU even cut into chunks: one request ran at 5.54x real time that
+# way against 6.69x over its whole slot (GPU run 8), and one layer's attention at 64 rows took 2.1x the time
+# of whole prompts in the slots, at 128 rows 0.94x (bench_attention.py, not in CUDA graphs).
+MIN_OWN_COLUMNS_SLOTS = 128
 
 
 def packed_sdpa_attention(
@@ -59,7 +66,7 @@ def packed_sdpa_attention(
                 query, key, value, attention_mask, keys, values, mask, scale, columns=slot_columns
             )
             return split, None
-        attend = prefix_attention if OWN_KERNEL == "bmm" else split_prefix_attention
+        attend = split_prefix_attention if OWN_KERNEL in ("efficient", "cudnn") else prefix_attention
         return attend(query, key, value, attention_mask, keys, values, mask, scale), None
     if slot_columns is not None and query.shape[2] == 1:
         b, heads, _, d = query.shape

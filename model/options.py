@@ -102,14 +102,17 @@ class EngineOptions:
     # their gaps instead of all after the last row, where they took 19 % of a 1,024-row call on an H100 (GPU
     # run 7). Off: every row is vocoded after the call decodes. The waveforms are the same either way. On
     # the CPU (tiny checkpoint, bench_gpu.py) 1.3x for 192 rows through 16 slots, no measurable change for 64
-    # through 8; not yet measured on a GPU.
+    # through 8. On an H100 (GPU run 8, 1,024 rows through 256 slots) 371.8x real time against 374.3x after
+    # the decoding, one run each: no gain there, as a step beside the codec slowed from 17.3 to 23.5 ms, but
+    # the fastest combination measured (401.8x, each row reading its own columns) had it on, so on it stays.
     overlap_vocoding: bool = True
     # Refill rows prefill while the running rows decode: the engine queues their next steps, then the
     # prefill (on a GPU on a CUDA stream of its own), and the rows join at the look after. Off: the running
     # rows wait for each refill's prefill, which took 18 % of a 1,024-row call on an H100 (GPU run 7: 28
     # forwards, 6.5 of 35.7 s), while the prefill's matrix products leave the memory bandwidth a decode step
     # needs mostly unused. Its rows' slots stay free for one look longer. The codes are the same either way;
-    # on a CPU it only delays the joins. Not yet measured on a GPU.
+    # on a CPU it only delays the joins. On an H100 (GPU run 8) 0.94x: 379.0x real time against 401.8x
+    # without, the 28 prefills taking 2.8 s beside the steps against 1.7 s alone, and 15 more steps.
     overlap_prefill: bool = False
     # Rows that prefill in one forward at most. Their prompts' keys and values are held twice while they are
     # copied into the slots, so fewer leave that memory to slots (engine.fitting_batch_size): on an 80 GB

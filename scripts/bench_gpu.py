@@ -17,11 +17,11 @@ free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
-(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `varlen`: `graphs` with each row reading
-only its own columns in use, not the step's whole span, with or without a shared prefix; `vocode_after`: `graphs` vocoding a
-call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `prefill_beside` /
-`varlen_prefill_beside`: `graphs` / `varlen` prefilling refills while the running rows decode
-(overlap_prefill); `static`: the
+(model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
+the step's whole span of its own columns, not only those in use (the default before GPU run 8; `graphs` reads
+each row's own from 128 slots, model.attention.MIN_OWN_COLUMNS_SLOTS); `vocode_after`: `graphs` vocoding a
+call's rows after they all decode, not in groups beside the decoding (overlap_vocoding); `prefill_beside`:
+`graphs` prefilling refills while the running rows decode (overlap_prefill); `static`: the
 slot cache run eagerly; `dynamic`: the plain path, transformers' DynamicCache and RMSNorm run eagerly after
 a whole-prompt prefill per row; `--modes graphs=1/128,compiled=1` gives each mode its own batch sizes), transformers'
 `model.generate` at batch 1 on the same prompt in the same run as the baseline, and whether the fast path
@@ -121,15 +121,14 @@ MODES = {
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
     "split_cudnn": {"static_cache": True, "cuda_graphs": True},
-    # The default with each row reading only its own columns in use (model.attention.own_columns_attention).
-    "varlen": {"static_cache": True, "cuda_graphs": True},
+    # The default with every row reading the step's whole span of its own columns, not only those in use
+    # (model.attention.own_columns_attention).
+    "bmm": {"static_cache": True, "cuda_graphs": True},
     # The default vocoding a call's rows after they all decode (the default before 2026-11-27 06:00 UTC), not
     # in groups beside the decoding (overlap_vocoding).
     "vocode_after": {"static_cache": True, "cuda_graphs": True, "overlap_vocoding": False},
-    # The default prefilling refills while the running rows decode (overlap_prefill), and the same with each
-    # row reading only its own columns.
+    # The default prefilling refills while the running rows decode (overlap_prefill).
     "prefill_beside": {"static_cache": True, "cuda_graphs": True, "overlap_prefill": True},
-    "varlen_prefill_beside": {"static_cache": True, "cuda_graphs": True, "overlap_prefill": True},
     # The default slot cache + graphs with every row prefilling its whole prompt (no shared reference turn).
     "unshared": {"static_cache": True, "cuda_graphs": True, "share_prefix": False},
     # The default with the rows' shared reference turn in every slot (no shared_prefix_cache).
@@ -168,8 +167,7 @@ MODE_CONSTANTS = {
     "refill_at_share": {"admission.PREFILL_AHEAD": False},
     "split_efficient": {"attention.OWN_KERNEL": "efficient"},
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
-    "varlen": {"attention.OWN_KERNEL": "varlen"},
-    "varlen_prefill_beside": {"attention.OWN_KERNEL": "varlen"},
+    "bmm": {"attention.OWN_KERNEL": "bmm"},
 }
 CONSTANT_MODULES = {"": engine_module, "admission": admission, "attention": attention}
 
@@ -602,7 +600,8 @@ def exactness(device: torch.device, mode: str, one_voice: bool = False) -> dict:
         rows = [replace(r, context=voice) for r in rows]
     fast = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES[mode]))
     plain = SynthesisEngine(loaded, EngineOptions(max_batch_size=4, **MODES["dynamic"]))
-    with engine_constant("MIN_PREFIX_CACHE_ROWS", 1), mode_constants(mode):  # 4 slots here
+    few_slots = {"MIN_PREFIX_CACHE_ROWS": 1, "attention.MIN_OWN_COLUMNS_SLOTS": 1}  # 4 slots here
+    with engine_constants(few_slots), mode_constants(mode):
         a, b = fast.generate(rows), plain.generate(rows)
     same = [x.ok and y.ok and np.array_equal(x.audio_codes, y.audio_codes) for x, y in zip(a, b, strict=True)]
     return {
@@ -621,8 +620,8 @@ EXACTNESS = {
     "fused": ("fused", False),
     "compiled": ("compiled", False),
     "split_prefix_once": ("split_efficient", True),
-    "varlen": ("varlen", False),
-    "varlen_prefix_once": ("varlen", True),
+    "bmm": ("bmm", False),
+    "bmm_prefix_once": ("bmm", True),
     "prefill_beside": ("prefill_beside", False),
     "prefill_beside_prefix_once": ("prefill_beside", True),
 }

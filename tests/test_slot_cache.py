@@ -365,14 +365,35 @@ def test_a_reused_cache_takes_the_next_calls_prefix(engine64, prefix_from_4_rows
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kernel", ["efficient", "varlen"])
+def read_own_columns_alone(monkeypatch) -> None:
+    """Each row's own columns read alone (OWN_KERNEL "varlen") in caches of any size (from 128 slots on a
+    real run); the tests' expected codes come before, from whole spans."""
+    monkeypatch.setattr("model.attention.OWN_KERNEL", "varlen")
+    monkeypatch.setattr("model.attention.MIN_OWN_COLUMNS_SLOTS", 1)
+
+
+@pytest.mark.parametrize(("slots", "own_columns"), [(3, False), (4, True)])
+def test_each_rows_own_columns_are_read_alone_from_min_own_columns_slots(
+    engine64, monkeypatch, slots, own_columns
+):
+    monkeypatch.setattr("model.attention.MIN_OWN_COLUMNS_SLOTS", 4)
+    engine = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=slots))
+    codes(engine, requests_of_mixed_lengths()[:slots])
+    assert engine._decode_step.cache.slots == slots
+    assert engine._decode_step.own_columns == own_columns
+
+
+@pytest.mark.parametrize("kernel", ["efficient", "varlen", "bmm"])
 def test_own_columns_read_apart_from_the_shared_prefix_give_the_same_codes(
     engine64, prefix_from_4_rows, monkeypatch, kernel
 ):
-    # efficient: sdpa's fused kernel over the step's span; varlen: each row's columns in use only.
+    # efficient: sdpa's fused kernel over the step's span; varlen: each row's columns in use only; bmm: matrix
+    # products over the step's span. Against the step's span read whole, the prefix in every slot.
     rows = one_voice_rows()
-    expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4)), rows)
+    whole = EngineOptions(max_batch_size=4, shared_prefix_cache=False)
+    expected = codes(SynthesisEngine(engine64.checkpoint, whole), rows)
     monkeypatch.setattr("model.attention.OWN_KERNEL", kernel)
+    monkeypatch.setattr("model.attention.MIN_OWN_COLUMNS_SLOTS", 1)  # 128 on a real run
     split = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=4))
     got = codes(split, rows)
     assert split._decode_step.cache.prefix_tokens > 0
@@ -385,7 +406,7 @@ def test_refilled_rows_reading_only_their_own_columns_give_the_same_codes(engine
     # Rows of many lengths through fewer slots: at every step the slots hold rows at different stages.
     rows = rows_ending_both_ways()
     expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=3)), rows)
-    monkeypatch.setattr("model.attention.OWN_KERNEL", "varlen")
+    read_own_columns_alone(monkeypatch)
     varlen = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=3))
     got = codes(varlen, rows)
     assert varlen._decode_step.own_columns and varlen._decode_step.cache.prefix_tokens == 0
@@ -400,7 +421,7 @@ def test_a_compiled_step_reading_only_each_rows_own_columns_gives_the_same_codes
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
     rows = requests_of_mixed_lengths()[:5]
     expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2)), rows)
-    monkeypatch.setattr("model.attention.OWN_KERNEL", "varlen")
+    read_own_columns_alone(monkeypatch)
     compiled = SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2, compile=True))
     for a, b in zip(expected, codes(compiled, rows), strict=True):
         np.testing.assert_array_equal(a, b)
