@@ -37,6 +37,15 @@ pack_cache() {
   echo "inductor cache: $size bytes packed" | tee -a "$log"
   [ "$size" -le 16777216 ] || rm -f "$out/inductor_cache.tgz"
 }
+watch_cache() {
+  # Every 30 s, how far inductor has got: a compilation cut off still shows its pace in run.log.
+  while sleep 30; do
+    echo "[inductor cache $(date +%T)] $(find "$TORCHINDUCTOR_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) kernels" \
+      "built, $(find "$TORCHINDUCTOR_CACHE_DIR" -name '*.best_config' 2>/dev/null | wc -l) tuned" | tee -a "$log"
+  done
+}
+watch_cache &
+trap 'kill %1 2>/dev/null' EXIT
 if [ "${2:-}" != rest ]; then
   # Whether the default paths' rows get the plain path's codes through the GPU's own kernels (on the CPU the
   # tests assert it): the tiny config in float32 through 4 slots, each row's own columns read alone (the
