@@ -35,14 +35,20 @@ def bucket_for(rows: int, slots: int) -> int:
     return min(bucket, slots)
 
 
+# Whether a one-slot step compiles with inductor's coordinate-descent tuning (compile_options); bench_gpu's
+# `compiled_int8_untuned` mode turns it off.
+TUNE_ONE_SLOT = True
+
+
 def compile_options(cache: SlotCache) -> dict:
     """torch.compile's options for the step over `cache`. For one slot on a GPU (one request at a time),
     inductor's coordinate-descent tuning: with it, a matrix product of one row becomes a multiply-and-sum
     reduction (inductor's mm decomposition), which reads the weights at closer to the memory's bandwidth than
-    cuBLAS's split-K matrix-vector kernels (2.1 of ~3.3 TB/s on an H100 at one row, GPU run 5), and into
-    which int8 weights' conversion fuses (model.int8_weights). Unmeasured on a GPU so far, and it lengthens
-    compilation, so larger caches compile as before."""
-    if cache.mask.device.type == "cuda" and cache.slots == 1:
+    cuBLAS's split-K matrix-vector kernels (2.1 of ~3.3 TB/s on an H100 at one row, GPU run 5), and the
+    tuning picks the block sizes of every reduction, int8 weights' ones too (model.int8_weights). Unmeasured
+    on a GPU so far: in GPU run 8 the tuned compilation took over 245 s (111 s untuned in run 7), so larger
+    caches compile as before."""
+    if cache.mask.device.type == "cuda" and cache.slots == 1 and TUNE_ONE_SLOT:
         return {"options": {"coordinate_descent_tuning": True}}
     return {}
 

@@ -5,10 +5,13 @@ matrix products alone took 2.7 ms of the compiled step's 4.1 ms (cuBLAS's split-
 ~2.1 TB/s): the 2.67 ms a step that 15x real time allows is gone before anything else runs (GPU runs 5 and
 7). Int8 weights halve those bytes. Their dequantization must happen inside the product, not before it: a
 dequantized copy per step would read and write more than the bf16 weights. torch.compile does that at one
-row: with inductor's coordinate-descent tuning (model.decode_step) a matrix-vector product becomes a
-multiply-and-sum reduction, into which the int8-to-bf16 conversion and the scale fuse, the recipe gpt-fast
-measured at ~1.5x for int8 weights at batch 1. Hence SynthesisEngine takes this only with `compile` and one
-row a batch (EngineOptions).
+row: a one-row projection is written as a multiply-and-sum over the input features (what inductor's own
+decomposition of a matrix-vector product gives, but only under its coordinate-descent tuning), which
+inductor compiles into one reduction that reads the int8 weights and converts them as it goes, the recipe
+gpt-fast measured at ~1.5x for int8 weights at batch 1. The tuning (model.decode_step) picks that
+reduction's block sizes; written out, the reduction does not depend on it, so an untuned compilation (much
+shorter) still reads int8. Eager, the product would be materialized whole: hence SynthesisEngine takes this
+only with `compile` and one row a batch (EngineOptions).
 
 Symmetric rounding per output channel (the largest magnitude maps to 127) changes each weight by at most half
 its channel's step, so codes drift from the bf16 model's, as any weight quantization does. The int8 weights
@@ -32,8 +35,12 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-    # The conversion inside the product, then the scale on its (rows, out) result: both fuse into the
-    # compiled matrix-vector reduction at one row.
+    if x.shape[:-1].numel() == 1:
+        # A decode step's one row: a reduction in float32 (as inductor's decomposition computes it), the
+        # weights converted inside it, then the scale; compiled, one kernel.
+        row = (x.unsqueeze(-2).float() * self.int8_weight.float()).sum(-1)
+        return row.to(x.dtype) * self.int8_scale.to(x.dtype)
+    # Prefill's many rows: a matrix product over the converted weights, once per forward.
     return F.linear(x, self.int8_weight.to(x.dtype)) * self.int8_scale.to(x.dtype)
 
 

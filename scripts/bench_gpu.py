@@ -15,7 +15,9 @@ prefilled in one forward, rows admitted by prompt length); `prompt_order`: `grap
 length alone, not the longest first; `refill_at_share`: `graphs` refilling only once 1/8 of the slots is
 free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed-length runs, `graphs`
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
-`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections; `split_efficient`
+`fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections;
+`compiled_int8` / `compiled_int8_untuned`: `compiled` at one row with int8 decoder weights, with and without
+coordinate-descent tuning; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
 the step's whole span of its own columns, not only those in use (the default before GPU run 8; `graphs` reads
@@ -50,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.admission as admission  # noqa: E402
 import model.attention as attention  # noqa: E402
+import model.decode_step as decode_step  # noqa: E402
 import model.engine as engine_module  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
-from model.decode_step import DecodeStep  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.fused_projections import use_fused_projections  # noqa: E402
 from model.requests import ContextTurn, SynthesisRequest  # noqa: E402
@@ -117,6 +119,15 @@ MODES = {
         "int8_weights": True,
         "max_batch_size": 1,
     },
+    # The same compiled without coordinate-descent tuning (model.decode_step.TUNE_ONE_SLOT): a shorter
+    # compilation, the int8 projections' reductions at inductor's default block sizes.
+    "compiled_int8_untuned": {
+        "static_cache": True,
+        "cuda_graphs": True,
+        "compile": True,
+        "int8_weights": True,
+        "max_batch_size": 1,
+    },
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
@@ -159,7 +170,8 @@ MODES = {
 DATASET_MAX_NEW_TOKENS = 2048
 DATASET_MARGIN = 2.0
 DATASET_RESERVE = {"dataset_2048": "max_new_tokens", "dataset_estimate": "estimate"}
-# model.engine constants (model.admission's and model.attention's as `admission.NAME`, `attention.NAME`)
+# model.engine constants (model.admission's, model.attention's and model.decode_step's as `admission.NAME`,
+# `attention.NAME`, `decode_step.NAME`)
 # a mode sets while it runs (the admission order came after `previous`).
 MODE_CONSTANTS = {
     "previous": {"admission.LENGTH_CLASS": 1 << 30, "admission.PREFILL_AHEAD": False},
@@ -168,8 +180,14 @@ MODE_CONSTANTS = {
     "split_efficient": {"attention.OWN_KERNEL": "efficient"},
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
     "bmm": {"attention.OWN_KERNEL": "bmm"},
+    "compiled_int8_untuned": {"decode_step.TUNE_ONE_SLOT": False},
 }
-CONSTANT_MODULES = {"": engine_module, "admission": admission, "attention": attention}
+CONSTANT_MODULES = {
+    "": engine_module,
+    "admission": admission,
+    "attention": attention,
+    "decode_step": decode_step,
+}
 
 
 def engine_for(loaded, mode: str) -> SynthesisEngine:
@@ -281,17 +299,17 @@ def measure(
 def counting_steps() -> Iterator[list[float]]:
     """The decode steps any engine runs inside the block (DecodeStep calls): when each was launched."""
     steps: list[float] = []
-    original = DecodeStep.__call__
+    original = decode_step.DecodeStep.__call__
 
     def counted(self, *args):
         steps.append(time.perf_counter())
         return original(self, *args)
 
-    DecodeStep.__call__ = counted
+    decode_step.DecodeStep.__call__ = counted
     try:
         yield steps
     finally:
-        DecodeStep.__call__ = original
+        decode_step.DecodeStep.__call__ = original
 
 
 def watch_prefills(engine: SynthesisEngine) -> list[float]:
@@ -396,8 +414,8 @@ def engine_constants(constants: dict) -> Iterator[None]:
 
 @contextmanager
 def engine_constant(name: str, value) -> Iterator[None]:
-    """model.engine's constant `name` (model.admission's or model.attention's, as `admission.NAME` or
-    `attention.NAME`) at `value` for the block, then back at its own."""
+    """model.engine's constant `name` (model.admission's, model.attention's or model.decode_step's, as
+    `admission.NAME`, `attention.NAME` or `decode_step.NAME`) at `value` for the block, then back at its own."""
     module, name = constant_place(name)
     own = getattr(module, name)
     setattr(module, name, value)

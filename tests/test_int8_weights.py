@@ -2,6 +2,7 @@
 pay (compiled, one row a batch)."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,18 @@ def test_an_int8_weight_is_within_half_a_step_of_its_channel_of_the_original():
     assert q.dtype == torch.int8 and q.abs().max() == 127
     error = (q.float() * scale[:, None] - weight).abs()
     assert (error <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_one_rows_int8_projection_is_the_matrix_product_over_the_converted_weights():
+    # A decode step's one row goes through a multiply-and-sum (one compiled reduction on a GPU), prefill's
+    # rows through a matrix product; both give the product of the row and the int8 weights times the scales.
+    linear = torch.nn.Linear(48, 64, bias=False)
+    rows = torch.randn(5, 1, 48)
+    assert use_int8_weights(SimpleNamespace(model=SimpleNamespace(layers=[linear]))) == 1
+    expected = rows @ (linear.int8_weight.float() * linear.int8_scale[:, None]).T
+    with torch.no_grad():
+        torch.testing.assert_close(linear(rows[:1]), expected[:1])  # one row
+        torch.testing.assert_close(linear(rows), expected)  # five
 
 
 def prompt_logits(engine: SynthesisEngine) -> torch.Tensor:
