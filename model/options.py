@@ -90,7 +90,7 @@ class EngineOptions:
     # bytes a decode step reads at one row, where reading the weights bounds the step. Only with `compile`
     # and one row a batch, where the compiled step converts the weights inside its matrix-vector products;
     # anywhere else every step would first make a dequantized copy of them. Codes drift from the bf16
-    # model's; +50 % weight memory. Not yet measured on a GPU.
+    # model's; +50 % weight memory. Not yet measured on a GPU (GPU run 8 cut its compilation off).
     int8_weights: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
