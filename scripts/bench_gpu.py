@@ -17,7 +17,8 @@ free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections;
 `compiled_int8` / `compiled_int8_untuned`: `compiled` at one row with int8 decoder weights, with and without
-coordinate-descent tuning; `split_efficient`
+coordinate-descent tuning; `compiled_int8_own_columns`: `compiled_int8` reading the row's columns in chunks at
+once; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
 the step's whole span of its own columns, not only those in use (the default before GPU run 8; `graphs` reads
@@ -128,6 +129,16 @@ MODES = {
         "int8_weights": True,
         "max_batch_size": 1,
     },
+    # `compiled_int8` with the row's columns read in chunks at once (own_columns_attention at one slot,
+    # model.attention.MIN_OWN_COLUMNS_SLOTS): uncompiled, the chunks' join cost more than the 8 CTAs of one
+    # row's attention (run 8: 5.54x against 6.69x); compiled, it fuses.
+    "compiled_int8_own_columns": {
+        "static_cache": True,
+        "cuda_graphs": True,
+        "compile": True,
+        "int8_weights": True,
+        "max_batch_size": 1,
+    },
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
@@ -181,6 +192,7 @@ MODE_CONSTANTS = {
     "split_cudnn": {"attention.OWN_KERNEL": "cudnn"},
     "bmm": {"attention.OWN_KERNEL": "bmm"},
     "compiled_int8_untuned": {"decode_step.TUNE_ONE_SLOT": False},
+    "compiled_int8_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
 }
 CONSTANT_MODULES = {
     "": engine_module,
@@ -292,6 +304,8 @@ def measure(
         out["cuda_graph_buckets"] = engine._decode_step.captured
         step = engine._decode_step
         out["own_kernel"] = attention.OWN_KERNEL if step.cache.prefix_capacity or step.own_columns else None
+        if engine.options.compile:  # a step that failed to compile ran uncompiled: not what the mode measures
+            out["compiled"] = step.compiled and not step.compile_failed
     return out
 
 
