@@ -169,6 +169,17 @@ def test_only_a_one_slot_step_on_a_gpu_compiles_with_coordinate_descent_tuning()
     assert compile_options(cache("cpu", 1)) == {}
 
 
+def test_a_one_slot_step_compiles_untuned_where_tuning_is_switched_off(monkeypatch):
+    # bench_gpu's compiled_int8_untuned: inductor's default block sizes, a far shorter compilation.
+    from types import SimpleNamespace
+
+    from model.decode_step import compile_options
+
+    monkeypatch.setattr("model.decode_step.TUNE_ONE_SLOT", False)
+    one_slot_on_a_gpu = SimpleNamespace(mask=SimpleNamespace(device=torch.device("cuda")), slots=1)
+    assert compile_options(one_slot_on_a_gpu) == {}
+
+
 def test_a_step_that_failed_to_compile_is_rebuilt_without_compiling_again(engine, monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
 
