@@ -100,6 +100,15 @@ WORDS = [
 
 # How the engine decodes: a fixed-shape slot cache replayed from CUDA graphs (the default), the same cache
 # run eagerly, and transformers' DynamicCache run eagerly (the plain path).
+# The compiled step at one row with int8 decoder weights: the options of the three compiled_int8 modes, which
+# differ in MODE_CONSTANTS alone.
+COMPILED_INT8 = {
+    "static_cache": True,
+    "cuda_graphs": True,
+    "compile": True,
+    "int8_weights": True,
+    "max_batch_size": 1,
+}
 MODES = {
     "compiled": {"static_cache": True, "cuda_graphs": True, "compile": True},
     "graphs": {"static_cache": True, "cuda_graphs": True},
@@ -113,38 +122,21 @@ MODES = {
     "fused": {"static_cache": True, "cuda_graphs": True, "fused_projections": True},
     "compiled_fused": {"static_cache": True, "cuda_graphs": True, "compile": True, "fused_projections": True},
     # The compiled step with int8 decoder weights (model.int8_weights), for one request at a time only.
-    "compiled_int8": {
-        "static_cache": True,
-        "cuda_graphs": True,
-        "compile": True,
-        "int8_weights": True,
-        "max_batch_size": 1,
-    },
-    # The same compiled without coordinate-descent tuning (model.decode_step.TUNE_ONE_SLOT): a shorter
-    # compilation, the int8 projections' reductions at inductor's default block sizes.
-    "compiled_int8_untuned": {
-        "static_cache": True,
-        "cuda_graphs": True,
-        "compile": True,
-        "int8_weights": True,
-        "max_batch_size": 1,
-    },
+    "compiled_int8": COMPILED_INT8,
+    # The same compiled without coordinate-descent tuning (model.decode_step.TUNE_ONE_SLOT, set by
+    # MODE_CONSTANTS): a shorter compilation, the int8 projections' reductions at inductor's default block
+    # sizes.
+    "compiled_int8_untuned": COMPILED_INT8,
     # `compiled_int8` with the row's columns read in chunks at once (own_columns_attention at one slot,
-    # model.attention.MIN_OWN_COLUMNS_SLOTS): uncompiled, the chunks' join cost more than the 8 CTAs of one
-    # row's attention (run 8: 5.54x against 6.69x); compiled, it fuses.
-    "compiled_int8_own_columns": {
-        "static_cache": True,
-        "cuda_graphs": True,
-        "compile": True,
-        "int8_weights": True,
-        "max_batch_size": 1,
-    },
+    # model.attention.MIN_OWN_COLUMNS_SLOTS, set by MODE_CONSTANTS): uncompiled, the chunks' join cost more
+    # than the 8 CTAs of one row's attention (run 8: 5.54x against 6.69x); compiled, it fuses.
+    "compiled_int8_own_columns": COMPILED_INT8,
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
     "split_cudnn": {"static_cache": True, "cuda_graphs": True},
     # The default with every row reading the step's whole span of its own columns, not only those in use
-    # (model.attention.own_columns_attention).
+    # (model.attention.OWN_KERNEL "bmm", set by MODE_CONSTANTS).
     "bmm": {"static_cache": True, "cuda_graphs": True},
     # The default vocoding a call's rows after they all decode (the default before 2026-11-27 06:00 UTC), not
     # in groups beside the decoding (overlap_vocoding).
