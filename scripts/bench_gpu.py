@@ -234,10 +234,12 @@ def measure(
     rows: list[SynthesisRequest],
     count: int = 0,
     per_call: int = 0,
+    profile: bool = False,
 ) -> dict:
     """`count` rows (default `batch`) through `batch` slots (0: as many as fit free memory, the engine's
     choice), `per_call` rows per engine.generate call (default all of them in one), as a dataset job's actor
-    gets them."""
+    gets them. With `profile`, one more call runs under torch.profiler after the timed ones: the kernels its
+    CUDA graphs replay (a compiled step's fused ones too), per decode step."""
     engine.options.max_batch_size = batch
     count = count or batch
     per_call = per_call or count
@@ -298,6 +300,9 @@ def measure(
         out["own_kernel"] = attention.OWN_KERNEL if step.cache.prefix_capacity or step.own_columns else None
         if engine.options.compile:  # a step that failed to compile ran uncompiled: not what the mode measures
             out["compiled"] = step.compiled and not step.compile_failed
+    if profile and steps:
+        # Prefill and vocoding kernels included, spread over the call's steps: at one row they are ~2 %.
+        out["profile"] = profiled(engine.device, lambda: engine.generate(calls[0]), len(steps) // len(calls))
     return out
 
 
@@ -768,6 +773,7 @@ def profiled(device: torch.device, work, repeats: int) -> dict:
         "clock": "gpu" if cuda else "cpu",
         "wall_ms": round(wall / repeats * 1e3, 3),
         "step_ms": round(sum(own_us(e) for e in kernels) / repeats / 1e3, 3),
+        "kernels_per_step": round(sum(e.count for e in kernels) / repeats, 1) if cuda else None,
         "top": [
             {
                 "op": e.key[:80],
@@ -835,6 +841,11 @@ def main() -> None:
     parser.add_argument("--span-batch", type=int, default=128, help="rows of the span check (0: skip)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip transformers'")
     parser.add_argument("--profile", default="", help="batch sizes whose decode step is profiled, e.g. 1,256")
+    parser.add_argument(
+        "--profile-measured",
+        action="store_true",
+        help="after each --modes measurement, one more call under torch.profiler (kernels per decode step)",
+    )
     parser.add_argument(
         "--profile-prefill", default="", help="batch sizes whose prefill is profiled, e.g. 64"
     )
@@ -909,7 +920,10 @@ def main() -> None:
         engine = engine_for(loaded, mode)
         for size in mode_sizes:
             with mode_constants(mode):
-                run = attempt(f"{mode} b{size}", lambda e=engine, n=size: measure(e, n, args.frames, rows))
+                run = attempt(
+                    f"{mode} b{size}",
+                    lambda e=engine, n=size: measure(e, n, args.frames, rows, profile=args.profile_measured),
+                )
             report["engine"].append({"mode": mode, "batch_size": size, **run})
             print(json.dumps(report["engine"][-1]), file=sys.stderr, flush=True)
             save()
