@@ -4,14 +4,14 @@ At one row a decode step of the release reads its ~5.7 GB of bf16 weights once, 
 matrix products alone took 2.7 ms of the compiled step's 4.1 ms (cuBLAS's split-K matrix-vector kernels,
 ~2.1 TB/s): the 2.67 ms a step that 15x real time allows is gone before anything else runs (GPU runs 5 and
 7). Int8 weights halve those bytes. Their dequantization must happen inside the product, not before it: a
-dequantized copy per step would read and write more than the bf16 weights. torch.compile does that at one
-row: a one-row projection is written as a multiply-and-sum over the input features (what inductor's own
-decomposition of a matrix-vector product gives, but only under its coordinate-descent tuning), which
-inductor compiles into one reduction that reads the int8 weights and converts them as it goes, the recipe
-gpt-fast measured at ~1.5x for int8 weights at batch 1. The tuning (model.decode_step) picks that
-reduction's block sizes; written out, the reduction does not depend on it, so an untuned compilation (much
-shorter) still reads int8. Eager, the product would be materialized whole: hence SynthesisEngine takes this
-only with `compile` and one row a batch (EngineOptions).
+dequantized copy per step would read and write more than the bf16 weights. On a GPU a one-row product
+runs model.int8_matvec's Triton kernel, which converts each weight in registers; inductor sees it as one
+opaque operation, so the step's other kernels still compile and fuse around it (GPU run 9 measured the
+alternative: inductor's own reductions over int8, 12.4x real time on an H200 against 15x wanted). On a CPU a
+one-row product is written as a multiply-and-sum over the input features, which inductor compiles into one
+reduction that reads the int8 weights and converts them as it goes. Eager, that reduction would be
+materialized whole: hence SynthesisEngine takes int8 weights only with `compile` and one row a batch
+(EngineOptions).
 
 Symmetric rounding per output channel (the largest magnitude maps to 127) changes each weight by at most half
 its channel's step, so codes drift from the bf16 model's, as any weight quantization does. The int8 weights
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_override import override_forward
+from model.int8_matvec import int8_matvec
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,10 +35,19 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(full / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
 
 
+# Whether a one-row product on a GPU runs model.int8_matvec's Triton kernel (the default) or the
+# multiply-and-sum reduction inductor compiles (GPU run 9: 1.0-2.4 of an H200's 4.8 TB/s); bench_gpu's
+# `compiled_int8_reduction` mode turns it off.
+TRITON_MATVEC = True
+
+
 def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.shape[:-1].numel() == 1:
+        if x.is_cuda and TRITON_MATVEC:
+            out = int8_matvec(x.reshape(-1), self.int8_weight, self.int8_scale)
+            return out.view(*x.shape[:-1], -1)
         # A decode step's one row: a reduction in float32 (as inductor's decomposition computes it), the
-        # weights converted inside it, then the scale; compiled, one kernel.
+        # weights converted inside it, then the scale; compiled, one kernel. Triton runs on GPUs only.
         row = (x.unsqueeze(-2).float() * self.int8_weight.float()).sum(-1)
         return row.to(x.dtype) * self.int8_scale.to(x.dtype)
     # Prefill's many rows: a matrix product over the converted weights, once per forward.

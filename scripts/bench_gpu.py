@@ -17,8 +17,9 @@ free, no rows prefilled ahead; `dataset_2048` / `dataset_estimate`: in the mixed
 with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `graphs` with transformers' RMSNorm instead of the fused kernel;
 `fused` / `compiled_fused`: `graphs` / `compiled` with fused q/k/v and gate/up projections;
 `compiled_int8` / `compiled_int8_untuned`: `compiled` at one row with int8 decoder weights, with and without
-coordinate-descent tuning; `compiled_int8_own_columns`: `compiled_int8` reading the row's columns in chunks at
-once; `split_efficient`
+coordinate-descent tuning (each product model.int8_matvec's Triton kernel); `compiled_int8_reduction`: the
+products as inductor's own reductions instead; `compiled_int8_own_columns`: `compiled_int8` reading the row's
+columns in chunks at once; `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
 the step's whole span of its own columns, not only those in use (the default before GPU run 8; `graphs` reads
@@ -55,6 +56,7 @@ import model.admission as admission  # noqa: E402
 import model.attention as attention  # noqa: E402
 import model.decode_step as decode_step  # noqa: E402
 import model.engine as engine_module  # noqa: E402
+import model.int8_weights as int8_weights  # noqa: E402
 from model.checkpoint import resolve_device  # noqa: E402
 from model.engine import EngineOptions, SynthesisEngine  # noqa: E402
 from model.fused_projections import use_fused_projections  # noqa: E402
@@ -100,7 +102,7 @@ WORDS = [
 
 # How the engine decodes: a fixed-shape slot cache replayed from CUDA graphs (the default), the same cache
 # run eagerly, and transformers' DynamicCache run eagerly (the plain path).
-# The compiled step at one row with int8 decoder weights: the options of the three compiled_int8 modes, which
+# The compiled step at one row with int8 decoder weights: the options of the four compiled_int8 modes, which
 # differ in MODE_CONSTANTS alone.
 COMPILED_INT8 = {
     "static_cache": True,
@@ -131,6 +133,10 @@ MODES = {
     # model.attention.MIN_OWN_COLUMNS_SLOTS, set by MODE_CONSTANTS): uncompiled, the chunks' join cost more
     # than the 8 CTAs of one row's attention (run 8: 5.54x against 6.69x); compiled, it fuses.
     "compiled_int8_own_columns": COMPILED_INT8,
+    # `compiled_int8` with each one-row product the multiply-and-sum reduction inductor compiles, not
+    # model.int8_matvec's Triton kernel (model.int8_weights.TRITON_MATVEC, set by MODE_CONSTANTS): GPU run
+    # 9's `compiled_int8`.
+    "compiled_int8_reduction": COMPILED_INT8,
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
@@ -185,12 +191,14 @@ MODE_CONSTANTS = {
     "bmm": {"attention.OWN_KERNEL": "bmm"},
     "compiled_int8_untuned": {"decode_step.TUNE_ONE_SLOT": False},
     "compiled_int8_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
+    "compiled_int8_reduction": {"int8_weights.TRITON_MATVEC": False},
 }
 CONSTANT_MODULES = {
     "": engine_module,
     "admission": admission,
     "attention": attention,
     "decode_step": decode_step,
+    "int8_weights": int8_weights,
 }
 
 

@@ -1,0 +1,96 @@
+"""The one-row int8 product (model.int8_matvec) on the release model's weight shapes, against cuBLAS's bf16
+product of the same row, as JSON: each shape's error against the CPU path's formula, microseconds a product
+and the weight bytes read a second. Both replayed from CUDA graphs, as the decode step runs them.
+
+    python scripts/bench_int8_matvec.py --out bench_int8_matvec.json     # a GPU; ~30 s (Triton tunes first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.int8_matvec import int8_matvec  # noqa: E402
+from model.int8_weights import quantize  # noqa: E402
+
+# (name, output channels, input features) of one release decoder layer (HiggsAudioV2Config defaults).
+SHAPES = [
+    ("q_proj, o_proj", 3072, 3072),
+    ("k_proj, v_proj", 1024, 3072),
+    ("gate_proj, up_proj", 8192, 3072),
+    ("down_proj", 3072, 8192),
+]
+
+
+def replayed_us(fn, launches: int = 50, replays: int = 20) -> float:
+    """Microseconds per call of `fn`, `launches` calls captured in one CUDA graph and replayed."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (launches * replays)
+
+
+def measure(name: str, n: int, k: int) -> dict:
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    q, scale = quantize(weight)
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    expected = (x.float() * q.float()).sum(-1).to(x.dtype) * scale
+    got = int8_matvec(x, q, scale)  # Triton tunes its block sizes for this shape here
+    int8_us = replayed_us(lambda: int8_matvec(x, q, scale))
+    bf16_us = replayed_us(lambda: F.linear(x[None], weight))
+    return {
+        "weights": name,
+        "n": n,
+        "k": k,
+        "relative_error": round(
+            ((got.float() - expected.float()).abs().max() / expected.abs().max()).item(), 6
+        ),
+        "int8_us": round(int8_us, 2),
+        "int8_tb_s": round(n * k / int8_us / 1e6, 3),
+        "bf16_cublas_us": round(bf16_us, 2),
+        "bf16_tb_s": round(2 * n * k / bf16_us / 1e6, 3),
+        "speedup": round(bf16_us / int8_us, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_int8_matvec needs a CUDA GPU: Triton's kernel runs on GPUs only")
+    report = {"benchmark": "int8_matvec", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["shapes"] = [measure(*shape) for shape in SHAPES]
+    layer = {"int8": 0.0, "bf16": 0.0}
+    for row, count in zip(report["shapes"], (2, 2, 2, 1), strict=True):  # a layer's seven products
+        layer["int8"] += count * row["int8_us"]
+        layer["bf16"] += count * row["bf16_cublas_us"]
+    report["layer_us"] = {key: round(value, 1) for key, value in layer.items()}
+    report["step_ms_28_layers"] = {key: round(28 * value / 1e3, 3) for key, value in layer.items()}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The GPU's one-row int8 product (model.int8_matvec), run through Triton's interpreter on this CPU: in a
+subprocess, since the interpreter is chosen when Triton is imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def interpreted(code: str) -> dict:
+    """`code`'s last printed line, as JSON, run with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_block_config_gives_the_rows_product_with_the_int8_weights():
+    # Channel and feature counts that no config's blocks divide, so every mask is partial somewhere; float32
+    # shows the indexing (only the sum's order differs), bfloat16 the rounding (the CPU path's, within an ulp
+    # or two of the result).
+    errors = interpreted(
+        """
+import json, torch
+from model.int8_matvec import CONFIGS, _matvec, grid
+from model.int8_weights import quantize
+torch.manual_seed(0)
+out = {}
+for n, k, dtype in ((37, 1500, torch.float32), (70, 3072, torch.bfloat16)):
+    q, scale = quantize(torch.randn(n, k, dtype=dtype))
+    x = torch.randn(k, dtype=dtype)
+    expected = (x.float() * q.float()).sum(-1).to(dtype) * scale
+    for c in CONFIGS:
+        got = x.new_empty(n)
+        _matvec[grid(n)](x, q, scale, got, n, k, num_warps=c.num_warps, **c.kwargs)
+        key = f"{dtype} {c.kwargs}"
+        out[key] = ((got.float() - expected.float()).abs().max() / expected.abs().max()).item()
+print(json.dumps(out))
+"""
+    )
+    assert len(errors) == 12
+    for key, relative in errors.items():
+        assert relative < (1e-6 if "float32" in key else 2**-6), key
+
+
+def test_the_op_compiles_into_a_whole_graph_with_its_input_computed_around_it():
+    # As in the compiled decode step: dynamo traces the op (its fake gives the shape) with no graph break,
+    # and inductor's code computes the op's input, calls the op and adds after it.
+    result = interpreted(
+        """
+import json, torch
+import torch.nn.functional as F
+from model.int8_matvec import CONFIGS, _tuned, int8_matvec
+from model.int8_weights import quantize
+_tuned.configs = CONFIGS[:1]  # Triton's autotuner times configs on a GPU only
+torch.manual_seed(0)
+q, scale = quantize(torch.randn(48, 256))
+def step(x):
+    return int8_matvec((F.silu(x) * 2).reshape(-1), q, scale).view(1, 1, -1) + 1
+x = torch.randn(1, 1, 256)
+got = torch.compile(step, fullgraph=True)(x)
+expected = ((F.silu(x) * 2).unsqueeze(-2) * q.float()).sum(-1) * scale + 1
+print(json.dumps({"shape": list(got.shape), "error": (got - expected).abs().max().item()}))
+"""
+    )
+    assert result["shape"] == [1, 1, 48]
+    assert result["error"] < 1e-4
