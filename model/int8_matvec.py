@@ -7,9 +7,9 @@ reductions for inductor: with coordinate-descent tuning they read the int8 weigh
 silu(gate) * up before down), so every program recomputes the whole input for its few output channels, and a
 down projection's silu costs more than its weights' loads. Behind this op inductor computes the input once
 (the op's argument is a buffer), and the kernel does only what a matrix-vector product needs: each program
-takes BLOCK_N output channels and walks the input features in chunks of BLOCK_K, 16 contiguous weight bytes
-a thread a load. The block sizes are tuned once per weight shape by Triton (5 shapes in the release model,
-cached on disk), during the warm-up step that precedes CUDA graph capture.
+takes BLOCK_N output channels and walks the input features in chunks of BLOCK_K, long enough for each
+thread to load 16 contiguous weight bytes at once. Triton tunes the block sizes once per weight shape (4 in
+the release model; the result is cached on disk) in the warm-up step that precedes CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _matvec(
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        # Each weight is read once per step: keep it out of the cache the input and the KV reads use.
+        # A weight is read once a step, the input by every program: let the weights leave the cache first.
         w = tl.load(
             w_ptr + rows[:, None] * K + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :],
@@ -75,7 +75,7 @@ def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x (K,) times weight (N, K) int8, each output channel times its scale: (N,) in x's dtype."""
     n, k = weight.shape
     out = x.new_empty(n)
-    _tuned[grid(n)](x.contiguous(), weight, scale, out, n, k)
+    _tuned[grid(n)](x.contiguous(), weight.contiguous(), scale, out, n, k)
     return out
 
 

@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_override import override_forward
-from model.int8_matvec import int8_matvec
+
+try:
+    from model.int8_matvec import int8_matvec
+except ImportError:  # Triton comes with torch on Linux only; elsewhere one-row products take the formula
+    int8_matvec = None
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +47,7 @@ TRITON_MATVEC = True
 
 def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.shape[:-1].numel() == 1:
-        if x.is_cuda and TRITON_MATVEC:
+        if x.is_cuda and TRITON_MATVEC and int8_matvec is not None:
             out = int8_matvec(x.reshape(-1), self.int8_weight, self.int8_scale)
             return out.view(*x.shape[:-1], -1)
         # A decode step's one row: a reduction in float32 (as inductor's decomposition computes it), the
