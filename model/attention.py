@@ -204,7 +204,8 @@ MIN_CHUNK = 64
 
 def chunks_for(sequences: int, span: int) -> int:
     """Into how many chunks of equal width each of `sequences` (row, head) pairs' `span` columns is cut: the
-    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more."""
+    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more.
+    own_columns_attention asks it for its slots' whole length."""
     chunks = 1
     while (
         sequences * chunks < MIN_SEQUENCES and span % (2 * chunks) == 0 and span // (2 * chunks) >= MIN_CHUNK
@@ -232,13 +233,16 @@ def own_columns_attention(
     b, heads, _, d = query.shape
     kv_heads, span = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    chunks = chunks_for(b * kv_heads, span)
-    width = span // chunks
+    keys, length = _as_sequences(key)
+    values, _ = _as_sequences(value)
+    # The chunk count follows the slots' length, fixed for a cache, not the step's span: a compiled step then
+    # takes every span with one graph (run 9 compiled a one-row step twice, once per chunk count). The last
+    # chunk may be the shortest.
+    chunks = chunks_for(b * kv_heads, length)
+    width = -(-span // chunks)
     sequences = b * kv_heads * chunks
     q = query.reshape(b, kv_heads, 1, groups, d).expand(b, kv_heads, chunks, groups, d)
     q = q.reshape(sequences * groups, d)[None, :, None, :]
-    keys, length = _as_sequences(key)
-    values, _ = _as_sequences(value)
     i = torch.arange(sequences + 1, dtype=torch.int32, device=query.device)
     key_starts = torch.div(i, chunks, rounding_mode="floor") * length + (i % chunks) * width
     # A chunk's columns in use; at least one, so that no sequence is empty (an empty one's output is 0/0 in

@@ -145,8 +145,8 @@ def test_own_columns_read_in_chunks_give_the_masked_attention_and_its_log_sum_ex
     query = torch.randn(2, 6, 1, 16, dtype=torch.float64)
     slots = [torch.randn(4, 2, 512, 16, dtype=torch.float64) for _ in range(2)]
     key, value = (slot[:2, :, :256] for slot in slots)
-    columns = torch.tensor([200, 30])  # row 1's columns end in its first chunk of 64
-    assert chunks_for(2 * 2, 256) == 4
+    columns = torch.tensor([200, 30])  # row 1's columns end in its first chunk of 32
+    assert chunks_for(2 * 2, 512) == 8  # the slots' length decides: 8 chunks of 32 over this span of 256
 
     out, lse = own_columns_attention(query, key, value, columns, 0.25, log_sum_exp=True)
 
@@ -155,3 +155,28 @@ def test_own_columns_read_in_chunks_give_the_masked_attention_and_its_log_sum_ex
     expected = torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), value)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1, keepdim=True).float())
+
+
+def test_a_compiled_step_reads_its_chunks_with_one_graph_for_every_span():
+    # One row's chunks follow its slot's length, not the step's span: a compiled decode step does not
+    # compile again each time the span grows (GPU run 9 compiled a one-row step once per chunk count).
+    graphs = []
+
+    def counting(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    attend = torch.compile(own_columns_attention, backend=counting, dynamic=True, fullgraph=True)
+    torch.manual_seed(2)
+    slots = [torch.randn(1, 2, 1024, 16, dtype=torch.float64) for _ in range(2)]
+    query = torch.randn(1, 6, 1, 16, dtype=torch.float64)
+    for span in (256, 512, 768, 1024):
+        key, value = (slot[:, :, :span] for slot in slots)
+        columns = torch.tensor([span - 10])
+
+        out, _ = attend(query, key, value, columns, 0.25)
+
+        scores = torch.einsum("bhgd,bhkd->bhgk", query.view(1, 2, 3, 16), key) * 0.25
+        scores = scores.masked_fill(torch.arange(span) >= columns[:, None, None, None], float("-inf"))
+        torch.testing.assert_close(out, torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), value))
+    assert len(graphs) == 1
