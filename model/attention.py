@@ -202,13 +202,15 @@ MIN_SEQUENCES = 256
 MIN_CHUNK = 64
 
 
-def chunks_for(sequences: int, span: int) -> int:
-    """Into how many chunks of equal width each of `sequences` (row, head) pairs' `span` columns is cut: the
-    fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or more.
-    own_columns_attention asks it for its slots' whole length."""
+def chunks_for(sequences: int, length: int) -> int:
+    """Into how many chunks of equal width each of `sequences` (row, head) pairs' slots of `length` columns is
+    cut: the fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or
+    more."""
     chunks = 1
     while (
-        sequences * chunks < MIN_SEQUENCES and span % (2 * chunks) == 0 and span // (2 * chunks) >= MIN_CHUNK
+        sequences * chunks < MIN_SEQUENCES
+        and length % (2 * chunks) == 0
+        and length // (2 * chunks) >= MIN_CHUNK
     ):
         chunks *= 2
     return chunks

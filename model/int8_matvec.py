@@ -56,7 +56,7 @@ def _matvec(
             eviction_policy="evict_first",
         )
         acc += w.to(tl.float32) * x[None, :]
-    # Rounded as model.int8_weights rounds on the CPU: the float32 sum to the input's dtype, then the scale.
+    # Rounded as model.int8_weights.one_row_product: the float32 sum to the input's dtype, then the scale.
     out_type = out_ptr.dtype.element_ty
     total = tl.sum(acc, axis=1).to(out_type).to(tl.float32)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

@@ -45,15 +45,20 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 TRITON_MATVEC = True
 
 
+def one_row_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A decode step's one row (..., K) times int8 `weight` (N, K) and `scale` (N,): a reduction in float32
+    (as inductor's decomposition computes it), the weights converted inside it, then the scale; compiled,
+    one kernel. The rounding model.int8_matvec's GPU kernel follows."""
+    row = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    return row.to(x.dtype) * scale.to(x.dtype)
+
+
 def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.shape[:-1].numel() == 1:
         if x.is_cuda and TRITON_MATVEC and int8_matvec is not None:
             out = int8_matvec(x.reshape(-1), self.int8_weight, self.int8_scale)
             return out.view(*x.shape[:-1], -1)
-        # A decode step's one row: a reduction in float32 (as inductor's decomposition computes it), the
-        # weights converted inside it, then the scale; compiled, one kernel. Triton runs on GPUs only.
-        row = (x.unsqueeze(-2).float() * self.int8_weight.float()).sum(-1)
-        return row.to(x.dtype) * self.int8_scale.to(x.dtype)
+        return one_row_product(x, self.int8_weight, self.int8_scale)  # Triton runs on GPUs only
     # Prefill's many rows: a matrix product over the converted weights, once per forward.
     return F.linear(x, self.int8_weight.to(x.dtype)) * self.int8_scale.to(x.dtype)
 

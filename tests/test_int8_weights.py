@@ -22,8 +22,9 @@ def test_an_int8_weight_is_within_half_a_step_of_its_channel_of_the_original():
 
 
 def test_one_rows_int8_projection_is_the_matrix_product_over_the_converted_weights():
-    # A decode step's one row goes through a multiply-and-sum (one compiled reduction on a GPU), prefill's
-    # rows through a matrix product; both give the product of the row and the int8 weights times the scales.
+    # On a CPU a decode step's one row goes through a multiply-and-sum (a GPU's through model.int8_matvec),
+    # prefill's rows through a matrix product; both give the product of the row and the int8 weights times
+    # the scales.
     linear = torch.nn.Linear(48, 64, bias=False)
     rows = torch.randn(5, 1, 48)
     assert use_int8_weights(SimpleNamespace(model=SimpleNamespace(layers=[linear]))) == 1
