@@ -9,7 +9,9 @@ four (q/k/v, o, gate/up, down) and their inputs are read once.
 The weights are concatenated once, in place: the original projections' weights become views into the fused
 tensor, so memory does not grow and either forward can run on the same model (engines may share one model;
 use_fused_projections switches at each generate call, as use_fused_rms_norms does). Fuse after the model is
-on its device and dtype: moving it would copy the views apart.
+on its device and dtype: moving it would copy the views apart. Each fused projection is a bias-free
+nn.Linear of its module (`fused_qkv`, `fused_gate_up`), so model.int8_weights gives it int8 weights as it
+does every other projection: its parts' int8 rows, stacked the same way.
 """
 
 from __future__ import annotations
@@ -17,27 +19,40 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
 
 from model.forward_override import override_forward
 
 
-def _fuse(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
-    """One weight for `linears` (stacked by output), theirs now views into it; None if any has a bias."""
+def stack_rows(modules: list[torch.nn.Module], name: str) -> torch.Tensor:
+    """One tensor of `modules`' `name` tensors stacked by output rows, theirs now views into it (a
+    Parameter stays a Parameter): no memory held twice, and each module's own forward still runs."""
+    stacked = torch.cat([getattr(module, name).detach() for module in modules], dim=0)
+    start = 0
+    for module in modules:
+        part = getattr(module, name)
+        rows = stacked[start : start + part.shape[0]]
+        if isinstance(part, torch.nn.Parameter):
+            rows = torch.nn.Parameter(rows, requires_grad=False)
+        setattr(module, name, rows)
+        start += part.shape[0]
+    return stacked
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> torch.nn.Linear | None:
+    """One projection for `linears` (stacked by output), their weights now views into its; it keeps them as
+    `parts` (model.int8_weights stacks their int8 weights the same way). None if any has a bias."""
     if any(linear.bias is not None for linear in linears):
         return None
-    fused = torch.cat([linear.weight.detach() for linear in linears], dim=0)
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
-        start += rows
+    weight = stack_rows(linears, "weight")
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    fused.parts = tuple(linears)  # a tuple: not registered as fused's submodules, they stay the layer's
     return fused
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
+    gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
     return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -52,7 +67,8 @@ def _attention_forward(
     # HiggsAudioV2Attention.forward (transformers 5.23) with its three projections as one.
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = F.linear(hidden_states, self.fused_qkv).split(self.fused_qkv_sizes, dim=-1)
+    sizes = [part.out_features for part in self.fused_qkv.parts]
+    query, key, value = self.fused_qkv(hidden_states).split(sizes, dim=-1)
     query_states = query.view(hidden_shape).transpose(1, 2)
     key_states = key.view(hidden_shape).transpose(1, 2)
     value_states = value.view(hidden_shape).transpose(1, 2)
@@ -81,9 +97,7 @@ def _attention_forward(
 
 def _fuse_attention(module) -> bool:
     if not hasattr(module, "fused_qkv"):
-        projections = [module.q_proj, module.k_proj, module.v_proj]
-        module.fused_qkv = _fuse(projections)
-        module.fused_qkv_sizes = [p.weight.shape[0] for p in projections]
+        module.fused_qkv = _fuse([module.q_proj, module.k_proj, module.v_proj])
     return module.fused_qkv is not None
 
 

@@ -16,7 +16,9 @@ materialized whole: hence SynthesisEngine takes int8 weights only with `compile`
 Symmetric rounding per output channel (the largest magnitude maps to 127) changes each weight by at most half
 its channel's step, so codes drift from the bf16 model's, as any weight quantization does. The int8 weights
 are made once and kept beside the originals (+50 % weight memory), so engines sharing one model may switch
-them at each generate call, as with the fused norms and projections.
+them at each generate call, as with the fused norms and projections. A projection model.fused_projections
+stacked (q/k/v, gate/up) gets its parts' int8 rows stacked the same way, the parts' now views into it: a
+layer's seven one-row products become four kernels, and no int8 weight is held twice.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_override import override_forward
+from model.fused_projections import stack_rows
 
 try:
     from model.int8_matvec import int8_matvec
@@ -66,8 +69,16 @@ def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _prepare(linear: torch.nn.Linear) -> bool:
     if linear.bias is not None:
         return False
-    if not hasattr(linear, "int8_weight"):
+    if hasattr(linear, "int8_weight"):
+        return True
+    parts = getattr(linear, "parts", ())  # a projection model.fused_projections stacked from these
+    if not parts:
         linear.int8_weight, linear.int8_scale = quantize(linear.weight)
+        return True
+    # Rounding is per output channel, so the parts' int8 rows stacked are the fused weight's, held once.
+    for part in parts:
+        _prepare(part)
+    linear.int8_weight, linear.int8_scale = stack_rows(parts, "int8_weight"), stack_rows(parts, "int8_scale")
     return True
 
 

@@ -92,6 +92,7 @@ class EngineOptions:
     # model.int8_matvec's Triton kernel); anywhere else every step would first make a dequantized copy of
     # them. Codes drift from the bf16 model's; +50 % weight memory. GPU run 9 (H200): 12.4x real time for
     # one request with inductor's reductions over int8 in place of that kernel, 7.7x for the default step.
+    # With fused_projections a layer's seven int8 products are four kernels (their int8 weights stacked too).
     int8_weights: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512
@@ -138,8 +139,4 @@ class EngineOptions:
                 "generation.engine.int8_weights=true is for one request at a time: it needs "
                 "generation.engine.compile=true, static_cache=true and runtime.batch_size=1 (at larger batches "
                 "every decode step would copy the weights back to bf16: slower than leaving it off)"
-            )
-        if self.int8_weights and self.fused_projections:
-            raise ValueError(
-                "generation.engine.int8_weights and fused_projections exclude each other: set one of them false"
             )

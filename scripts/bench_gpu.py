@@ -19,7 +19,9 @@ with slots sized as a dataset's rows would be (DATASET_RESERVE); `unfused`: `gra
 `compiled_int8` / `compiled_int8_untuned`: `compiled` at one row with int8 decoder weights, with and without
 coordinate-descent tuning (each product model.int8_matvec's Triton kernel); `compiled_int8_reduction`: the
 products as inductor's own reductions instead; `compiled_int8_own_columns`: `compiled_int8` reading the row's
-columns in chunks at once; `split_efficient`
+columns in chunks at once; `compiled_int8_fused` / `compiled_int8_fused_own_columns`: `compiled_int8` /
+`compiled_int8_own_columns` with fused q/k/v and gate/up projections (four int8 products a layer, not seven);
+`split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
 the step's whole span of its own columns, not only those in use (the default before GPU run 8; `graphs` reads
@@ -102,8 +104,8 @@ WORDS = [
 
 # How the engine decodes: a fixed-shape slot cache replayed from CUDA graphs (the default), the same cache
 # run eagerly, and transformers' DynamicCache run eagerly (the plain path).
-# The compiled step at one row with int8 decoder weights: the options of the four compiled_int8 modes, which
-# differ in MODE_CONSTANTS alone.
+# The compiled step at one row with int8 decoder weights: the options of the compiled_int8 modes, which
+# differ in MODE_CONSTANTS and fused_projections alone.
 COMPILED_INT8 = {
     "static_cache": True,
     "cuda_graphs": True,
@@ -137,6 +139,10 @@ MODES = {
     # model.int8_matvec's Triton kernel (model.int8_weights.TRITON_MATVEC, set by MODE_CONSTANTS): GPU run
     # 9's `compiled_int8`.
     "compiled_int8_reduction": COMPILED_INT8,
+    # `compiled_int8` and `compiled_int8_own_columns` with a layer's q/k/v and gate/up int8 products as one
+    # each (fused_projections): 4 of model.int8_matvec's kernels a layer instead of 7.
+    "compiled_int8_fused": {**COMPILED_INT8, "fused_projections": True},
+    "compiled_int8_fused_own_columns": {**COMPILED_INT8, "fused_projections": True},
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
@@ -191,6 +197,7 @@ MODE_CONSTANTS = {
     "bmm": {"attention.OWN_KERNEL": "bmm"},
     "compiled_int8_untuned": {"decode_step.TUNE_ONE_SLOT": False},
     "compiled_int8_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
+    "compiled_int8_fused_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
     "compiled_int8_reduction": {"int8_weights.TRITON_MATVEC": False},
 }
 CONSTANT_MODULES = {

@@ -20,14 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.int8_matvec import int8_matvec  # noqa: E402
 from model.int8_weights import one_row_product, quantize  # noqa: E402
 
-# (name, output channels, input features, products of this shape a layer) of one release decoder layer
-# (HiggsAudioV2Config defaults): its seven products.
-SHAPES = [
-    ("q_proj, o_proj", 3072, 3072, 2),
-    ("k_proj, v_proj", 1024, 3072, 2),
-    ("gate_proj, up_proj", 8192, 3072, 2),
-    ("down_proj", 3072, 8192, 1),
-]
+# The weight shapes (output channels, input features) of one release decoder layer's products
+# (HiggsAudioV2Config defaults), and how many of each a decode step runs a layer: its attention's and audio
+# MLP's seven as transformers writes them, or four with model.fused_projections.
+SHAPES = {
+    "q_proj, o_proj": (3072, 3072),
+    "k_proj, v_proj": (1024, 3072),
+    "gate_proj, up_proj": (8192, 3072),
+    "down_proj": (3072, 8192),
+    "q/k/v fused": (5120, 3072),
+    "gate/up fused": (16384, 3072),
+}
+LAYERS = {
+    "separate": {"q_proj, o_proj": 2, "k_proj, v_proj": 2, "gate_proj, up_proj": 2, "down_proj": 1},
+    "fused": {"q/k/v fused": 1, "q_proj, o_proj": 1, "gate/up fused": 1, "down_proj": 1},
+}
 
 
 def replayed_us(fn, launches: int = 50, replays: int = 20) -> float:
@@ -48,7 +55,7 @@ def replayed_us(fn, launches: int = 50, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (launches * replays)
 
 
-def measure(name: str, n: int, k: int, per_layer: int) -> dict:
+def measure(name: str, n: int, k: int) -> dict:
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     q, scale = quantize(weight)
     x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
@@ -60,7 +67,6 @@ def measure(name: str, n: int, k: int, per_layer: int) -> dict:
         "weights": name,
         "n": n,
         "k": k,
-        "per_layer": per_layer,
         "relative_error": round(
             ((got.float() - expected.float()).abs().max() / expected.abs().max()).item(), 6
         ),
@@ -81,13 +87,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_int8_matvec needs a CUDA GPU: Triton's kernel runs on GPUs only")
     report = {"benchmark": "int8_matvec", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["shapes"] = [measure(*shape) for shape in SHAPES]
-    layer = {"int8": 0.0, "bf16": 0.0}
-    for row in report["shapes"]:
-        layer["int8"] += row["per_layer"] * row["int8_us"]
-        layer["bf16"] += row["per_layer"] * row["bf16_cublas_us"]
-    report["layer_us"] = {key: round(value, 1) for key, value in layer.items()}
-    report["step_ms_28_layers"] = {key: round(28 * value / 1e3, 3) for key, value in layer.items()}
+    report["shapes"] = [measure(name, *shape) for name, shape in SHAPES.items()]
+    by_name = {row["weights"]: row for row in report["shapes"]}
+    for layout, counts in LAYERS.items():
+        layer = {
+            kind: sum(count * by_name[name][f"{kind}_us"] for name, count in counts.items())
+            for kind in ("int8", "bf16_cublas")
+        }
+        report[f"layer_us_{layout}"] = {kind: round(us, 1) for kind, us in layer.items()}
+        report[f"step_ms_28_layers_{layout}"] = {kind: round(28 * us / 1e3, 3) for kind, us in layer.items()}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -32,10 +32,11 @@ def test_the_projections_weights_become_views_into_the_fused_ones(tiny_checkpoin
     assert use_fused_projections(model) == model.config.num_hidden_layers * 3  # attention, text/audio MLPs
     attention = next(m for m in model.modules() if isinstance(m, HiggsAudioV2Attention))
     mlp = next(m for m in model.modules() if isinstance(m, HiggsAudioV2MLP))
-    fused = attention.fused_qkv.untyped_storage().data_ptr()
+    fused = attention.fused_qkv.weight.untyped_storage().data_ptr()
     for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
         assert linear.weight.untyped_storage().data_ptr() == fused
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
+    gate_up = mlp.fused_gate_up.weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up
     assert storage_bytes(model) == before  # no weight held twice
 
     use_fused_projections(model, fused=False)

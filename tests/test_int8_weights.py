@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.engine import EngineOptions, SynthesisEngine
+from model.fused_projections import use_fused_projections
 from model.int8_weights import quantize, use_int8_weights
 from tests.test_engine import clone
 
@@ -73,13 +74,55 @@ def test_one_request_decodes_through_the_compiled_step_with_int8_weights(tiny_ch
     assert len(result.waveform) == result.generated_frames * 960 and np.isfinite(result.waveform).all()
 
 
+def test_a_fused_projections_int8_weights_are_its_parts_rows_held_once(tiny_checkpoint):
+    from model.checkpoint import CheckpointSpec, load_checkpoint
+
+    model = load_checkpoint(CheckpointSpec(source=tiny_checkpoint, device="cpu")).model
+    use_fused_projections(model)
+    layers = model.model.layers
+    separate = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    assert use_int8_weights(model) == model.config.num_hidden_layers * (10 + 3)  # q/k/v, two gate/up
+
+    qkv = layers[0].self_attn.fused_qkv
+    int8, scale = quantize(qkv.weight)
+    assert torch.equal(qkv.int8_weight, int8) and torch.equal(qkv.int8_scale, scale)
+    for part in qkv.parts:
+        assert part.int8_weight.untyped_storage().data_ptr() == qkv.int8_weight.untyped_storage().data_ptr()
+    int8_storages = {
+        m.int8_weight.untyped_storage().data_ptr(): m.int8_weight.untyped_storage().nbytes()
+        for m in layers.modules()
+        if hasattr(m, "int8_weight")
+    }
+    fused = sum(m.weight.numel() for m in layers.modules() if hasattr(m, "parts"))
+    assert sum(int8_storages.values()) == separate - fused  # one int8 byte a weight, none held twice
+
+
+def test_fused_projections_in_int8_give_the_same_codes_as_int8_alone(tiny_checkpoint, monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    from model.checkpoint import CheckpointSpec
+
+    codes = []
+    for fused in (False, True):
+        engine = SynthesisEngine.from_spec(
+            CheckpointSpec(source=tiny_checkpoint, device="cpu"),
+            EngineOptions(max_batch_size=1, compile=True, int8_weights=True, fused_projections=fused),
+        )
+        (result,) = engine.generate([replace(clone(1), max_new_tokens=20)])
+        assert result.ok, result.error
+        codes.append(result.audio_codes)
+    qkv = engine.model.model.layers[0].self_attn.fused_qkv
+    assert "forward" in qkv.__dict__ and qkv.int8_weight.dtype == torch.int8  # the stacked int8 weights ran
+    assert codes[0].shape[1] > 0
+    np.testing.assert_array_equal(codes[0], codes[1])
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"compile": False, "max_batch_size": 1}, "needs generation.engine.compile=true"),
         ({"compile": True, "max_batch_size": 8}, "runtime.batch_size=1"),
         ({"compile": True, "max_batch_size": 0}, "runtime.batch_size=1"),  # auto
-        ({"compile": True, "max_batch_size": 1, "fused_projections": True}, "exclude each other"),
     ],
 )
 def test_int8_weights_anywhere_but_one_compiled_row_a_batch_are_refused(options, message):
