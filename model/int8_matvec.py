@@ -9,10 +9,11 @@ down projection's silu costs more than its weights' loads. Behind this op induct
 (the op's argument is a buffer), and the kernel does only what a matrix-vector product needs: each program
 takes BLOCK_N output channels and walks the input features in chunks of BLOCK_K, long enough for each
 thread to load 16 contiguous weight bytes at once. The walk is unrolled (the feature count is a constant of
-each build), so a thread's loads of every chunk can be in flight together: built for Hopper, a 8,192-wide
+each build), so a thread's loads of every chunk can be in flight together: built for Hopper, an 8,192-wide
 down projection issues 19 of its 25 loads before its first multiply, against 3 as a loop, which waits for
-each chunk's 32 bytes before it asks for the next (tests/test_int8_matvec.py builds it). Triton tunes the block sizes once per weight shape (4 in
-the release model; the result is cached on disk) in the warm-up step that precedes CUDA graph capture.
+each chunk's 32 bytes before it asks for the next (tests/test_int8_matvec.py builds it). Triton tunes the
+block sizes once per weight shape (4 in the release model, with or without fused projections; the result
+is cached on disk) in the warm-up step that precedes CUDA graph capture.
 """
 
 from __future__ import annotations
