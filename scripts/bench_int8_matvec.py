@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.int8_matvec import int8_matvec  # noqa: E402
+from model.int8_matvec import _tuned, int8_matvec  # noqa: E402
 from model.int8_weights import one_row_product, quantize  # noqa: E402
 
 # The weight shapes (output channels, input features) of one release decoder layer's products
@@ -60,7 +60,9 @@ def measure(name: str, n: int, k: int) -> dict:
     q, scale = quantize(weight)
     x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
     expected = one_row_product(x, q, scale)
+    _tuned.configs_timings = None  # set again only where this shape is tuned now, not read from disk
     got = int8_matvec(x, q, scale)  # Triton tunes its block sizes for this shape here
+    tuned = _tuned.configs_timings or {}
     int8_us = replayed_us(lambda: int8_matvec(x, q, scale))
     bf16_us = replayed_us(lambda: F.linear(x[None], weight))
     return {
@@ -75,6 +77,8 @@ def measure(name: str, n: int, k: int) -> dict:
         "bf16_cublas_us": round(bf16_us, 2),
         "bf16_tb_s": round(2 * n * k / bf16_us / 1e6, 3),
         "speedup": round(bf16_us / int8_us, 3),
+        "config": str(_tuned.best_config),
+        "config_us": {str(config): round(ms[0] * 1e3, 2) for config, ms in tuned.items()},
     }
 
 

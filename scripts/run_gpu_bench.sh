@@ -28,6 +28,8 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/higgs_inductor
 # Inductor's own Triton cache for GPU 0, named for Triton too: model.int8_matvec's kernel and its tuned block
 # sizes (cache_results) land beside inductor's kernels and travel back with them.
 export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton/0
+# Each block size Triton's autotuner picks for model.int8_matvec (where it tunes, not reads its cache) in run.log.
+export TRITON_PRINT_AUTOTUNING=1
 if [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ] && [ -f .inductor_cache/inductor_cache.tgz ]; then
   tar -xzf .inductor_cache/inductor_cache.tgz -C /tmp
 fi
