@@ -385,3 +385,12 @@ def kill_all(pids: set[int]) -> None:
         pids = wait_gone(pids, grace)
         if not pids:
             return
+
+
+def compile_with_backend(monkeypatch, backend: str) -> None:
+    """Every torch.compile the code under test calls runs with `backend` ("eager", "aot_eager") instead of
+    inductor: traced as it would be, without inductor's lowering."""
+    import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": backend}))

@@ -11,6 +11,7 @@ import torch
 from model.engine import EngineOptions, SynthesisEngine
 from model.fused_projections import use_fused_projections
 from model.int8_weights import quantize, use_int8_weights
+from tests.helpers import compile_with_backend
 from tests.test_engine import clone
 
 
@@ -58,8 +59,7 @@ def test_int8_weights_keep_a_prompts_logits_within_2_percent_and_switch_back_to_
 def test_one_request_decodes_through_the_compiled_step_with_int8_weights(tiny_checkpoint, monkeypatch):
     # Dynamo traces the step whole with the int8 projections in it, as on a GPU; inductor's lowering (where
     # their conversion fuses into the matrix-vector products) is the GPU's to measure (bench_gpu.py).
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    compile_with_backend(monkeypatch, "eager")
     from model.checkpoint import CheckpointSpec
 
     int8 = SynthesisEngine.from_spec(
@@ -98,8 +98,7 @@ def test_a_fused_projections_int8_weights_are_its_parts_rows_held_once(tiny_chec
 
 
 def test_fused_projections_in_int8_give_the_same_codes_as_int8_alone(tiny_checkpoint, monkeypatch):
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    compile_with_backend(monkeypatch, "eager")
     from model.checkpoint import CheckpointSpec
 
     codes = []

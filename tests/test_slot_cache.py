@@ -3,15 +3,17 @@ plain DynamicCache path, rows packed to the front of their slots, slots reused."
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from model.decode_step import DecodeStep, bucket_for
+from model.decode_step import DecodeStep, bucket_for, compile_options
 from model.engine import EngineOptions, SynthesisEngine
 from model.slot_cache import SlotCache, round_up
 from model.speech_length import estimate_seconds
+from tests.helpers import compile_with_backend
 from tests.test_engine import clone, requests_of_mixed_lengths, smart
 
 
@@ -146,8 +148,7 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine, monkeypatch):
     # Traced whole (fullgraph, dynamic shapes) and the slot cache's in-place updates functionalized, as on a
     # GPU, but not lowered by inductor: its CPU kernels are torch's to test and are not the GPU's Triton
     # ones, and compiling them for the step's three shapes took 97 s with a cold cache, as CI has (44 s so).
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    compile_with_backend(monkeypatch, "aot_eager")
     rows = [replace(r, temperature=0.9) for r in rows_ending_both_ways()]
     eager = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3))
     compiled = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, compile=True))
@@ -156,28 +157,21 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine, monkeypatch):
     assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
 
 
+def cache_of(device: str, slots: int) -> SimpleNamespace:
+    """What compile_options reads of a SlotCache."""
+    return SimpleNamespace(mask=SimpleNamespace(device=torch.device(device)), slots=slots)
+
+
 def test_only_a_one_slot_step_on_a_gpu_compiles_with_coordinate_descent_tuning():
-    from types import SimpleNamespace
-
-    from model.decode_step import compile_options
-
-    def cache(device: str, slots: int) -> SimpleNamespace:  # what compile_options reads of a SlotCache
-        return SimpleNamespace(mask=SimpleNamespace(device=torch.device(device)), slots=slots)
-
-    assert compile_options(cache("cuda", 1)) == {"options": {"coordinate_descent_tuning": True}}
-    assert compile_options(cache("cuda", 2)) == {}
-    assert compile_options(cache("cpu", 1)) == {}
+    assert compile_options(cache_of("cuda", 1)) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_options(cache_of("cuda", 2)) == {}
+    assert compile_options(cache_of("cpu", 1)) == {}
 
 
 def test_a_one_slot_step_compiles_untuned_where_tuning_is_switched_off(monkeypatch):
     # bench_gpu's compiled_int8_untuned: inductor's default block sizes, a far shorter compilation.
-    from types import SimpleNamespace
-
-    from model.decode_step import compile_options
-
     monkeypatch.setattr("model.decode_step.TUNE_ONE_SLOT", False)
-    one_slot_on_a_gpu = SimpleNamespace(mask=SimpleNamespace(device=torch.device("cuda")), slots=1)
-    assert compile_options(one_slot_on_a_gpu) == {}
+    assert compile_options(cache_of("cuda", 1)) == {}
 
 
 def test_a_step_that_failed_to_compile_is_rebuilt_without_compiling_again(engine, monkeypatch):
@@ -428,8 +422,7 @@ def test_refilled_rows_reading_only_their_own_columns_give_the_same_codes(engine
 def test_a_compiled_step_reading_only_each_rows_own_columns_gives_the_same_codes(engine64, monkeypatch):
     # Traced whole by dynamo and run as traced; test_a_compiled_decode_step_gives_the_same_codes functionalizes
     # the step too, at nearly three times the cost.
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    compile_with_backend(monkeypatch, "eager")
     rows = requests_of_mixed_lengths()[:5]
     expected = codes(SynthesisEngine(engine64.checkpoint, EngineOptions(max_batch_size=2)), rows)
     read_own_columns_alone(monkeypatch)
