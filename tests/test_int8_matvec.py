@@ -32,13 +32,13 @@ def test_every_block_config_gives_the_rows_product_with_the_int8_weights():
         """
 import json, torch
 from model.int8_matvec import CONFIGS, _matvec, grid
-from model.int8_weights import quantize
+from model.int8_weights import one_row_product, quantize
 torch.manual_seed(0)
 out = {}
 for n, k, dtype in ((37, 1500, torch.float32), (70, 3072, torch.bfloat16)):
     q, scale = quantize(torch.randn(n, k, dtype=dtype))
     x = torch.randn(k, dtype=dtype)
-    expected = (x.float() * q.float()).sum(-1).to(dtype) * scale
+    expected = one_row_product(x, q, scale)
     for c in CONFIGS:
         got = x.new_empty(n)
         _matvec[grid(n)](x, q, scale, got, n, k, num_warps=c.num_warps, **c.kwargs)
@@ -60,7 +60,7 @@ def test_the_op_compiles_into_a_whole_graph_with_its_input_computed_around_it():
 import json, torch
 import torch.nn.functional as F
 from model.int8_matvec import CONFIGS, _tuned, int8_matvec
-from model.int8_weights import quantize
+from model.int8_weights import one_row_product, quantize
 _tuned.configs = CONFIGS[:1]  # Triton's autotuner times configs on a GPU only
 torch.manual_seed(0)
 q, scale = quantize(torch.randn(48, 256))
@@ -68,7 +68,7 @@ def step(x):
     return int8_matvec((F.silu(x) * 2).reshape(-1), q, scale).view(1, 1, -1) + 1
 x = torch.randn(1, 1, 256)
 got = torch.compile(step, fullgraph=True)(x)
-expected = ((F.silu(x) * 2).unsqueeze(-2) * q.float()).sum(-1) * scale + 1
+expected = one_row_product(F.silu(x) * 2, q, scale) + 1
 print(json.dumps({"shape": list(got.shape), "error": (got - expected).abs().max().item()}))
 """
     )
