@@ -26,11 +26,18 @@ column count, `slot_columns`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+try:
+    from model.split_attention import split_attention
+except ImportError:  # Triton comes with torch on Linux only; elsewhere few rows take sdpa
+    split_attention = None
 
 PACKED_SDPA = "higgs_batch_packed_sdpa"
 # How a decode step reads the rows' own columns beside a shared prefix: "bmm" (prefix_attention) or sdpa's
@@ -45,6 +52,29 @@ OWN_KERNEL = "varlen"
 # way against 6.69x over its whole slot (GPU run 8), and one layer's attention at 64 rows took 2.1x the time
 # of whole prompts in the slots, at 128 rows 0.94x (bench_attention.py, not in CUDA graphs).
 MIN_OWN_COLUMNS_SLOTS = 128
+# How a decode step of fewer rows than that attends where Triton runs (a GPU): "sdpa", the packed query heads
+# over the step's whole span with its mask (cuDNN's kernel on a GPU: 0.61 ms a one-row step of the release on
+# an H200, GPU run 9, where its keys and values take ~30 us to read), or "split", each row's own columns in
+# use through model.split_attention's Triton kernels, cut into splits for all the SMs (not yet measured on a
+# GPU: bench_gpu's `_split` modes and bench_attention.py measure it against "sdpa").
+FEW_ROWS_KERNEL = "sdpa"
+
+
+def reads_own_columns(slots: int, device: torch.device) -> bool:
+    """Whether a decode step over a cache of `slots` slots on `device` passes each row's columns in use to its
+    attention (`slot_columns`), which then reads those alone (own_columns_attention): with the
+    variable-length kernel from MIN_OWN_COLUMNS_SLOTS slots (OWN_KERNEL "varlen"), with model.split_attention's
+    below (FEW_ROWS_KERNEL "split")."""
+    if slots >= MIN_OWN_COLUMNS_SLOTS:
+        return OWN_KERNEL == "varlen"
+    return FEW_ROWS_KERNEL == "split" and _triton_runs_on(device)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) runs its kernels on a CPU's tensors too.
+    return split_attention is not None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 def packed_sdpa_attention(
@@ -225,7 +255,8 @@ def own_columns_attention(
     log_sum_exp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per row over the first `columns[r]` keys and values of its slot only, however many more
-    the step's span holds: the memory-efficient kernel's variable-length mode, each (row, key/value head) a
+    the step's span holds. Fewer than MIN_OWN_COLUMNS_SLOTS rows with FEW_ROWS_KERNEL "split": model.
+    split_attention's kernels. Otherwise the memory-efficient kernel's variable-length mode, each (row, key/value head) a
     sequence of its own whose query heads stand in for query positions. Few rows are also cut into chunks of
     columns (see chunks_for), each a sequence, joined through their log-sum-exps.
 
@@ -235,6 +266,9 @@ def own_columns_attention(
     b, heads, _, d = query.shape
     kv_heads, span = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    if b < MIN_OWN_COLUMNS_SLOTS and FEW_ROWS_KERNEL == "split" and _triton_runs_on(query.device):
+        out, lse = split_attention(query.reshape(b, kv_heads, groups, d), key, value, columns, scale)
+        return out, (lse[..., None] if log_sum_exp else None)
     keys, length = _as_sequences(key)
     values, _ = _as_sequences(value)
     # The chunk count follows the slots' length, fixed for a cache, not the step's span: a compiled step then

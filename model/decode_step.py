@@ -75,11 +75,8 @@ class DecodeStep:
         if cache.prefix_capacity and not attention.use_packed_sdpa(model):
             raise ValueError("a shared prefix in the KV cache needs the model on sdpa attention")
         # Each row reads only its own columns in use (model.attention.own_columns_attention), on sdpa models.
-        self.own_columns = (
-            attention.OWN_KERNEL == "varlen"
-            and cache.slots >= attention.MIN_OWN_COLUMNS_SLOTS
-            and attention.use_packed_sdpa(model)
-        )
+        own = attention.reads_own_columns(cache.slots, cache.mask.device)
+        self.own_columns = own and attention.use_packed_sdpa(model)
         if compile:
             # transformers' sdpa repeats keys/values for every head when compiled
             attention.use_packed_sdpa(model)

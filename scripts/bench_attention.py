@@ -2,17 +2,20 @@
 the packed query heads, the default) vs the rows' shared prefix kept once beside the slots
 (model.attention.prefix_attention, `generation.engine.shared_prefix_cache`), the latter also with the rows' own
 columns read by sdpa's fused kernels (model.attention.split_prefix_attention: `efficient`, `cudnn`), and both
-with each row reading only its own columns in use (model.attention.own_columns_attention, `varlen`), as JSON,
-with each variant's largest difference from the one it stands in for.
+with each row reading only its own columns in use (model.attention.own_columns_attention, `varlen`), and
+whole prompts read through model.split_attention's Triton kernels (`split`, a GPU only), as JSON, with each
+variant's largest difference from the one it stands in for.
 
     python scripts/bench_attention.py                                   # CPU, float32
     python scripts/bench_attention.py --device cuda --out attention.json   # GPU, bfloat16
+    python scripts/bench_attention.py --device cuda --graphs --batch-sizes 1,8,64   # replayed from CUDA graphs
 
 Rows of one reference voice: a --prefix-token shared prompt prefix (system prompt and 10 s reference turn)
 and --own-tokens of their own (script and frames so far) on average, spread evenly over +-(--own-spread)
 as a refilled batch's rows are at all stages of their audio; sdpa reads every row up to the longest one,
 rounded up as the engine's span is. Times one layer's attention, averaged over --repeats calls, per batch
-size; a step runs it once per layer (28 in the release). GPU run 7 also timed FlexAttention reading each
+size, launched one by one or (--graphs) replayed from a CUDA graph as the decode step runs it; a step runs it
+once per layer (28 in the release). GPU run 7 also timed FlexAttention reading each
 row's own blocks: 2.1-4.4x slower than sdpa on an H100, so it is gone (docs/benchmarks.md).
 """
 
@@ -27,10 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.attention import packed_sdpa_attention, prefix_attention, split_prefix_attention  # noqa: E402
+from model.attention import (  # noqa: E402
+    packed_sdpa_attention,
+    prefix_attention,
+    split_attention,
+    split_prefix_attention,
+)
 from model.checkpoint import resolve_device  # noqa: E402
 from model.slot_cache import round_up  # noqa: E402
-from scripts.bench_report import emit, header  # noqa: E402
+from scripts.bench_report import emit, header, replayed_us  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 24, 8, 128  # HiggsAudioV2Config defaults
 
@@ -54,7 +62,14 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def measure(
-    batch: int, prefix: int, own: int, spread: int, dtype: torch.dtype, device: torch.device, repeats: int
+    batch: int,
+    prefix: int,
+    own: int,
+    spread: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    graphs: bool = False,
 ) -> dict:
     lowest = torch.finfo(dtype).min
     scale = HEAD_DIM**-0.5
@@ -74,6 +89,8 @@ def measure(
 
     def run(name: str, fn) -> float | None:
         try:
+            if graphs:
+                return round(replayed_us(fn, launches=repeats) / 1e3, 4)
             return round(timed(fn, repeats, device), 4)
         except Exception as exc:  # a compiler that cannot build this variant here
             print(f"{name}: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -91,11 +108,23 @@ def measure(
             "whole_prompt_in_slots_ms": run("whole", lambda: packed_sdpa_attention(*args, scaling=scale)),
             "whole_prompt_varlen_ms": run("whole_varlen", lambda: packed_sdpa_attention(*args, **varlen)),
         }
-        if times["whole_prompt_varlen_ms"] is None:
-            return times, {}
+        # Each row's own columns in use through the split kernels, which the step calls with its query heads
+        # packed per key/value head (model.attention.FEW_ROWS_KERNEL "split", below 128 rows).
+        packed = query.view(batch, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+
+        def split() -> torch.Tensor:
+            return split_attention(packed, keys, values, prefix + owns, scale)[0]
+
+        times["whole_prompt_split_ms"] = run("whole_split", split) if split_attention else None
         expected = packed_sdpa_attention(*args, scaling=scale)[0].float()
-        got = packed_sdpa_attention(*args, **varlen)[0].float()
-        return times, {"whole_prompt_varlen": float((got - expected).abs().max())}
+        differences = {}
+        if times["whole_prompt_varlen_ms"] is not None:
+            got = packed_sdpa_attention(*args, **varlen)[0].float()
+            differences["whole_prompt_varlen"] = float((got - expected).abs().max())
+        if times["whole_prompt_split_ms"] is not None:
+            got = split().float().reshape(expected.shape)
+            differences["whole_prompt_split"] = float((got - expected).abs().max())
+        return times, differences
 
     times, differences = whole_prompts()
     span, shared_span = round_up(int(owns.max())), round_up(prefix)
@@ -125,7 +154,8 @@ def measure(
             "prefix_once": span + shared_span / batch,
             "prefix_once_varlen": float(owns.float().mean()) + shared_span / batch,
         },
-        # Each variant's against the one it stands in for: whole_prompt_varlen's against whole_prompt_in_slots,
+        # Each variant's against the one it stands in for: whole_prompt_varlen's and whole_prompt_split's
+        # against whole_prompt_in_slots,
         # the prefix_once_split ones' against prefix_once.
         "largest_difference": differences,
     }
@@ -141,6 +171,7 @@ def main() -> None:
     parser.add_argument("--own-tokens", type=int, default=456, help="331 of script + 125 frames so far")
     parser.add_argument("--own-spread", type=int, default=0, help="rows' own tokens spread evenly +- this")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--graphs", action="store_true", help="time calls replayed from CUDA graphs (a GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -151,12 +182,20 @@ def main() -> None:
         "prefix_tokens": args.prefix_tokens,
         "own_tokens": args.own_tokens,
         "own_spread": args.own_spread,
+        "cuda_graphs": args.graphs,
         "runs": [],
     }
     with torch.inference_mode():
         for batch in (int(n) for n in args.batch_sizes.split(",")):
             run = measure(
-                batch, args.prefix_tokens, args.own_tokens, args.own_spread, dtype, device, args.repeats
+                batch,
+                args.prefix_tokens,
+                args.own_tokens,
+                args.own_spread,
+                dtype,
+                device,
+                args.repeats,
+                args.graphs and device.type == "cuda",
             )
             report["runs"].append(run)
             print(run, file=sys.stderr, flush=True)

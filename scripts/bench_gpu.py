@@ -21,6 +21,8 @@ coordinate-descent tuning (each product model.int8_matvec's Triton kernel); `com
 products as inductor's own reductions instead; `compiled_int8_own_columns`: `compiled_int8` reading the row's
 columns in chunks at once; `compiled_int8_fused` / `compiled_int8_fused_own_columns`: `compiled_int8` /
 `compiled_int8_own_columns` with fused q/k/v and gate/up projections (four int8 products a layer, not seven);
+`graphs_split` / `compiled_int8_fused_split`: `graphs` / `compiled_int8_fused` with few rows' attention
+through model.split_attention's Triton kernels (model.attention.FEW_ROWS_KERNEL);
 `split_efficient`
 / `split_cudnn`: `graphs` with the rows' own columns beside a shared prefix read by sdpa's fused kernels
 (model.attention.OWN_KERNEL; the prefix is kept once from 128 rows); `bmm`: `graphs` with every row reading
@@ -143,6 +145,11 @@ MODES = {
     # each (fused_projections): 4 of model.int8_matvec's kernels a layer instead of 7.
     "compiled_int8_fused": {**COMPILED_INT8, "fused_projections": True},
     "compiled_int8_fused_own_columns": {**COMPILED_INT8, "fused_projections": True},
+    # `graphs` and `compiled_int8_fused` with few rows' attention through model.split_attention's Triton
+    # kernels, each row's own columns cut into splits for every SM (model.attention.FEW_ROWS_KERNEL "split",
+    # set by MODE_CONSTANTS), not cuDNN's kernel over the step's span.
+    "graphs_split": {"static_cache": True, "cuda_graphs": True},
+    "compiled_int8_fused_split": {**COMPILED_INT8, "fused_projections": True},
     # The default with the rows' own columns read by sdpa's fused kernels beside the shared prefix
     # (model.attention.OWN_KERNEL, set by MODE_CONSTANTS).
     "split_efficient": {"static_cache": True, "cuda_graphs": True},
@@ -199,6 +206,8 @@ MODE_CONSTANTS = {
     "compiled_int8_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
     "compiled_int8_fused_own_columns": {"attention.MIN_OWN_COLUMNS_SLOTS": 1},
     "compiled_int8_reduction": {"int8_weights.TRITON_MATVEC": False},
+    "graphs_split": {"attention.FEW_ROWS_KERNEL": "split"},
+    "compiled_int8_fused_split": {"attention.FEW_ROWS_KERNEL": "split"},
 }
 CONSTANT_MODULES = {
     "": engine_module,
@@ -313,6 +322,8 @@ def measure(
         out["cuda_graph_buckets"] = engine._decode_step.captured
         step = engine._decode_step
         out["own_kernel"] = attention.OWN_KERNEL if step.cache.prefix_capacity or step.own_columns else None
+        if step.own_columns and slots < attention.MIN_OWN_COLUMNS_SLOTS:
+            out["own_kernel"] = "split"  # model.split_attention (FEW_ROWS_KERNEL)
         if engine.options.compile:  # a step that failed to compile ran uncompiled: not what the mode measures
             out["compiled"] = step.compiled and not step.compile_failed
     if profile and steps:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.int8_matvec import _tuned, int8_matvec  # noqa: E402
 from model.int8_weights import one_row_product, quantize  # noqa: E402
+from scripts.bench_report import replayed_us  # noqa: E402
 
 # The weight shapes (output channels, input features) of one release decoder layer's products
 # (HiggsAudioV2Config defaults), and how many of each a decode step runs a layer: its attention's and audio
@@ -35,24 +36,6 @@ LAYERS = {
     "separate": {"q_proj, o_proj": 2, "k_proj, v_proj": 2, "gate_proj, up_proj": 2, "down_proj": 1},
     "fused": {"q/k/v fused": 1, "q_proj, o_proj": 1, "gate/up fused": 1, "down_proj": 1},
 }
-
-
-def replayed_us(fn, launches: int = 50, replays: int = 20) -> float:
-    """Microseconds per call of `fn`, `launches` calls captured in one CUDA graph and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (launches * replays)
 
 
 def measure(name: str, n: int, k: int) -> dict:

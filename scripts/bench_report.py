@@ -18,6 +18,27 @@ def header(benchmark: str, device) -> dict:
     }
 
 
+def replayed_us(fn, launches: int = 50, replays: int = 20) -> float:
+    """Microseconds per call of `fn` on a GPU, `launches` calls captured in one CUDA graph and replayed, as the
+    decode step runs its kernels."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (launches * replays)
+
+
 def emit(report: dict, out: str | None) -> None:
     text = json.dumps(report, indent=2)
     print(text)

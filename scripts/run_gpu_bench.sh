@@ -4,9 +4,11 @@
 #   bash scripts/run_gpu_bench.sh OUT_DIR rest [S]   # right after, on the warm machine: S seconds (default 200)
 # GPU run 9 (H200) measured one request with int8 weights at 12.4x (inductor's reductions over int8, 1.0-2.4
 # TB/s), 14.2x once with the row's columns read in chunks; model.int8_matvec's Triton kernel replaces those
-# reductions since, and fused_projections now stacks int8 weights too (4 products a layer, not 7). The first
-# call checks and times that kernel alone, then measures the step with it (fused, with the row's columns in
-# chunks, separate) and with inductor's reductions instead (`compiled_int8_reduction`); both calls pack
+# reductions since, and fused_projections now stacks int8 weights too (4 products a layer, not 7); the
+# one-row attention (cuDNN: 0.61 ms a step in run 9) can run model.split_attention's Triton kernels instead
+# (attention.FEW_ROWS_KERNEL "split"). The first call checks and times both kernels alone, then measures the
+# step with them (fused with the split attention, fused alone, with the row's columns in chunks, separate)
+# and with inductor's reductions instead (`compiled_int8_reduction`); both calls pack
 # inductor's cache (compiled graphs, Triton kernels and their tuned block sizes) into
 # inductor_cache.tgz.part00 (and part01). Joined here into .inductor_cache/inductor_cache.tgz (ignored by git)
 # and that folder named in the device tool's `carry`, it is unpacked first, so a later session's
@@ -66,14 +68,19 @@ if [ "${2:-}" != rest ]; then
   # The kernel alone on the release's weight shapes: its error against the CPU path's formula and the bytes
   # it reads a second, against cuBLAS's bf16 product of the same row (~30 s, Triton's tuning included).
   step timeout 90 python3 scripts/bench_int8_matvec.py --out "$out/bench_int8_matvec.json"
-  # The default step for this run's ratio; the compiled int8 step with the kernel and fused projections (4
-  # kernels a layer), the same with the row's columns in chunks, then with separate projections (7), then
-  # with inductor's reductions (run 9's compiled_int8, its kernels in a carried cache): the later ones only
-  # where the budget leaves time. Each measured step is profiled once more (its kernels a step: where the
-  # 2.67 ms a step 15x allows go). warmup_s is the compilation's time.
-  step timeout 440 python3 scripts/bench_gpu.py --out "$out/bench_one_request.json" --budget-s 330 \
+  # One layer's attention at 1, 8 and 64 rows replayed from CUDA graphs: cuDNN over the span (the default
+  # below 128 rows), the split kernels, the memory-efficient kernel's variable-length mode (~20 s).
+  step timeout 45 python3 scripts/bench_attention.py --device cuda --graphs --batch-sizes 1,8,64 \
+    --out "$out/bench_attention.json"
+  # The default step for this run's ratio, and with the split attention; the compiled int8 step with the
+  # kernel, fused projections (4 kernels a layer) and the split attention, the same with cuDNN's, with the
+  # row's columns in chunks, then with separate projections (7), then with inductor's reductions (run 9's
+  # compiled_int8, its kernels in a carried cache): the later ones only where the budget leaves time. Each
+  # measured step is profiled once more (its kernels a step: where the 2.67 ms a step 15x allows go).
+  # warmup_s is the compilation's time.
+  step timeout 420 python3 scripts/bench_gpu.py --out "$out/bench_one_request.json" --budget-s 320 \
     --no-baseline --span-batch 0 --check-rows 0 --profile-measured \
-    --modes graphs=1,compiled_int8_fused=1,compiled_int8_fused_own_columns=1,compiled_int8=1,compiled_int8_reduction=1
+    --modes graphs=1,graphs_split=1,compiled_int8_fused_split=1,compiled_int8_fused=1,compiled_int8_fused_own_columns=1,compiled_int8=1,compiled_int8_reduction=1
   pack_cache
   exit 0
 fi

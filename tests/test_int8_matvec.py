@@ -1,27 +1,11 @@
 """The GPU's one-row int8 product (model.int8_matvec): run through Triton's interpreter on this CPU (in a
 subprocess, since the interpreter is chosen when Triton is imported), and built for a Hopper GPU."""
 
-import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
-
-
-def interpreted(code: str) -> dict:
-    """`code`'s last printed line, as JSON, run with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from tests.triton_kernels import hopper_build, interpreted
 
 
 def test_every_block_config_gives_the_rows_product_with_the_int8_weights():
@@ -76,34 +60,12 @@ print(json.dumps({"shape": list(got.shape), "error": (got - expected).abs().max(
     assert result["error"] < 1e-4
 
 
-def hopper_build(config, k: int) -> tuple[str, str]:
-    """The kernel built for an H100/H200 (sm_90) by Triton's own compiler and ptxas, as a launch there
-    would (16-byte aligned pointers and channel count): its PTX and cuobjdump's resource usage."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def hopper_build_of(config, k: int) -> tuple[str, str]:
+    """The kernel built for an H100/H200 for `k` input features, with `config`'s block sizes."""
     from model.int8_matvec import _matvec
 
-    aligned = [["tt.divisibility", 16]]
     signature = {"x_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32"}
-    signature |= dict.fromkeys(("K", "BLOCK_N", "BLOCK_K"), "constexpr")
-    source = ASTSource(
-        _matvec, signature, constexprs={"K": k, **config.kwargs}, attrs={(i,): aligned for i in range(5)}
-    )
-    built = triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(built.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
-        ).stdout
-    return built.asm["ptx"], usage
+    return hopper_build(_matvec, signature, {"K": k}, config)
 
 
 @pytest.mark.parametrize("k", [3072, 8192])  # the release's input features: hidden and MLP widths
@@ -114,7 +76,7 @@ def test_every_block_config_builds_for_hopper_with_16_byte_weight_loads_unrolled
     from model.int8_matvec import CONFIGS
 
     for config in CONFIGS:
-        ptx, usage = hopper_build(config, k)
+        ptx, usage = hopper_build_of(config, k)
         weight_loads = re.findall(r"ld\.global\.L1::evict_first\S*", ptx)
         assert all(load.endswith(".v4.b32") for load in weight_loads), (config, weight_loads)
         assert len(weight_loads) >= k // config.kwargs["BLOCK_K"], (config, len(weight_loads))
