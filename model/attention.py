@@ -255,10 +255,10 @@ def own_columns_attention(
     log_sum_exp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query token per row over the first `columns[r]` keys and values of its slot only, however many more
-    the step's span holds. Fewer than MIN_OWN_COLUMNS_SLOTS rows with FEW_ROWS_KERNEL "split": model.
-    split_attention's kernels. Otherwise the memory-efficient kernel's variable-length mode, each (row, key/value head) a
-    sequence of its own whose query heads stand in for query positions. Few rows are also cut into chunks of
-    columns (see chunks_for), each a sequence, joined through their log-sum-exps.
+    the step's span holds. Fewer than MIN_OWN_COLUMNS_SLOTS rows with FEW_ROWS_KERNEL "split" (where Triton
+    runs): model.split_attention's kernels. Otherwise the memory-efficient kernel's variable-length mode, each
+    (row, key/value head) a sequence of its own whose query heads stand in for query positions. Few rows are
+    also cut into chunks of columns (see chunks_for), each a sequence, joined through their log-sum-exps.
 
     query (b, heads, 1, d); key/value (b, kv_heads, span, d), views of a slot cache's first b slots (model.
     slot_cache); columns (b,), at most span. Returns the output (b, kv_heads, groups, d) and, with

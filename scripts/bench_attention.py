@@ -15,8 +15,8 @@ and --own-tokens of their own (script and frames so far) on average, spread even
 as a refilled batch's rows are at all stages of their audio; sdpa reads every row up to the longest one,
 rounded up as the engine's span is. Times one layer's attention, averaged over --repeats calls, per batch
 size, launched one by one or (--graphs) replayed from a CUDA graph as the decode step runs it; a step runs it
-once per layer (28 in the release). GPU run 7 also timed FlexAttention reading each
-row's own blocks: 2.1-4.4x slower than sdpa on an H100, so it is gone (docs/benchmarks.md).
+once per layer (28 in the release). GPU run 7 also timed FlexAttention reading each row's own blocks: 2.1-4.4x
+slower than sdpa on an H100, so it is gone (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def measure(
             "prefix_once_varlen": float(owns.float().mean()) + shared_span / batch,
         },
         # Each variant's against the one it stands in for: whole_prompt_varlen's and whole_prompt_split's
-        # against whole_prompt_in_slots,
-        # the prefix_once_split ones' against prefix_once.
+        # against whole_prompt_in_slots, the prefix_once_split ones' against prefix_once.
         "largest_difference": differences,
     }
 
