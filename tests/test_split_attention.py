@@ -72,18 +72,23 @@ joined = split_prefix_attention(*args, columns=torch.tensor([64, 9]))
 out["prefix_error"] = (joined - prefix_attention(*args)).abs().max().item()
 out["prefix_split_ran"] = len(ran)
 
-# Compiled as the decode step is (fullgraph, a symbolic span, inductor): the op stays one call, and reads
-# the slots where they lie, not a copy of the step's span.
+# Compiled as the decode step is (fullgraph, a symbolic span, inductor), each row's new key and value
+# written into its slot first (model.slot_cache.SlotLayer.update): the op stays one call, and reads the
+# slots where they lie, not a copy of them or of the step's span.
 slots = [torch.randn(4, 2, 64, 16) for _ in range(2)]
-def step(query, columns, span):
+def step(query, new, columns, span):
+    rows = torch.arange(2)
+    for s in slots:
+        s[rows, :, columns - 1] = new
     key, value = (s[:2, :, :span] for s in slots)
     return attention.own_columns_attention(query * 2, key, value, columns, 0.25)[0] + 1
-query, columns = torch.randn(2, 4, 1, 16), torch.tensor([5, 40])
+query, new, columns = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 16), torch.tensor([5, 40])
 ran.clear()
-got = torch.compile(step, fullgraph=True, dynamic=True)(query, columns, 48)
+got = torch.compile(step, fullgraph=True, dynamic=True)(query, new, columns, 48)
 out["compiled_reads_slots_in_place"] = ran == [slots[0].data_ptr()]
+out["compiled_wrote_slots"] = torch.equal(slots[0][1, :, 39], new[1])
 attention.FEW_ROWS_KERNEL = "sdpa"
-out["compiled_error"] = (got - step(query, columns, 48)).abs().max().item()
+out["compiled_error"] = (got - step(query, new, columns, 48)).abs().max().item()
 attention.FEW_ROWS_KERNEL = "split"
 
 # The engine: rows of three lengths through 2 slots (refilled), on the tiny checkpoint in float64, against
@@ -135,7 +140,7 @@ def test_a_shared_prefix_joins_the_split_kernels_rows_as_one_softmax(results):
 
 
 def test_a_compiled_step_calls_the_kernel_on_the_slots_in_place(results):
-    assert results["compiled_reads_slots_in_place"]
+    assert results["compiled_reads_slots_in_place"] and results["compiled_wrote_slots"]
     assert results["compiled_error"] < 1e-5
 
 
