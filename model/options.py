@@ -90,9 +90,10 @@ class EngineOptions:
     # bytes a decode step reads at one row, where reading the weights bounds the step. Only with `compile`
     # and one row a batch, where the step converts the weights inside its matrix-vector products (on a GPU
     # model.int8_matvec's Triton kernel); anywhere else every step would first make a dequantized copy of
-    # them. Codes drift from the bf16 model's; +50 % weight memory. GPU run 9 (H200): 12.4x real time for
-    # one request with inductor's reductions over int8 in place of that kernel, 7.7x for the default step.
-    # With fused_projections a layer's seven int8 products are four kernels (their int8 weights stacked too).
+    # them. Prefill keeps the original weights. Codes drift from the bf16 model's; +50 % weight memory. GPU
+    # run 9 (H200): 12.4x real time for one request with inductor's reductions over int8 in place of that
+    # kernel, 7.7x for the default step. With fused_projections a layer's seven int8 products are four
+    # kernels (their int8 weights stacked too).
     int8_weights: bool = False
     # Vocode rows in overlapping windows of one size, batched across rows (model.vocoding), instead of one
     # codec call per distinct row length. None: on a GPU only. There the windows won 2.74x on an H100 (512

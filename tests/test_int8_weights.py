@@ -1,5 +1,5 @@
-"""Int8 weights for one request at a time: close to the model's own logits, reversible, and only where they
-pay (compiled, one row a batch)."""
+"""Int8 weights for one request at a time: a decode step's products close to the model's own, prefill's exactly
+the model's, reversible, and only where they pay (compiled, one row a batch)."""
 
 from dataclasses import replace
 from types import SimpleNamespace
@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.engine import EngineOptions, SynthesisEngine
 from model.fused_projections import use_fused_projections
@@ -23,17 +24,16 @@ def test_an_int8_weight_is_within_half_a_step_of_its_channel_of_the_original():
     assert (error <= scale[:, None] / 2 + 1e-7).all()
 
 
-def test_one_rows_int8_projection_is_the_matrix_product_over_the_converted_weights():
-    # On a CPU a decode step's one row goes through a multiply-and-sum (a GPU's through model.int8_matvec),
-    # prefill's rows through a matrix product; both give the product of the row and the int8 weights times
-    # the scales.
+def test_one_rows_projection_is_the_product_with_the_int8_weights_and_prefills_with_the_originals():
+    # On a CPU a decode step's one row goes through a multiply-and-sum (a GPU's through model.int8_matvec);
+    # prefill's rows through the original weights' matrix product.
     linear = torch.nn.Linear(48, 64, bias=False)
     rows = torch.randn(5, 1, 48)
     assert use_int8_weights(SimpleNamespace(model=SimpleNamespace(layers=[linear]))) == 1
-    expected = rows @ (linear.int8_weight.float() * linear.int8_scale[:, None]).T
     with torch.no_grad():
-        torch.testing.assert_close(linear(rows[:1]), expected[:1])  # one row
-        torch.testing.assert_close(linear(rows), expected)  # five
+        expected = rows[:1] @ (linear.int8_weight.float() * linear.int8_scale[:, None]).T
+        torch.testing.assert_close(linear(rows[:1]), expected)  # one row
+        assert torch.equal(linear(rows), F.linear(rows, linear.weight))  # five
 
 
 def prompt_logits(engine: SynthesisEngine) -> torch.Tensor:
@@ -43,17 +43,34 @@ def prompt_logits(engine: SynthesisEngine) -> torch.Tensor:
         return engine.model(input_ids=torch.tensor([input_ids]), audio_input_ids=codes[None]).logits
 
 
-def test_int8_weights_keep_a_prompts_logits_within_2_percent_and_switch_back_to_the_originals(engine):
+def one_row_logits(engine: SynthesisEngine) -> torch.Tensor:
+    """The logits of one token's forward, whose projections each take one row, as a decode step's do."""
+    input_ids, _ = engine.prepare(clone(1))
+    with torch.inference_mode():
+        return engine.model(input_ids=torch.tensor([input_ids[:1]])).logits
+
+
+def test_int8_weights_keep_one_rows_logits_within_2_percent_and_switch_back_to_the_originals(engine):
     model = engine.model
-    own = prompt_logits(engine)
+    own = one_row_logits(engine)
     try:
         # Every projection of every decoder layer: attention's four, the text and the audio MLP's three each.
         assert use_int8_weights(model) == model.config.num_hidden_layers * 10
-        int8 = prompt_logits(engine)
+        int8 = one_row_logits(engine)
     finally:
         use_int8_weights(model, on=False)
     assert 0 < (int8 - own).abs().max() < 0.02 * own.abs().max()
-    assert torch.equal(prompt_logits(engine), own)
+    assert torch.equal(one_row_logits(engine), own)
+
+
+def test_a_prompts_prefill_with_int8_weights_gives_the_models_own_logits(engine):
+    own = prompt_logits(engine)
+    try:
+        use_int8_weights(engine.model)
+        int8 = prompt_logits(engine)
+    finally:
+        use_int8_weights(engine.model, on=False)
+    assert torch.equal(int8, own)
 
 
 def test_one_request_decodes_through_the_compiled_step_with_int8_weights(tiny_checkpoint, monkeypatch):
