@@ -21,12 +21,11 @@ import triton.language as tl
 
 # How many programs the split kernel should have at least, for an H100's 132 SMs to share them.
 SPLIT_PROGRAMS = 256
-# The most splits a sequence is cut into; a split's programs read a block of columns at a time anyway.
+# The most splits a sequence is cut into (a model of few key/value heads): the join holds them all at once.
 MAX_SPLITS = 64
-
-# The join holds all of a sequence's splits at once: 8 warps keep that to 128 registers a thread at
-# MAX_SPLITS.
+# Warps of the join: built for Hopper, 122 registers a thread at MAX_SPLITS and 80 at one row's 32, with 8.
 JOIN_WARPS = 8
+
 # (BLOCK_N columns a load, num_warps), tuned per split count and head shape (Triton's autotuner, cached on
 # disk) in the warm-up step that precedes CUDA graph capture.
 CONFIGS = [
