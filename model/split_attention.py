@@ -49,10 +49,10 @@ def _attend_splits(
     D: tl.constexpr,
     SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr,
-    COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    COMPUTE: tl.constexpr = part_out_ptr.dtype.element_ty  # the sums' dtype: compute_dtype's, as allocated
     pair = tl.program_id(0)  # row * KV_HEADS + key/value head
     split = tl.program_id(1)
     row = pair // KV_HEADS
@@ -155,7 +155,6 @@ def split_attention(
         raise ValueError(f"keys {key.stride()} and values {value.stride()} need the strides of a slot cache")
     splits = splits_for(b * kv_heads, key.shape[2])
     compute = compute_dtype(query)
-    tl_compute = tl.float64 if compute == torch.float64 else tl.float32
     parts = query.new_empty((b * kv_heads * splits * groups, d), dtype=compute)
     part_lse = query.new_empty(b * kv_heads * splits * groups, dtype=compute)
     # tl.dot's smallest block is 16: the query heads padded. 16-bit keys and values are exact in tf32, the
@@ -164,7 +163,7 @@ def split_attention(
     precision = "tf32" if query.element_size() == 2 else "ieee"
     _tuned[(b * kv_heads, splits)](
         query.contiguous(), key, value, columns, parts, part_lse, scale, key.stride(0),
-        key.stride(1), kv_heads, groups, d, splits, block_g, tl_compute, precision,
+        key.stride(1), kv_heads, groups, d, splits, block_g, precision,
     )  # fmt: skip
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     lse = query.new_empty((b, kv_heads, groups), dtype=compute)
