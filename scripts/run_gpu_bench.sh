@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of the engine, for a lent GPU machine (see docs/benchmarks.md), in two calls:
+# The GPU measurements of the engine, for a lent GPU machine (see docs/benchmarks.md), in two calls, after
+# `bash scripts/gpu_wheels.sh` here (a fresh checkout has no .whl/; carry [".whl", ".inductor_cache"]):
 #   bash scripts/run_gpu_bench.sh OUT_DIR            # one request (issue 7's 15x goal), ~9.5 minutes (timeout_s 595)
 #   bash scripts/run_gpu_bench.sh OUT_DIR rest [S]   # right after, on the warm machine: S seconds (default 200)
 # GPU run 9 (H200) measured one request with int8 weights at 12.4x (inductor's reductions over int8, 1.0-2.4
@@ -37,6 +38,13 @@ if [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ] && [ -f .inductor_cache/inductor_cache.tg
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$log"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1 | tee -a "$log"
+# Without the wheels every benchmark below fails on its first import: say so once and stop, instead of
+# spending the lent minutes on tracebacks. A session's checkout starts without .whl/ (ignored by git).
+if ! python3 -c 'from transformers import HiggsAudioV2ForConditionalGeneration' >/dev/null 2>&1; then
+  echo "this machine's transformers has no Higgs Audio v2 classes: run 'bash scripts/gpu_wheels.sh' first" \
+    "and name .whl in the device tool's carry" | tee -a "$log"
+  exit 3
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
 pack_cache() {
