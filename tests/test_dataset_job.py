@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -381,36 +382,56 @@ def test_a_set_smaller_than_the_actors_calls_is_split_so_that_every_actor_gets_a
     assert Resources(actors=1, batch_size=2, rows_per_call=2).layout(12, 12) == (2, 4)
 
 
-def test_a_finished_local_run_leaves_no_working_folders_in_its_output(ray_local, tiny_checkpoint, tmp_path):
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text(json.dumps(text_row(0)) + "\n")
-    out = tmp_path / "out"
-    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
-    assert sorted(p.name for p in out.iterdir()) == ["audio", "metadata", "metadata.parquet", "summary.json"]
+@dataclass(frozen=True)
+class FinishedRun:
+    manifest: Path
+    out: Path
+    summary: dict
+    parts: list[Path]
+    audio: dict[str, str]  # file name -> sha256
+
+
+def audio_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "audio").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tiny_checkpoint, tmp_path_factory) -> FinishedRun:
+    """One finished local run of four rows, shared by the tests of what reruns of it do: each rerun must
+    leave its audio and metadata as they are, so the tests hold in any order."""
+    folder = tmp_path_factory.mktemp("finished")
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(4)))
+    out = folder / "out"
+    summary = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    return FinishedRun(manifest, out, summary, sorted((out / "metadata").iterdir()), audio_hashes(out))
+
+
+def test_a_finished_local_run_leaves_no_working_folders_in_its_output(finished_run) -> None:
+    assert sorted(p.name for p in finished_run.out.iterdir()) == [
+        "audio",
+        "metadata",
+        "metadata.parquet",
+        "summary.json",
+    ]
 
 
 def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
-    ray_local, tiny_checkpoint, tmp_path
+    finished_run, tiny_checkpoint
 ) -> None:
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(4)))
-    out = tmp_path / "out"
+    first, out = finished_run.summary, finished_run.out
     fs = fsspec.filesystem("file")
-
-    first = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
     assert first["this_run"]["by_status"] == {"ok": 4}
     assert first["this_run"]["audio_seconds"] > 0
-    parts = sorted((out / "metadata").iterdir())
-    audio = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "audio").iterdir()}
-    assert len(audio) == 4
+    assert len(finished_run.audio) == 4
 
-    second = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
+    second = run_dataset_job(make_job(str(finished_run.manifest), str(out), tiny_checkpoint))
     assert second["skipped_as_finished"] == 4
     assert second["this_run"]["rows"] == 0
     assert second["this_run"]["audio_seconds"] == 0
     assert second["output_totals"] == first["output_totals"]
-    assert sorted((out / "metadata").iterdir()) == parts
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "audio").iterdir()} == audio
+    assert sorted((out / "metadata").iterdir()) == finished_run.parts
+    assert audio_hashes(out) == finished_run.audio
 
     metadata = by_id(read_metadata(fs, str(out)))
     assert sorted(metadata) == [f"row-{i}" for i in range(4)]
@@ -418,6 +439,16 @@ def test_a_second_run_of_the_same_job_synthesizes_nothing_and_changes_no_audio(
         assert_audio_matches_metadata(fs, str(out), row)
     assert json.loads((out / "summary.json").read_text())["run_id"] == second["run_id"]
     assert not tmp_objects(fs, str(out))
+
+
+def test_a_rerun_of_a_finished_job_starts_no_synthesis_actor(finished_run, tmp_path) -> None:
+    # An actor would fail to load this checkpoint and stop the run: finishing proves none started.
+    job = make_job(str(finished_run.manifest), str(finished_run.out), str(tmp_path / "no-such-checkpoint"))
+    second = run_dataset_job(job)
+
+    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 4
+    assert second["output_totals"]["by_status"] == {"ok": 4}
+    assert audio_hashes(finished_run.out) == finished_run.audio
 
 
 def run_twice(manifest: Path, out: Path, checkpoint: str) -> tuple[dict, dict, dict[str, dict]]:
@@ -461,19 +492,6 @@ def test_rows_with_invalid_ids_are_recorded_once_and_skipped_by_a_rerun(
     # by_id would fail on an id recorded twice.
     assert {k: r["status"] for k, r in records.items()} == {"'a/b'": "error", "None": "error", "row-0": "ok"}
     assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 3
-
-
-def test_a_rerun_of_a_finished_job_starts_no_synthesis_actor(ray_local, tiny_checkpoint, tmp_path) -> None:
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(2)))
-    out = tmp_path / "out"
-    run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
-
-    # An actor would fail to load this checkpoint and stop the run: finishing proves none started.
-    second = run_dataset_job(make_job(str(manifest), str(out), str(tmp_path / "no-such-checkpoint")))
-
-    assert second["this_run"]["rows"] == 0 and second["skipped_as_finished"] == 2
-    assert second["output_totals"]["by_status"] == {"ok": 2}
 
 
 def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_are_not_recorded_again(

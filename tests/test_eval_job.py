@@ -22,7 +22,7 @@ import soundfile as sf
 from model.checkpoint import CheckpointSpec
 from model.engine import EngineOptions
 from pipeline.dataset_job import DatasetJob, Resources
-from pipeline.eval_job import INPUTS_KEY, EvalJob, prepare_inputs, run_eval_job
+from pipeline.eval_job import INPUTS_KEY, EvalInputs, EvalJob, prepare_inputs, run_eval_job
 from pipeline.eval_scoring import ScoringOptions, format_scores
 from pipeline.manifest import ManifestRules, validate_row
 from pipeline.references import FetchPolicy
@@ -162,13 +162,21 @@ def test_format_scores() -> None:
 # ---- end to end -----------------------------------------------------------------------------------
 
 
-def test_seedtts_local_bad_lines_16k(ray_local, tiny_checkpoint: str, tmp_path: Path) -> None:
-    meta = seed_set(tmp_path)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def seedtts_run(ray_local, tiny_checkpoint: str, tmp_path_factory) -> tuple[Path, Path, dict, EvalInputs]:
+    """The seed set with bad lines, run once at 16 kHz into a local folder: (meta file, output, summary,
+    inputs), shared by the tests of that run and of a rerun of it (which changes nothing)."""
+    folder = tmp_path_factory.mktemp("seedtts")
+    meta = seed_set(folder)
+    out = folder / "out"
     inputs = prepare_inputs("seedtts", str(meta), str(out), language="en")
     # No configured roots: the prompts are readable only through the meta file's folders.
     job = EvalJob(dataset(str(out), tiny_checkpoint, fetch=FetchPolicy()), inputs, sample_rate=16000)
-    summary = run_eval_job(job)
+    return meta, out, run_eval_job(job), inputs
+
+
+def test_seedtts_local_bad_lines_16k(seedtts_run) -> None:
+    meta, out, summary, _ = seedtts_run
 
     assert summary["this_run"]["by_status"] == {"ok": 3, "error": 4}
     assert summary["eval"] == {
@@ -206,18 +214,15 @@ def test_seedtts_local_bad_lines_16k(ray_local, tiny_checkpoint: str, tmp_path: 
 
 
 def test_a_rerun_of_a_finished_set_with_bad_lines_starts_no_synthesis_actor(
-    ray_local, tiny_checkpoint: str, tmp_path: Path
+    seedtts_run, tmp_path: Path
 ) -> None:
     # The bad lines' records carry their ids as the adapter gave them ("a@line5", not a valid id); the
     # driver once compared the ids' reprs, took those lines for pending and started the actors for nothing.
-    meta = seed_set(tmp_path)
-    out = tmp_path / "out"
-    inputs = prepare_inputs("seedtts", str(meta), str(out), language="en")
-    run_eval_job(EvalJob(dataset(str(out), tiny_checkpoint, fetch=FetchPolicy()), inputs))
+    _, out, _, inputs = seedtts_run
 
     # An actor would fail to load this checkpoint and stop the run: finishing proves none started.
     never = str(tmp_path / "no-such-checkpoint")
-    again = run_eval_job(EvalJob(dataset(str(out), never, fetch=FetchPolicy()), inputs))
+    again = run_eval_job(EvalJob(dataset(str(out), never, fetch=FetchPolicy()), inputs, sample_rate=16000))
 
     assert again["this_run"]["rows"] == 0 and again["skipped_as_finished"] == 7
 
