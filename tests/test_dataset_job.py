@@ -33,6 +33,7 @@ from tests.helpers import (
     text_row,
     tmp_objects,
     voices_copy,
+    write_jsonl,
     write_parquet,
 )
 
@@ -400,8 +401,7 @@ def finished_run(ray_local, tiny_checkpoint, tmp_path_factory) -> FinishedRun:
     """One finished local run of four rows, shared by the tests of what reruns of it do: each rerun must
     leave its audio and metadata as they are, so the tests hold in any order."""
     folder = tmp_path_factory.mktemp("finished")
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(text_row(i)) + "\n" for i in range(4)))
+    manifest = write_jsonl(folder / "manifest.jsonl", [text_row(i) for i in range(4)])
     out = folder / "out"
     summary = run_dataset_job(make_job(str(manifest), str(out), tiny_checkpoint))
     return FinishedRun(manifest, out, summary, sorted((out / "metadata").iterdir()), audio_hashes(out))
