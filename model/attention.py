@@ -38,6 +38,7 @@ try:
     from model.split_attention import split_attention
 except ImportError:  # Triton comes with torch on Linux only; elsewhere few rows take sdpa
     split_attention = None
+from model.kernel_grid import pieces_for
 
 PACKED_SDPA = "higgs_batch_packed_sdpa"
 # How a decode step reads the rows' own columns beside a shared prefix: "bmm" (prefix_attention) or sdpa's
@@ -224,26 +225,14 @@ def _fused_attention(
     return out, lse.reshape(b, h, -1)[..., :m, None].float()
 
 
-# Sequences a variable-length attention call should have for the GPU's SMs to share them (an H100 has 132):
-# one row's 8 key/value heads over ~700 columns ran on 8 CTAs, ~19 us a layer where its ~3 MB of keys and
-# values take ~1.5 us to read (GPU runs 5 and 7).
-MIN_SEQUENCES = 256
 # The fewest columns a chunk takes: the kernel reads keys in blocks of 64-128.
 MIN_CHUNK = 64
 
 
 def chunks_for(sequences: int, length: int) -> int:
     """Into how many chunks of equal width each of `sequences` (row, head) pairs' slots of `length` columns is
-    cut: the fewest, halving the width, that give MIN_SEQUENCES sequences in all, at widths of MIN_CHUNK or
-    more."""
-    chunks = 1
-    while (
-        sequences * chunks < MIN_SEQUENCES
-        and length % (2 * chunks) == 0
-        and length // (2 * chunks) >= MIN_CHUNK
-    ):
-        chunks *= 2
-    return chunks
+    cut (model.kernel_grid): chunks of MIN_CHUNK columns or more."""
+    return pieces_for(sequences, length, min_width=MIN_CHUNK)
 
 
 def own_columns_attention(

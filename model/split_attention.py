@@ -7,9 +7,9 @@ with its 3 query heads), ~0.1 GB of keys and values a step over ~940 columns, ~3
 bandwidth. cuDNN's fused kernel spends 0.61 ms a step on it (GPU run 9, H200): it gives each sequence one
 CTA, 8 of the card's 132 SMs. The memory-efficient kernel on chunks of columns (model.attention.
 own_columns_attention) took 0.20 ms plus 0.08 ms of joins in separate kernels. Here every split of every
-sequence is a program, SPLIT_PROGRAMS of them or more, each reading its columns' keys and values once with all
-of its key/value head's query heads (padded to 16 for the tensor cores), and a second kernel joins a
-sequence's splits in one pass. The splits divide each row's own columns in use, not the step's span, so no
+sequence is a program, model.kernel_grid.MIN_PROGRAMS of them or more, each reading its columns' keys and
+values once with all of its key/value head's query heads (padded to 16 for the tensor cores), and a second
+kernel joins a sequence's splits in one pass. The splits divide each row's own columns in use, not the step's span, so no
 program reads a masked column.
 """
 
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-# How many programs the split kernel should have at least, for an H100's 132 SMs to share them.
-SPLIT_PROGRAMS = 256
+from model.kernel_grid import pieces_for
+
 # The most splits a sequence is cut into (a model of few key/value heads): the join holds them all at once.
 MAX_SPLITS = 64
 # Warps of the join: built for Hopper, 122 registers a thread at MAX_SPLITS and 80 at one row's 32, with 8.
@@ -129,11 +129,8 @@ _tuned = triton.autotune(configs=CONFIGS, key=["KV_HEADS", "GROUPS", "D", "SPLIT
 
 def splits_for(sequences: int, length: int) -> int:
     """Into how many splits each of `sequences` (row, key/value head) pairs over at most `length` columns is
-    cut: the fewest, a power of two, giving SPLIT_PROGRAMS programs, at most MAX_SPLITS and `length`."""
-    splits = 1
-    while sequences * splits < SPLIT_PROGRAMS and splits < MAX_SPLITS and 2 * splits <= length:
-        splits *= 2
-    return splits
+    cut (model.kernel_grid): at most MAX_SPLITS, none empty."""
+    return pieces_for(sequences, length, min_width=1, most=MAX_SPLITS)
 
 
 def compute_dtype(query: torch.Tensor) -> torch.dtype:

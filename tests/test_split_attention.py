@@ -15,7 +15,7 @@ from tests.triton_kernels import hopper_build, interpreted
 # imports torch again): each part leaves its measurements in `out`, which the tests below read.
 INTERPRETED = """
 import json, tempfile, torch
-from model import attention, split_attention as split
+from model import attention, kernel_grid, split_attention as split
 from model.split_attention import CONFIGS, _tuned
 attention.FEW_ROWS_KERNEL = "split"
 out = {}
@@ -38,7 +38,7 @@ def reference(query, key, value, columns, scale):
 # span of 150: a row of 1 column (all but its first split empty), one of 77 (splits of 20, partial blocks),
 # one of the whole span. Every block size in float64 (exact indexing), the first in bfloat16 (rounding).
 torch.manual_seed(0)
-split.SPLIT_PROGRAMS = 24  # 4 splits a (row, head)
+kernel_grid.MIN_PROGRAMS = 24  # 4 splits a (row, head)
 columns = torch.tensor([1, 77, 150])
 for dtype, configs in ((torch.float64, CONFIGS), (torch.bfloat16, CONFIGS[:1])):
     slots = [torch.randn(4, 2, 200, 32, dtype=dtype) for _ in range(2)]
@@ -96,7 +96,7 @@ from model.checkpoint import CheckpointSpec
 from model.engine import EngineOptions, SynthesisEngine
 from model.tiny import build_tiny_checkpoint
 from tests.test_engine import requests_of_mixed_lengths
-split.SPLIT_PROGRAMS = 4  # 2 splits a row of one slot: fewer programs for the interpreter to run
+kernel_grid.MIN_PROGRAMS = 4  # 2 splits a row of one slot: fewer programs for the interpreter to run
 spec = CheckpointSpec(source=str(build_tiny_checkpoint(tempfile.mkdtemp())), device="cpu", dtype="float64")
 loaded = SynthesisEngine.from_spec(spec, EngineOptions()).checkpoint
 rows = requests_of_mixed_lengths()[:3]
