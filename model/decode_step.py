@@ -28,8 +28,10 @@ ROW_PARAMS = tuple(f.name for f in fields(RowParams))
 
 
 def bucket_for(rows: int, slots: int) -> int:
-    """The smallest power of two holding `rows`, at most `slots`."""
-    bucket = 1
+    """The smallest power of two holding `rows`, at most `slots`, and at least 2 where there are 2 slots: a
+    compiled step specializes on a batch of one row (dynamo's 0/1 specialization) and would be compiled again
+    for the last row of a call."""
+    bucket = 2
     while bucket < rows:
         bucket *= 2
     return min(bucket, slots)

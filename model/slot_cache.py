@@ -18,6 +18,12 @@ from dataclasses import fields
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+# Columns a slot holds past its `length`, never written or attended. A step's span (at most `length`) then
+# never covers a whole slot: dynamo specializes a compiled step on whether its views of the slots are
+# contiguous, which they are at a span of the whole slot only, and compiled the step again for that span
+# (model.decode_step; minutes with inductor on a GPU).
+SPARE_COLUMNS = 1
+
 
 def round_up(n: int, step: int = 256) -> int:
     """Slot sizes and attention spans come in steps of 256, so that similar batches share one cache and the
@@ -26,9 +32,9 @@ def round_up(n: int, step: int = 256) -> int:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys and values, (slots, kv_heads, length, head_dim), written in place. A step
-    attends to the first `span` columns only: the ones in use, rounded up, rather than the whole slot its
-    rows reserved."""
+    """One decoder layer's keys and values, (slots, kv_heads, length + SPARE_COLUMNS, head_dim), written in
+    place. A step attends to the first `span` columns only: the ones in use, rounded up, rather than the whole
+    slot its rows reserved."""
 
     is_compileable = True
     is_sliding = False
@@ -47,7 +53,7 @@ class SlotLayer(CacheLayerMixin):
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values  # (kv_heads, capacity, head_dim)
         # Shared by all layers: every slot's index, and the column each slot writes its next token to.
         self.rows, self.write_pos = rows, write_pos
-        self.span = keys.shape[2]
+        self.span = keys.shape[2] - SPARE_COLUMNS
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -73,7 +79,7 @@ class SlotLayer(CacheLayerMixin):
         return 0  # rows differ; the engine always passes position ids and a ready 4-D mask
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[2] - SPARE_COLUMNS
 
 
 class SlotCache(Cache):
@@ -93,7 +99,7 @@ class SlotCache(Cache):
         prefix: int = 0,
     ) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, config.num_key_value_heads, length, head_dim)
+        shape = (slots, config.num_key_value_heads, length + SPARE_COLUMNS, head_dim)
         self.slots, self.length, self.max_steps, self.window = slots, length, max_steps, window
         self.prefix_capacity, self.prefix_tokens = prefix, 0
         prefix_shape = (config.num_key_value_heads, prefix, head_dim)
@@ -116,7 +122,7 @@ class SlotCache(Cache):
         # Added to the prefix's attention scores: 0 over its tokens, the dtype's minimum past them.
         self.prefix_bias = torch.zeros(prefix, dtype=torch.float32, device=device)
         # An empty slot keeps column 0 visible so its (ignored) attention row never softmaxes over nothing.
-        self.mask = torch.zeros((slots, length), dtype=torch.bool, device=device)
+        self.mask = torch.zeros((slots, length + SPARE_COLUMNS), dtype=torch.bool, device=device)
         self.mask[:, 0] = True
         self.audio_in = torch.zeros((slots, 1, codebooks), dtype=torch.long, device=device)
         self.position_in = torch.zeros((slots, 1), dtype=torch.long, device=device)

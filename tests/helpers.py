@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -387,9 +387,9 @@ def kill_all(pids: set[int]) -> None:
             return
 
 
-def compile_with_backend(monkeypatch, backend: str) -> None:
-    """Every torch.compile the code under test calls runs with `backend` ("eager", "aot_eager") instead of
-    inductor: traced as it would be, without inductor's lowering."""
+def compile_with_backend(monkeypatch, backend: str | Callable) -> None:
+    """Every torch.compile the code under test calls runs with `backend` ("eager", "aot_eager", or a function
+    given each traced graph) instead of inductor: traced as it would be, without inductor's lowering."""
     import torch
 
     real_compile = torch.compile

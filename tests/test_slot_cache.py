@@ -11,7 +11,7 @@ import torch
 
 from model.decode_step import DecodeStep, bucket_for, compile_options
 from model.engine import EngineOptions, SynthesisEngine
-from model.slot_cache import SlotCache, round_up
+from model.slot_cache import SPARE_COLUMNS, SlotCache, round_up
 from model.speech_length import estimate_seconds
 from tests.helpers import compile_with_backend
 from tests.test_engine import clone, requests_of_mixed_lengths, smart
@@ -107,15 +107,16 @@ def test_released_slots_are_cleared_and_handed_out_lowest_first():
     cache.mask[1, :5] = True
     cache.write_pos[1] = 5
     cache.release([1])
-    assert cache.write_pos[1] == 0 and cache.mask[1].tolist() == [True] + [False] * 15
+    assert cache.write_pos[1] == 0 and cache.mask[1].tolist() == [True] + [False] * (15 + SPARE_COLUMNS)
     assert cache.allocate(2) == [1, 3]
     assert cache.free == 0
     with pytest.raises(RuntimeError, match="free slots"):
         cache.allocate(1)
 
 
-def test_decode_buckets_are_powers_of_two_capped_by_the_slot_count():
-    assert [bucket_for(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+def test_decode_buckets_are_powers_of_two_from_two_rows_capped_by_the_slot_count():
+    assert [bucket_for(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [2, 2, 4, 8, 32, 48, 48]
+    assert bucket_for(1, 1) == 1
 
 
 def test_one_cache_serves_successive_batches_of_similar_length(engine):
@@ -147,7 +148,7 @@ def test_rows_left_behind_are_packed_into_the_lowest_slots(engine, monkeypatch):
 def test_a_compiled_decode_step_gives_the_same_codes(engine, monkeypatch):
     # Traced whole (fullgraph, dynamic shapes) and the slot cache's in-place updates functionalized, as on a
     # GPU, but not lowered by inductor: its CPU kernels are torch's to test and are not the GPU's Triton
-    # ones, and compiling them for the step's three shapes took 97 s with a cold cache, as CI has (44 s so).
+    # ones, and lowering them took 97 s with a cold cache, as CI has (44 s so), when the step compiled 3 times.
     compile_with_backend(monkeypatch, "aot_eager")
     rows = [replace(r, temperature=0.9) for r in rows_ending_both_ways()]
     eager = SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3))
@@ -155,6 +156,27 @@ def test_a_compiled_decode_step_gives_the_same_codes(engine, monkeypatch):
     for a, b in zip(codes(eager, rows), codes(compiled, rows), strict=True):
         np.testing.assert_array_equal(a, b)
     assert compiled._decode_step.compiled  # compiled, not fallen back to the eager step
+
+
+def test_a_compiled_step_is_traced_once_however_its_batch_shrinks_and_its_span_grows(engine, monkeypatch):
+    # Every trace is a compilation: minutes with inductor on a GPU, in the middle of a call.
+    graphs = []
+    compile_with_backend(monkeypatch, lambda graph, inputs: graphs.append(graph) or graph.forward)
+    steps = []
+    run = DecodeStep._run
+
+    def watched(self, b, span, *rest):
+        steps.append((b, span, self.cache.length))
+        return run(self, b, span, *rest)
+
+    monkeypatch.setattr(DecodeStep, "_run", watched)
+    SynthesisEngine(engine.checkpoint, EngineOptions(max_batch_size=3, compile=True)).generate(
+        rows_ending_both_ways()
+    )
+
+    assert {b for b, _, _ in steps} == {2, 3}  # down to the last row of a call, in a bucket of 2
+    assert {span == length for _, span, length in steps} == {True, False}  # spans of whole slots and of less
+    assert len(graphs) == 1
 
 
 def cache_of(device: str, slots: int) -> SimpleNamespace:
