@@ -273,9 +273,11 @@ def measure(
     # repeat every 200, so those already give the call's slots, and a warm-up of a whole 1,024-row call
     # would cost as much as the measurement.
     warm = time.perf_counter()
+    traced = dynamo_traces()
     warm_rows = min(count, 2 * batch) if batch else min(per_call, WARM_AUTO_ROWS)
     engine.generate(rows[:warm_rows] if engine.options.static_cache else rows[: min(count, 2)])
     warmup_s = time.perf_counter() - warm
+    traced_warm = dynamo_traces()
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -326,10 +328,20 @@ def measure(
             out["own_kernel"] = "split"  # model.split_attention (FEW_ROWS_KERNEL)
         if engine.options.compile:  # a step that failed to compile ran uncompiled: not what the mode measures
             out["compiled"] = step.compiled and not step.compile_failed
+            # Graphs dynamo traced (each an inductor compilation) in the warm-up and in the timed calls: one
+            # in the timed calls is a compilation inside the measurement.
+            out["dynamo_traces"] = {"warmup": traced_warm - traced, "timed": dynamo_traces() - traced_warm}
     if profile and steps:
         # Prefill and vocoding kernels included, spread over the call's steps: at one row they are ~2 %.
         out["profile"] = profiled(engine.device, lambda: engine.generate(calls[0]), len(steps) // len(calls))
     return out
+
+
+def dynamo_traces() -> int:
+    """Graphs dynamo has traced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 @contextmanager
