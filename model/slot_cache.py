@@ -53,7 +53,8 @@ class SlotLayer(CacheLayerMixin):
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values  # (kv_heads, capacity, head_dim)
         # Shared by all layers: every slot's index, and the column each slot writes its next token to.
         self.rows, self.write_pos = rows, write_pos
-        self.span = keys.shape[2] - SPARE_COLUMNS
+        self.length = keys.shape[2] - SPARE_COLUMNS
+        self.span = self.length
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -79,7 +80,7 @@ class SlotLayer(CacheLayerMixin):
         return 0  # rows differ; the engine always passes position ids and a ready 4-D mask
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2] - SPARE_COLUMNS
+        return self.length
 
 
 class SlotCache(Cache):

@@ -9,8 +9,8 @@ CTA, 8 of the card's 132 SMs. The memory-efficient kernel on chunks of columns (
 own_columns_attention) took 0.20 ms plus 0.08 ms of joins in separate kernels. Here every split of every
 sequence is a program, model.kernel_grid.MIN_PROGRAMS of them or more, each reading its columns' keys and
 values once with all of its key/value head's query heads (padded to 16 for the tensor cores), and a second
-kernel joins a sequence's splits in one pass. The splits divide each row's own columns in use, not the step's span, so no
-program reads a masked column.
+kernel joins a sequence's splits in one pass. The splits divide each row's own columns in use, not the
+step's span, so no program reads a masked column.
 """
 
 from __future__ import annotations
