@@ -481,7 +481,7 @@ def test_integer_ids_resume_and_are_checked_for_duplicates_as_the_ids_they_becom
 @pytest.fixture(scope="module")
 def jsonl_runs(ray_local, tiny_checkpoint, tmp_path_factory) -> tuple[dict, dict, dict[str, dict], Path]:
     """Two runs of one JSONL manifest of lines that hold no row, change a field's type or carry an invalid
-    id: the summaries, the records by id and the manifest. Arrow's JSON reader refused the whole manifest for
+    id: the summaries, the records by id and the output. Arrow's JSON reader refused the whole manifest for
     any of the first kind; rows with invalid ids carry the id's repr in their records, which resume once
     never matched, so every rerun recorded them again."""
     lines = [
@@ -499,7 +499,7 @@ def jsonl_runs(ray_local, tiny_checkpoint, tmp_path_factory) -> tuple[dict, dict
         + b'\n{"id": "row-6", "text": "caf\xe9"}\n'
         + "".join(json.dumps(row) + "\n" for row in invalid_ids).encode()
     )
-    return *run_twice(manifest, manifest.parent / "out", tiny_checkpoint), manifest
+    return *run_twice(manifest, manifest.parent / "out", tiny_checkpoint), manifest.parent / "out"
 
 
 def test_rows_with_invalid_ids_are_recorded_once_and_skipped_by_a_rerun(jsonl_runs) -> None:
@@ -513,7 +513,7 @@ def test_rows_with_invalid_ids_are_recorded_once_and_skipped_by_a_rerun(jsonl_ru
 def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_are_not_recorded_again(
     jsonl_runs,
 ) -> None:
-    first, second, records, manifest = jsonl_runs
+    first, second, records, out = jsonl_runs
 
     assert {k: r["status"] for k, r in records.items() if k.startswith(("row-", "line "))} == {
         "row-0": "ok",
@@ -535,7 +535,7 @@ def test_jsonl_lines_that_hold_no_row_or_change_a_fields_type_error_alone_and_ar
     assert records["row-2"]["error_field"] == "seed"
     assert (records["row-0"]["topic"], records["row-3"]["mood"]) == ("news", "calm")
     # Every part has every passthrough column, as a table would give it, so the index keeps them all.
-    index = pq.read_table(manifest.parent / "out" / "metadata.parquet").to_pylist()
+    index = pq.read_table(out / "metadata.parquet").to_pylist()
     assert {r["id"]: (r["topic"], r["mood"]) for r in index} == {
         "row-0": ("news", None),
         "row-3": (None, "calm"),
